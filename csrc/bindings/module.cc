@@ -1,0 +1,38 @@
+// The only pybind11 file: exposes the FFI handlers and the shared constants.
+#include <pybind11/pybind11.h>
+
+#include "lopt_config.h"
+#include "lopt_cpu_tiles.h"
+#include "xla/ffi/api/c_api.h"
+
+namespace lopt::ffi_glue {
+extern "C" XLA_FFI_Error* LoptFusedUpdateCpu(XLA_FFI_CallFrame* call_frame);
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_lopt_cpu, m) {
+  m.doc() = "lopt_ext CPU kernels (XLA FFI handlers)";
+  m.def("registrations", []() {
+    py::dict d;
+    d["lopt_fused_update"] =
+        py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptFusedUpdateCpu));
+    return d;
+  });
+  m.attr("NUM_STEP_FEATURES") = lopt::kNumStepFeatures;
+  m.attr("MAX_DECAYS") = lopt::kMaxDecays;
+  m.attr("MAX_HIDDEN") = lopt::kMaxHidden;
+  m.attr("MAX_HIDDEN_LAYERS") = lopt::kMaxHiddenLayers;
+  m.def("num_normalized_features", &lopt::NumNormalizedFeatures, py::arg("dm"), py::arg("dr"),
+        py::arg("da"));
+  m.def(
+      "packed_size",
+      [](int hidden, int layers, int dm, int dr, int da) {
+        lopt::Config c;
+        c.hidden = hidden, c.hidden_layers = layers, c.dm = dm, c.dr = dr, c.da = da;
+        return lopt::PackedLayout(c).size;
+      },
+      py::arg("hidden"), py::arg("layers"), py::arg("dm"), py::arg("dr"), py::arg("da"));
+  m.def("cpu_isa", []() { return std::string(lopt::tiles::SelectKernels().isa); },
+        "Instruction set of the CPU loops that the next call will use.");
+}

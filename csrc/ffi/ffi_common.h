@@ -1,0 +1,114 @@
+// Helpers shared by the CPU and CUDA FFI handlers: attribute decoding and the
+// shape checks of the fused update's operands. No math here.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "lopt_config.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace lopt::ffi_glue {
+
+namespace ffi = xla::ffi;
+
+inline std::string ShapeStr(const std::vector<int64_t>& s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + (s.size() == 1 ? ",)" : ")");
+}
+
+inline std::vector<int64_t> Dims(const ffi::AnyBuffer& b) {
+  auto d = b.dimensions();
+  return std::vector<int64_t>(d.begin(), d.end());
+}
+
+// One tensor's operands after the population axes have been split off.
+struct TensorBuffers {
+  std::vector<int64_t> shape;  // without population axes
+  bool factored = false;
+  // Inputs p g m rms (v_row v_col | v_full); results out m rms (v_row v_col | v_full).
+  std::vector<ffi::AnyBuffer> ins;
+  std::vector<ffi::Result<ffi::AnyBuffer>> outs;
+};
+
+// Decodes and checks every operand; on success `batch` is the population size
+// and `tensors` the per-tensor buffers. Nothing is read or written here.
+inline ffi::Error CollectOperands(const Config& cfg, const ffi::AnyBuffer& packed,
+                                  ffi::RemainingArgs& args, ffi::RemainingRets& rets,
+                                  int64_t* batch, std::vector<TensorBuffers>* tensors) {
+  if (const char* err = ValidateConfig(cfg)) return ffi::Error::InvalidArgument(err);
+  const std::vector<int64_t> pdims = Dims(packed);
+  if (packed.element_type() != ffi::DataType::F32 || pdims.empty())
+    return ffi::Error::InvalidArgument("packed weights must be a float32 array of rank >= 1");
+  const size_t nb = pdims.size() - 1;
+  const std::vector<int64_t> bdims(pdims.begin(), pdims.begin() + nb);
+  *batch = 1;
+  for (int64_t d : bdims) *batch *= d;
+  if (pdims.back() != PackedLayout(cfg).size)
+    return ffi::Error::InvalidArgument("packed weights have " + std::to_string(pdims.back()) +
+                                       " entries, the configuration needs " +
+                                       std::to_string(PackedLayout(cfg).size));
+  size_t ai = 0, ri = 0;
+  while (ai < args.size()) {
+    TensorBuffers t;
+    auto p = args.get<ffi::AnyBuffer>(ai);
+    if (!p.has_value()) return ffi::Error::InvalidArgument("cannot decode parameter operand");
+    std::vector<int64_t> pd = Dims(*p);
+    if (pd.size() < nb + 1 || !std::equal(bdims.begin(), bdims.end(), pd.begin()))
+      return ffi::Error::InvalidArgument("tensor " + std::to_string(tensors->size()) +
+                                         ": parameter shape " + ShapeStr(pd) +
+                                         " lacks the population axes " + ShapeStr(bdims));
+    t.shape.assign(pd.begin() + nb, pd.end());
+    t.factored = t.shape.size() >= 2;
+    // Expected shapes of p g m rms (v_row v_col | v_full), population axes excluded.
+    std::vector<std::vector<int64_t>> want = {t.shape, t.shape};
+    auto with = [](std::vector<int64_t> s, int64_t last) { s.push_back(last); return s; };
+    want.push_back(with(t.shape, cfg.dm));
+    want.push_back(with(t.shape, cfg.dr));
+    if (t.factored) {
+      int d1 = 0, d0 = 0;
+      FactoredDims(t.shape.data(), static_cast<int>(t.shape.size()), &d1, &d0);
+      std::vector<int64_t> row = t.shape, col = t.shape;
+      row.erase(row.begin() + d0);
+      col.erase(col.begin() + d1);
+      want.push_back(with(row, cfg.da));
+      want.push_back(with(col, cfg.da));
+    } else {
+      want.push_back(with(t.shape, cfg.da));
+    }
+    static const char* kNames[] = {"params", "grads", "momentum", "rms", "accumulator",
+                                   "accumulator"};
+    // Results: the step/params (shape S) then the state, i.e. inputs 0, 2, 3, ...
+    for (size_t k = 0; k < want.size(); ++k) {
+      std::vector<int64_t> full = bdims;
+      full.insert(full.end(), want[k].begin(), want[k].end());
+      const std::string where = "tensor " + std::to_string(tensors->size()) + " " + kNames[k];
+      auto in = args.get<ffi::AnyBuffer>(ai + k);
+      if (!in.has_value()) return ffi::Error::InvalidArgument(where + ": operand missing");
+      if (in->element_type() != ffi::DataType::F32)
+        return ffi::Error::InvalidArgument(where + ": must be float32");
+      if (Dims(*in) != full)
+        return ffi::Error::InvalidArgument(where + ": shape " + ShapeStr(Dims(*in)) +
+                                           ", expected " + ShapeStr(full));
+      t.ins.push_back(*in);
+      if (k == 1) continue;  // grads have no result of their own
+      auto out = rets.get<ffi::AnyBuffer>(ri + (k == 0 ? 0 : k - 1));
+      if (!out.has_value()) return ffi::Error::InvalidArgument(where + ": result missing");
+      if ((*out)->element_type() != ffi::DataType::F32 || Dims(**out) != full)
+        return ffi::Error::InvalidArgument(where + ": result must be float32 of shape " +
+                                           ShapeStr(full));
+      t.outs.push_back(*out);
+    }
+    ai += want.size();
+    ri += want.size() - 1;
+    tensors->push_back(std::move(t));
+  }
+  if (ri != rets.size())
+    return ffi::Error::InvalidArgument("result count does not match the operands");
+  return ffi::Error::Success();
+}
+
+}  // namespace lopt::ffi_glue

@@ -1,0 +1,101 @@
+// Shared description of the small_fc_lopt update: configuration, the layout of the
+// packed per-member weight buffer, and the numerical constants of the rule.
+// Framework-free: included by the CPU and CUDA kernels, the FFI glue and the bindings.
+#pragma once
+
+#include <cstdint>
+
+namespace lopt {
+
+// Step-count features: tanh(iteration / t - 1) for each timescale t. They are not
+// normalised and are folded into the first-layer bias on the Python side.
+inline constexpr int kNumStepFeatures = 11;
+
+// Limits checked before any kernel runs (they bound stack-resident tiles).
+inline constexpr int kMaxDecays = 16;
+inline constexpr int kMaxHidden = 256;
+inline constexpr int kMaxHiddenLayers = 16;
+
+// Constants of the rule (spec: small_fc_lopt.md).
+inline constexpr float kRmsEps = 1e-6f;         // rsqrt(rms + 1e-6)
+inline constexpr float kFacRsqrtEps = 1e-8f;    // rsqrt(v + 1e-8) features
+inline constexpr float kRowMeanEps = 1e-9f;     // v_row / (row_col_mean + 1e-9)
+inline constexpr float kSafeRsqrtFloor = 1e-9f; // safe_rsqrt(x) = rsqrt(max(x, 1e-9))
+inline constexpr float kFullFacEps = 1e-9f;     // g * safe_rsqrt(v + 1e-9), rank <= 1
+inline constexpr float kMomFacEps = 1e-6f;      // m * (v + 1e-6)^-0.5, rank <= 1
+inline constexpr float kGradSqEps = 1e-30f;     // g^2 + 1e-30 in factored accumulators
+inline constexpr float kNormEps = 1e-5f;        // second-moment normaliser
+
+struct Config {
+  int hidden = 4;         // H
+  int hidden_layers = 2;  // L
+  int dm = 3, dr = 1, da = 3;
+  float exp_mult = 1e-3f;
+  float step_mult = 1e-3f;
+};
+
+// Number of per-tensor normalised features (28 for the default decays).
+constexpr int NumNormalizedFeatures(int dm, int dr, int da) {
+  return 2 + 2 * dm + 2 * dr + 6 * da;
+}
+
+// Indices of the logical (reference-order) features.
+struct FeatureIndex {
+  int g, p, m, rms, m_rsqrt, rsqrt_rms, fac_g, row_v, col_v, row_rsqrt, col_rsqrt, fac_m;
+  int count;
+  explicit constexpr FeatureIndex(int dm, int dr, int da)
+      : g(0), p(1), m(2), rms(2 + dm), m_rsqrt(2 + dm + dr), rsqrt_rms(2 + 2 * dm + dr),
+        fac_g(2 + 2 * dm + 2 * dr), row_v(fac_g + da), col_v(fac_g + 2 * da),
+        row_rsqrt(fac_g + 3 * da), col_rsqrt(fac_g + 4 * da), fac_m(fac_g + 5 * da),
+        count(NumNormalizedFeatures(dm, dr, da)) {}
+};
+
+// Layout of the packed float32 buffer that carries one population member's
+// traced meta-parameters into a kernel, in this order:
+//   mom_beta[dm] mom_1mb[dm] rms_beta[dr] rms_1mb[dr] fac_beta[da] fac_1mb[da]
+//   w0[F][H] (rows of the normalised features only) b0[H] (step features folded in)
+//   (w_l[H][H] b_l[H]) for l = 1 .. L-1
+//   w_out[H][2] b_out[2]
+struct PackedLayout {
+  int64_t mom_beta, mom_1mb, rms_beta, rms_1mb, fac_beta, fac_1mb;
+  int64_t w0, b0, hidden, w_out, b_out, size;
+  explicit constexpr PackedLayout(const Config& c)
+      : mom_beta(0), mom_1mb(c.dm), rms_beta(2 * c.dm), rms_1mb(2 * c.dm + c.dr),
+        fac_beta(2 * c.dm + 2 * c.dr), fac_1mb(2 * c.dm + 2 * c.dr + c.da),
+        w0(2 * c.dm + 2 * c.dr + 2 * c.da),
+        b0(w0 + int64_t{NumNormalizedFeatures(c.dm, c.dr, c.da)} * c.hidden),
+        hidden(b0 + c.hidden),
+        w_out(hidden + int64_t{c.hidden_layers - 1} * (c.hidden * c.hidden + c.hidden)),
+        b_out(w_out + 2 * c.hidden), size(b_out + 2) {}
+};
+
+// Returns nullptr when the configuration is usable, else a static message.
+inline const char* ValidateConfig(const Config& c) {
+  if (c.hidden < 1 || c.hidden > kMaxHidden) return "hidden_size must be in [1, 256]";
+  if (c.hidden_layers < 1 || c.hidden_layers > kMaxHiddenLayers)
+    return "hidden_layers must be in [1, 16]";
+  if (c.dm < 1 || c.dm > kMaxDecays || c.da < 1 || c.da > kMaxDecays || c.dr < 1 ||
+      c.dr > kMaxDecays)
+    return "each decay count must be in [1, 16]";
+  if (c.da != c.dm) return "the adafactor decay count must equal the momentum decay count";
+  if (c.dr != 1 && c.dr != c.dm) return "the rms decay count must be 1 or the momentum decay count";
+  return nullptr;
+}
+
+// The two factored axes of a rank >= 2 shape: d0 the largest, d1 the second
+// largest, ties broken as a stable ascending argsort (a later axis counts as larger).
+inline void FactoredDims(const int64_t* dims, int rank, int* d1, int* d0) {
+  int best = -1, second = -1;
+  for (int a = 0; a < rank; ++a) {
+    if (best < 0 || dims[a] >= dims[best]) {
+      second = best;
+      best = a;
+    } else if (second < 0 || dims[a] >= dims[second]) {
+      second = a;
+    }
+  }
+  *d0 = best;
+  *d1 = second;
+}
+
+}  // namespace lopt

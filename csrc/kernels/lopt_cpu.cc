@@ -1,0 +1,348 @@
+// Driver of the fused CPU update: three passes over each tensor with small
+// reductions in between, all tensors of a call in the same parallel loops.
+//   A  (rank >= 2 only) sums g^2 along both factored axes -> new v_row, v_col,
+//      row/column factors.
+//   B  sums the squares of every per-element feature -> normalisation scales,
+//      folded into the first-layer weights (and into per-row/column tables).
+//   C  recomputes the features tile by tile, runs the MLP and writes the step
+//      and the new state.
+// Work is cut into chunks whose boundaries depend only on shapes and partial
+// sums are combined in chunk order, so results do not depend on thread count.
+#include "lopt_cpu.h"
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#include "lopt_cpu_tiles.h"
+
+namespace lopt {
+namespace {
+
+constexpr int64_t kChunk = 16384;     // elements per pass B/C task
+constexpr int64_t kLineBlockMin = 32;  // lines per pass A task, at least
+
+using tiles::TensorPlan;
+
+struct Work {
+  TensorArgs* args = nullptr;
+  TensorPlan plan{};
+  bool line_is_row = false;  // factored: line-indexed tables are v_row
+  int64_t n_line = 0, n_cross = 0, n_group = 0;
+  int64_t line_block = 0, n_line_blocks = 0;  // pass A: blocks of lines per (a, b)
+  int64_t n_chunks = 0;
+  std::vector<double> line_sums, cross_partial;
+  std::vector<float> line_fac, cross_fac, line_tab, cross_tab;
+  std::vector<float> w0c;
+  std::vector<double> chunk_sumsq;  // [n_chunks][num_compact]
+  // Logical-feature mean squares known before pass B (factored v features).
+  std::vector<double> table_mean_sq;
+};
+
+inline float RSqrt(float x) { return 1.0f / std::sqrt(x); }
+inline float SafeRSqrt(float x) { return RSqrt(kSafeRsqrtFloor > x ? kSafeRsqrtFloor : x); }
+
+std::string Plan(const Config& cfg, bool write_delta, Work& w) {
+  TensorArgs& a = *w.args;
+  const int rank = static_cast<int>(a.shape.size());
+  if (rank < 1) return "tensor rank must be >= 1 (pass scalars as shape [1])";
+  int64_t numel = 1;
+  for (int64_t d : a.shape) {
+    if (d < 1) return "tensor dimensions must be >= 1";
+    if (numel > (int64_t{1} << 62) / d) return "tensor is too large";
+    numel *= d;
+  }
+  const bool factored = rank >= 2;
+  if (!a.p || !a.g || !a.m || !a.rms || !a.out || !a.m_out || !a.rms_out || !a.packed)
+    return "missing buffer";
+  if (factored ? (!a.v_row || !a.v_col || !a.v_row_out || !a.v_col_out)
+               : (!a.v_full || !a.v_full_out))
+    return "missing accumulator buffer";
+  const PackedLayout L(cfg);
+  TensorPlan& P = w.plan;
+  P.hidden = cfg.hidden;
+  P.layers = cfg.hidden_layers;
+  P.dm = cfg.dm;
+  P.dr = cfg.dr;
+  P.da = cfg.da;
+  P.num_compact = tiles::NumCompactFeatures(cfg.dm, cfg.dr, cfg.da, factored);
+  P.factored = factored;
+  P.numel = numel;
+  P.mom_beta = a.packed + L.mom_beta;
+  P.mom_1mb = a.packed + L.mom_1mb;
+  P.rms_beta = a.packed + L.rms_beta;
+  P.rms_1mb = a.packed + L.rms_1mb;
+  P.fac_beta = a.packed + L.fac_beta;
+  P.fac_1mb = a.packed + L.fac_1mb;
+  P.b0 = a.packed + L.b0;
+  P.hidden_wb = a.packed + L.hidden;
+  P.w_out = a.packed + L.w_out;
+  P.b_out = a.packed + L.b_out;
+  P.exp_mult = cfg.exp_mult;
+  P.step_mult = cfg.step_mult;
+  P.write_delta = write_delta;
+  P.p = a.p;
+  P.g = a.g;
+  P.m = a.m;
+  P.rms = a.rms;
+  P.v_full = a.v_full;
+  P.out = a.out;
+  P.m_out = a.m_out;
+  P.rms_out = a.rms_out;
+  P.v_full_out = a.v_full_out;
+  w.n_chunks = (numel + kChunk - 1) / kChunk;
+  if (!factored) {
+    P.A = P.N1 = P.B = P.C = 1;
+    P.N2 = P.W = numel;
+    return "";
+  }
+  int d1 = 0, d0 = 0;
+  FactoredDims(a.shape.data(), rank, &d1, &d0);
+  const int p_ax = d0 < d1 ? d0 : d1, q_ax = d0 < d1 ? d1 : d0;
+  P.A = P.B = P.C = 1;
+  for (int i = 0; i < p_ax; ++i) P.A *= a.shape[i];
+  for (int i = p_ax + 1; i < q_ax; ++i) P.B *= a.shape[i];
+  for (int i = q_ax + 1; i < rank; ++i) P.C *= a.shape[i];
+  P.N1 = a.shape[p_ax];
+  P.N2 = a.shape[q_ax];
+  P.W = P.N2 * P.C;
+  // Line-indexed entries drop the later factored axis q; v_row drops d0.
+  w.line_is_row = (d0 == q_ax);
+  w.n_line = P.A * P.N1 * P.B * P.C;
+  w.n_cross = P.A * P.B * P.W;
+  w.n_group = P.A * P.B * P.C;
+  w.line_block = (kChunk + P.W - 1) / P.W;
+  if (w.line_block < kLineBlockMin) w.line_block = kLineBlockMin;
+  if (w.line_block > P.N1) w.line_block = P.N1;
+  w.n_line_blocks = (P.N1 + w.line_block - 1) / w.line_block;
+  return "";
+}
+
+// Pass A task: lines [i0, i1) of slice (a, b).
+void PassA(const tiles::Kernels& K, Work& w, int64_t task) {
+  const TensorPlan& P = w.plan;
+  const int64_t ab = task / w.n_line_blocks, blk = task % w.n_line_blocks;
+  const int64_t a = ab / P.B, b = ab % P.B;
+  const int64_t i0 = blk * w.line_block;
+  const int64_t i1 = i0 + w.line_block < P.N1 ? i0 + w.line_block : P.N1;
+  double* cross = w.cross_partial.data() + task * P.W;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t line = (a * P.N1 + i) * P.B + b;
+    K.gsq_line(P.g + line * P.W, P.W, P.C, w.line_sums.data() + line * P.C, cross);
+  }
+}
+
+// Between A and B: new factored accumulators, factors and v-feature statistics.
+void FinishA(const Config& cfg, const FeatureIndex& F, Work& w) {
+  const TensorPlan& P = w.plan;
+  TensorArgs& a = *w.args;
+  const int da = cfg.da;
+  // Means of g^2 along each factored axis, then the accumulator update.
+  std::vector<float> v_line(w.n_line * da), v_cross(w.n_cross * da);
+  const float* old_line = w.line_is_row ? a.v_row : a.v_col;
+  const float* old_cross = w.line_is_row ? a.v_col : a.v_row;
+  for (int64_t i = 0; i < w.n_line; ++i) {
+    const float mean = static_cast<float>(w.line_sums[i] / static_cast<double>(P.N2));
+    for (int k = 0; k < da; ++k)
+      v_line[i * da + k] = P.fac_beta[k] * old_line[i * da + k] + P.fac_1mb[k] * mean;
+  }
+  for (int64_t ab = 0; ab < P.A * P.B; ++ab)
+    for (int64_t t = 0; t < P.W; ++t) {
+      double s = 0;
+      for (int64_t blk = 0; blk < w.n_line_blocks; ++blk)
+        s += w.cross_partial[(ab * w.n_line_blocks + blk) * P.W + t];
+      const float mean = static_cast<float>(s / static_cast<double>(P.N1));
+      const int64_t i = ab * P.W + t;
+      for (int k = 0; k < da; ++k)
+        v_cross[i * da + k] = P.fac_beta[k] * old_cross[i * da + k] + P.fac_1mb[k] * mean;
+    }
+  const std::vector<float>& v_row = w.line_is_row ? v_line : v_cross;
+  const std::vector<float>& v_col = w.line_is_row ? v_cross : v_line;
+  // Mean of the new v_row over the d1 axis: groups are (a, b, c) in both layouts.
+  std::vector<double> group_sum(w.n_group * da, 0.0);
+  const int64_t row_entries = static_cast<int64_t>(v_row.size()) / da;
+  auto row_group = [&](int64_t i) {
+    if (w.line_is_row) {  // line index ((a*N1 + i)*B + b)*C + c, mean over i
+      const int64_t c = i % P.C, line = i / P.C;
+      const int64_t b = line % P.B, aa = (line / P.B) / P.N1;
+      return (aa * P.B + b) * P.C + c;
+    }
+    // cross index (a*B + b)*W + j*C + c, mean over j
+    const int64_t ab = i / P.W, c = (i % P.W) % P.C;
+    return ab * P.C + c;
+  };
+  for (int64_t i = 0; i < row_entries; ++i) {
+    const int64_t gi = row_group(i);
+    for (int k = 0; k < da; ++k) group_sum[gi * da + k] += v_row[i * da + k];
+  }
+  const double d1_size = static_cast<double>(w.line_is_row ? P.N1 : P.N2);
+  std::vector<float> row_fac(v_row.size()), col_fac(v_col.size());
+  for (int64_t i = 0; i < row_entries; ++i) {
+    const int64_t gi = row_group(i);
+    for (int k = 0; k < da; ++k) {
+      const float mean = static_cast<float>(group_sum[gi * da + k] / d1_size);
+      row_fac[i * da + k] = SafeRSqrt(v_row[i * da + k] / (mean + kRowMeanEps));
+    }
+  }
+  for (size_t i = 0; i < v_col.size(); ++i) col_fac[i] = SafeRSqrt(v_col[i]);
+  // Mean squares of the broadcast v features equal their means over the entries.
+  w.table_mean_sq.assign(F.count, 0.0);
+  auto mean_sq = [&](const std::vector<float>& v, int base_v, int base_rs) {
+    const int64_t n = static_cast<int64_t>(v.size()) / da;
+    for (int k = 0; k < da; ++k) {
+      double sv = 0, sr = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = v[i * da + k];
+        const float r = RSqrt(x + kFacRsqrtEps);
+        sv += double(x * x);
+        sr += double(r * r);
+      }
+      w.table_mean_sq[base_v + k] = sv / static_cast<double>(n);
+      w.table_mean_sq[base_rs + k] = sr / static_cast<double>(n);
+    }
+  };
+  mean_sq(v_row, F.row_v, F.row_rsqrt);
+  mean_sq(v_col, F.col_v, F.col_rsqrt);
+  // v_line/v_cross are kept for the tables of pass C; factors feed passes B/C.
+  std::memcpy(w.line_is_row ? a.v_row_out : a.v_col_out, v_line.data(), v_line.size() * 4);
+  std::memcpy(w.line_is_row ? a.v_col_out : a.v_row_out, v_cross.data(), v_cross.size() * 4);
+  w.line_fac = w.line_is_row ? std::move(row_fac) : std::move(col_fac);
+  w.cross_fac = w.line_is_row ? std::move(col_fac) : std::move(row_fac);
+  w.line_sums.clear();
+  w.line_sums.shrink_to_fit();
+  w.cross_partial.clear();
+  w.cross_partial.shrink_to_fit();
+}
+
+// Between B and C: normalisation scales folded into the first layer.
+void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
+  const TensorPlan& P = w.plan;
+  TensorArgs& a = *w.args;
+  const int H = cfg.hidden, dm = cfg.dm, dr = cfg.dr, da = cfg.da, K = P.num_compact;
+  std::vector<double> sumsq(K, 0.0);
+  for (int64_t c = 0; c < w.n_chunks; ++c)
+    for (int f = 0; f < K; ++f) sumsq[f] += w.chunk_sumsq[c * K + f];
+  // Logical feature of each compact feature (and a twin for rank <= 1 v features).
+  std::vector<int> logical(K), twin(K, -1);
+  int f = 0;
+  logical[f++] = F.g;
+  logical[f++] = F.p;
+  for (int k = 0; k < dm; ++k) logical[f++] = F.m + k;
+  for (int j = 0; j < dr; ++j) logical[f++] = F.rms + j;
+  for (int k = 0; k < dm; ++k) logical[f++] = F.m_rsqrt + k;
+  for (int j = 0; j < dr; ++j) logical[f++] = F.rsqrt_rms + j;
+  for (int k = 0; k < da; ++k) logical[f++] = F.fac_g + k;
+  for (int k = 0; k < da; ++k) logical[f++] = F.fac_m + k;
+  if (!P.factored) {
+    for (int k = 0; k < da; ++k) { twin[f] = F.col_v + k; logical[f++] = F.row_v + k; }
+    for (int k = 0; k < da; ++k) { twin[f] = F.col_rsqrt + k; logical[f++] = F.row_rsqrt + k; }
+  }
+  std::vector<float> scale(F.count, 0.0f);
+  const double n = static_cast<double>(P.numel);
+  for (int c = 0; c < K; ++c) {
+    const float s = RSqrt(kNormEps + static_cast<float>(sumsq[c] / n));
+    scale[logical[c]] = s;
+    if (twin[c] >= 0) scale[twin[c]] = s;
+  }
+  if (P.factored)
+    for (int lf : {F.row_v, F.col_v, F.row_rsqrt, F.col_rsqrt})
+      for (int k = 0; k < da; ++k)
+        scale[lf + k] = RSqrt(kNormEps + static_cast<float>(w.table_mean_sq[lf + k]));
+  const float* w0 = a.packed + PackedLayout(cfg).w0;
+  w.w0c.assign(static_cast<size_t>(K) * H, 0.0f);
+  for (int c = 0; c < K; ++c)
+    for (int h = 0; h < H; ++h) {
+      float v = scale[logical[c]] * w0[logical[c] * H + h];
+      if (twin[c] >= 0) v += scale[twin[c]] * w0[twin[c] * H + h];
+      w.w0c[c * H + h] = v;
+    }
+  w.plan.w0c = w.w0c.data();
+  if (!P.factored) return;
+  // First-layer contribution of the broadcast v features, once per row/column.
+  auto table = [&](const float* v, int64_t n_entries, int base_v, int base_rs,
+                   std::vector<float>& out) {
+    out.assign(n_entries * H, 0.0f);
+    for (int64_t i = 0; i < n_entries; ++i)
+      for (int k = 0; k < da; ++k) {
+        const float x = v[i * da + k] * scale[base_v + k];
+        const float r = RSqrt(v[i * da + k] + kFacRsqrtEps) * scale[base_rs + k];
+        const float* wv = w0 + (base_v + k) * H;
+        const float* wr = w0 + (base_rs + k) * H;
+        for (int h = 0; h < H; ++h) out[i * H + h] += x * wv[h] + r * wr[h];
+      }
+  };
+  const float* v_row_new = a.v_row_out;
+  const float* v_col_new = a.v_col_out;
+  if (w.line_is_row) {
+    table(v_row_new, w.n_line, F.row_v, F.row_rsqrt, w.line_tab);
+    table(v_col_new, w.n_cross, F.col_v, F.col_rsqrt, w.cross_tab);
+  } else {
+    table(v_col_new, w.n_line, F.col_v, F.col_rsqrt, w.line_tab);
+    table(v_row_new, w.n_cross, F.row_v, F.row_rsqrt, w.cross_tab);
+  }
+  w.plan.line_tab = w.line_tab.data();
+  w.plan.cross_tab = w.cross_tab.data();
+}
+
+}  // namespace
+
+std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<TensorArgs>& tensors,
+                           const ParallelFor& parallel_for) {
+  if (const char* err = ValidateConfig(cfg)) return err;
+  const FeatureIndex F(cfg.dm, cfg.dr, cfg.da);
+  const tiles::Kernels& K = tiles::SelectKernels();
+  std::vector<Work> work(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    work[i].args = &tensors[i];
+    std::string err = Plan(cfg, write_delta, work[i]);
+    if (!err.empty()) return "tensor " + std::to_string(i) + ": " + err;
+  }
+  try {
+    // Pass A (factored tensors).
+    std::vector<std::pair<int, int64_t>> tasks;
+    for (size_t i = 0; i < work.size(); ++i) {
+      Work& w = work[i];
+      if (!w.plan.factored) continue;
+      const int64_t n_tasks = w.plan.A * w.plan.B * w.n_line_blocks;
+      w.line_sums.assign(w.n_line, 0.0);
+      w.cross_partial.assign(n_tasks * w.plan.W, 0.0);
+      for (int64_t t = 0; t < n_tasks; ++t) tasks.emplace_back(static_cast<int>(i), t);
+    }
+    parallel_for(static_cast<int64_t>(tasks.size()),
+                 [&](int64_t t) { PassA(K, work[tasks[t].first], tasks[t].second); });
+    parallel_for(static_cast<int64_t>(work.size()), [&](int64_t i) {
+      Work& w = work[i];
+      if (w.plan.factored) {
+        FinishA(cfg, F, w);
+        w.plan.line_fac = w.line_fac.data();
+        w.plan.cross_fac = w.cross_fac.data();
+      }
+      w.chunk_sumsq.assign(w.n_chunks * w.plan.num_compact, 0.0);
+    });
+    // Pass B: feature statistics.
+    tasks.clear();
+    for (size_t i = 0; i < work.size(); ++i)
+      for (int64_t c = 0; c < work[i].n_chunks; ++c) tasks.emplace_back(static_cast<int>(i), c);
+    parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+      Work& w = work[tasks[t].first];
+      const int64_t c = tasks[t].second;
+      const int64_t e1 = (c + 1) * kChunk < w.plan.numel ? (c + 1) * kChunk : w.plan.numel;
+      K.stats(w.plan, c * kChunk, e1, w.chunk_sumsq.data() + c * w.plan.num_compact);
+    });
+    parallel_for(static_cast<int64_t>(work.size()),
+                 [&](int64_t i) { FinishB(cfg, F, work[i]); });
+    // Pass C: the MLP and all writes.
+    parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+      Work& w = work[tasks[t].first];
+      const int64_t c = tasks[t].second;
+      const int64_t e1 = (c + 1) * kChunk < w.plan.numel ? (c + 1) * kChunk : w.plan.numel;
+      K.apply(w.plan, c * kChunk, e1);
+    });
+  } catch (const std::bad_alloc&) {
+    return "out of host memory for the update's row/column tables";
+  }
+  return "";
+}
+
+}  // namespace lopt

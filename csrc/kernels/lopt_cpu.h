@@ -1,0 +1,46 @@
+// Fused small_fc_lopt update on the CPU: framework-free entry point.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "lopt_config.h"
+
+namespace lopt {
+
+// Runs fn(i) for every i in [0, n), possibly concurrently, and returns when all
+// calls have finished. Results must not depend on which thread runs which i.
+using ParallelFor = std::function<void(int64_t n, const std::function<void(int64_t)>& fn)>;
+
+// One parameter tensor of one population member. Shapes exclude the population
+// axis; rank 0 is not allowed here (callers pass scalars as shape [1]).
+// State layout follows the reference: m is S + [dm], rms S + [dr]; rank >= 2
+// tensors carry v_row (S without d0, + [da]) and v_col (S without d1, + [da]);
+// rank 1 tensors carry v_full (S + [da]). Outputs may alias the matching inputs
+// (and `out` may alias p or g): every element is read before it is written.
+struct TensorArgs {
+  std::vector<int64_t> shape;
+  const float* p = nullptr;
+  const float* g = nullptr;
+  const float* m = nullptr;
+  const float* rms = nullptr;
+  const float* v_row = nullptr;
+  const float* v_col = nullptr;
+  const float* v_full = nullptr;
+  float* out = nullptr;  // new params, or the update (-step) when write_delta
+  float* m_out = nullptr;
+  float* rms_out = nullptr;
+  float* v_row_out = nullptr;
+  float* v_col_out = nullptr;
+  float* v_full_out = nullptr;
+  const float* packed = nullptr;  // this member's PackedLayout buffer
+};
+
+// Applies one step to every tensor. Returns an empty string on success, else an
+// error message; on error nothing has been written.
+std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<TensorArgs>& tensors,
+                           const ParallelFor& parallel_for);
+
+}  // namespace lopt

@@ -1,0 +1,14 @@
+"""lopt_ext: fused XLA FFI kernels for the small_fc_lopt learned optimizer."""
+from lopt_ext.config import SmallFcLOpt, step_features, factored_dims
+from lopt_ext.state import SmallFcLOptState, init_state
+from lopt_ext.update import fused_update
+
+__all__ = ["SmallFcLOpt", "SmallFcLOptState", "fused_update", "init_state", "step_features",
+           "factored_dims", "kernels_available"]
+__version__ = "0.1.0"
+
+
+def kernels_available() -> bool:
+    """True when the compiled CPU kernels are importable."""
+    from lopt_ext import _ffi
+    return _ffi.available()

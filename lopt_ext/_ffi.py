@@ -1,0 +1,131 @@
+"""The one place that loads the compiled kernels and calls them through jax.ffi."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lopt_ext.config import SmallFcLOpt, step_features
+
+TARGET = "lopt_fused_update"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_module():
+    from lopt_ext import _lopt_cpu  # built by `pip install .`
+    return _lopt_cpu
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_module():
+    from lopt_ext import _lopt_cuda  # built where nvcc was found
+    return _lopt_cuda
+
+
+@functools.lru_cache(maxsize=None)
+def _register(platform: str) -> None:
+    module = _cpu_module() if platform == "cpu" else _cuda_module()
+    for name, capsule in module.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform=platform)
+
+
+def available() -> bool:
+    """True when the compiled CPU kernels import."""
+    try:
+        _cpu_module()
+        return True
+    except ImportError:
+        return False
+
+
+def ensure_registered() -> None:
+    """Registers the targets for the platforms jax uses; clear errors when missing."""
+    try:
+        _register("cpu")
+    except ImportError as e:
+        raise ImportError(
+            "lopt_ext's compiled kernels are missing (lopt_ext._lopt_cpu did not import). "
+            "Reinstall with `pip install .` from the source tree, or use impl='reference'."
+        ) from e
+    if any(d.platform == "gpu" for d in jax.devices()) or jax.default_backend() == "gpu":
+        try:
+            _register("CUDA")
+        except ImportError as e:
+            raise ImportError(
+                "A GPU is in use but lopt_ext was built without its CUDA kernels "
+                "(lopt_ext._lopt_cuda did not import). Rebuild where nvcc is on PATH "
+                "(pip install . -Ccmake.define.LOPT_CUDA=ON), or use impl='reference'."
+            ) from e
+
+
+def pack_theta(lopt: SmallFcLOpt, theta, iteration) -> jax.Array:
+    """The per-member float32 buffer the kernels read (layout: csrc/kernels/lopt_config.h).
+
+    The step features are identical for every element, so they are folded into b0 here.
+    """
+    mom_b, rms_b, fac_b = lopt.decays(theta)
+    rms_c = jnp.clip(rms_b, 0.0, 1.0)
+    fac_c = jnp.clip(fac_b, 0.0, 1.0)
+    nn = theta["nn"]["~"]
+    nf = lopt.num_features
+    w0 = nn["w0"].astype(jnp.float32)
+    b0 = nn["b0"] + jnp.matmul(step_features(iteration), w0[nf:], precision=jax.lax.Precision.HIGHEST)
+    parts = [mom_b, 1 - mom_b, rms_c, 1 - rms_c, fac_c, 1 - fac_c, w0[:nf].ravel(), b0]
+    for i in range(1, lopt.hidden_layers + 1):
+        parts += [nn[f"w{i}"].ravel(), nn[f"b{i}"]]
+    packed = jnp.concatenate([jnp.asarray(x, jnp.float32).ravel() for x in parts])
+    expected = _cpu_module().packed_size(lopt.hidden_size, lopt.hidden_layers, *lopt.num_decays)
+    assert packed.shape == (expected,), (packed.shape, expected)
+    return packed
+
+
+def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bool):
+    """One fused custom call for all leaves.
+
+    leaves: (p, g, m, rms, v_row, v_col, v_full) float32 tuples, none empty.
+    Returns per leaf (out, m, rms, v_row, v_col, v_full), out = p_new or -step.
+    """
+    ensure_registered()
+    operands = [pack_theta(lopt, theta, iteration)]
+    results, aliases, layout = [], {}, []
+    for p, g, m, rms, v_row, v_col, v_full in leaves:
+        scalar = p.ndim == 0
+        if scalar:  # the kernels see a scalar as shape [1]
+            p, g, m, rms, v_full = p[None], g[None], m[None], rms[None], v_full[None]
+        acc = (v_row, v_col) if p.ndim >= 2 else (v_full,)
+        ins = [p, g, m, rms, *acc]
+        base_in, base_out = len(operands), len(results)
+        aliases[base_in + (1 if write_delta else 0)] = base_out  # g or p buffer -> out
+        for k in range(2, len(ins)):
+            aliases[base_in + k] = base_out + k - 1
+        operands += ins
+        results += [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in [p, m, rms, *acc]]
+        layout.append((scalar, p.ndim >= 2))
+    call = jax.ffi.ffi_call(TARGET, results, vmap_method="broadcast_all",
+                            input_output_aliases=aliases)
+    dm, dr, da = lopt.num_decays
+    outs = call(*operands, hidden_size=np.int64(lopt.hidden_size),
+                hidden_layers=np.int64(lopt.hidden_layers), dm=np.int64(dm), dr=np.int64(dr),
+                da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
+                step_mult=np.float32(lopt.step_mult), write_delta=bool(write_delta))
+    per_leaf, i = [], 0
+    empty = jnp.zeros((0,), jnp.float32)
+    for (scalar, factored), (_, _, _, _, v_row, v_col, v_full) in zip(layout, leaves):
+        if factored:
+            out, m, rms, vr, vc = outs[i:i + 5]
+            i += 5
+            per_leaf.append((out, m, rms, vr, vc, v_full))
+        else:
+            out, m, rms, vf = outs[i:i + 4]
+            i += 4
+            if scalar:
+                out, m, rms, vf = out[0], m[0], rms[0], vf[0]
+            per_leaf.append((out, m, rms, v_row, v_col, vf))
+    return per_leaf
+
+
+def cpu_isa() -> str:
+    """Instruction set of the CPU loops in use (generic, avx2 or avx512)."""
+    return _cpu_module().cpu_isa()

@@ -1,0 +1,141 @@
+"""Input checks and the step shared by every implementation (fused, reference)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lopt_ext import reference
+from lopt_ext.config import SmallFcLOpt
+from lopt_ext.state import SmallFcLOptState, leaf_state_shapes
+
+IMPLS = ("fused", "reference")
+_STATE_FIELDS = ("m", "rms", "v_row", "v_col", "v_full")
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def check_lopt(lopt) -> None:
+    if not isinstance(lopt, SmallFcLOpt):
+        raise TypeError(f"lopt must be a lopt_ext.SmallFcLOpt, got {type(lopt).__name__}")
+
+
+def check_theta(lopt: SmallFcLOpt, theta) -> None:
+    """theta must have exactly the AdafacMLPLOpt layout of this configuration."""
+
+    def walk(expected, got, path):
+        if isinstance(expected, dict):
+            if not isinstance(got, Mapping):
+                raise TypeError(f"theta{path} must be a dict, got {type(got).__name__}")
+            if set(got) != set(expected):
+                raise ValueError(f"theta{path} has keys {sorted(got)}; {lopt} expects {sorted(expected)}")
+            for k in expected:
+                walk(expected[k], got[k], f"{path}[{k!r}]")
+            return
+        shape = tuple(jnp.shape(got))
+        if shape != tuple(expected):
+            raise ValueError(f"theta{path} has shape {shape}; {lopt} expects {tuple(expected)}")
+        if not _is_float(got):
+            raise TypeError(f"theta{path} must be floating point, got {jnp.result_type(got)}")
+
+    walk(lopt.theta_shapes(), theta, "")
+
+
+def _leaf_names(tree):
+    paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [jax.tree_util.keystr(p) or "<root>" for p, _ in paths]
+
+
+def check_inputs(lopt: SmallFcLOpt, theta, state, params, grads, grads_name="grads"):
+    """Validates everything before any kernel runs; returns flattened leaves."""
+    check_lopt(lopt)
+    check_theta(lopt, theta)
+    p_leaves, treedef = jax.tree_util.tree_flatten(params)
+    names = _leaf_names(params)
+    try:
+        g_leaves = treedef.flatten_up_to(grads)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{grads_name} must have the same tree structure as params: {e}") from None
+    for name, p, g in zip(names, p_leaves, g_leaves):
+        if not _is_float(p):
+            raise TypeError(f"params{name} must be floating point, got {jnp.result_type(p)}")
+        if not _is_float(g):
+            raise TypeError(f"{grads_name}{name} must be floating point, got {jnp.result_type(g)}")
+        if jnp.shape(g) != jnp.shape(p):
+            raise ValueError(f"{grads_name}{name} has shape {jnp.shape(g)}, params{name} has {jnp.shape(p)}")
+    if not isinstance(state, SmallFcLOptState):
+        raise TypeError(f"state must be a SmallFcLOptState (from tx.init or init_state), got {type(state).__name__}")
+    fields = []
+    for fi, field in enumerate(_STATE_FIELDS):
+        try:
+            leaves = treedef.flatten_up_to(getattr(state, field))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"state.{field} does not match the params tree (a state from another model?): {e}") from None
+        for name, p, leaf in zip(names, p_leaves, leaves):
+            want = leaf_state_shapes(lopt, jnp.shape(p))[fi]
+            if tuple(jnp.shape(leaf)) != tuple(want):
+                raise ValueError(f"state.{field}{name} has shape {tuple(jnp.shape(leaf))}; params{name} of shape "
+                                 f"{jnp.shape(p)} with {lopt} needs {tuple(want)} (a state from another model or config?)")
+        fields.append(leaves)
+    for name in ("iteration", "skipped"):
+        if jnp.shape(getattr(state, name)) != ():
+            raise ValueError(f"state.{name} must be a scalar, got shape {jnp.shape(getattr(state, name))}")
+    return treedef, p_leaves, g_leaves, fields
+
+
+def apply_step(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grads, *, impl: str,
+               write_delta: bool, skip_nonfinite: bool = False, grads_name: str = "grads"):
+    """One step. Returns (tree of new params, or of updates when write_delta; new state).
+
+    Everything is computed in float32; outputs take each parameter's dtype.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    treedef, p_leaves, g_leaves, fields = check_inputs(lopt, theta, state, params, grads, grads_name)
+    live = [i for i, p in enumerate(p_leaves) if jnp.size(p) > 0]  # empty tensors: nothing to do
+    f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
+    leaves = [(f32(p_leaves[i]), f32(g_leaves[i]), *(f[i] for f in fields)) for i in live]
+
+    def step(_):
+        if not leaves:
+            return []
+        if impl == "fused":
+            from lopt_ext import _ffi
+            return _ffi.step_leaves(lopt, theta, state.iteration, leaves, write_delta=write_delta)
+        res = reference.step_leaves(lopt, theta, state.iteration, leaves)
+        return [((-s) if write_delta else (leaf[0] - s), *rest) for (s, *rest), leaf in zip(res, leaves)]
+
+    def skip(_):  # the identity step: zero updates (or the same params), same state
+        return [((jnp.zeros_like(leaf[0]) if write_delta else leaf[0]), *leaf[2:]) for leaf in leaves]
+
+    finite = jnp.bool_(True)
+    if skip_nonfinite and leaves:
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf[1])) for leaf in leaves]))
+        results = lax.cond(finite, step, skip, None)
+    else:
+        results = step(None)
+
+    outs = [jnp.zeros_like(p) if write_delta else p for p in p_leaves]
+    new_fields = [list(f) for f in fields]
+    for i, res in zip(live, results):
+        outs[i] = res[0].astype(jnp.result_type(p_leaves[i]))
+        for f, value in zip(new_fields, res[1:]):
+            f[i] = value
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    applied = finite.astype(jnp.int32)
+    new_state = SmallFcLOptState(
+        iteration=state.iteration + applied,
+        skipped=state.skipped + (1 - applied),
+        **{name: unflat(f) for name, f in zip(_STATE_FIELDS, new_fields)})
+    return unflat(outs), new_state
+
+
+def fused_update(lopt: SmallFcLOpt, theta, state, params, grads, *, impl: str = "fused",
+                 skip_nonfinite: bool = False):
+    """(new_params, new_state) for one step of the learned optimizer on a whole pytree."""
+    return apply_step(lopt, theta, state, params, grads, impl=impl, write_delta=False,
+                      skip_nonfinite=skip_nonfinite)

@@ -1,0 +1,48 @@
+"""Shared test utilities: the spec's agreement criterion and input builders."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SHAPES = [(), (1,), (7,), (5, 3), (3, 5), (10, 10), (4, 3, 2), (2, 1, 6), (1, 1), (13, 17)]
+
+
+def make_params(shapes, seed=0, scale=1.0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+    return {f"t{i}_{'x'.join(map(str, s)) or 'scalar'}": scale * jax.random.normal(k, s, jnp.float32)
+            for i, (s, k) in enumerate(zip(shapes, keys))}
+
+
+def make_grads(params, seed):
+    """Gradients with per-tensor magnitudes spread over 1e-3..1e1."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    mags = np.logspace(-3, 1, max(len(leaves), 2))
+    out = [float(mags[i % len(mags)]) * jax.random.normal(k, jnp.shape(p), jnp.float32) + 0.1 * p
+           for i, (p, k) in enumerate(zip(leaves, keys))]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def max_violation(a, b, scale):
+    """max(|a - b| / (1e-6 * scale + 1e-5 * |b|)): <= 1 means within the spec's bar."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0
+    tol = 1e-6 * scale + 1e-5 * np.abs(b)
+    tol = np.maximum(tol, np.finfo(np.float32).tiny)
+    return float(np.max(np.abs(a - b) / tol))
+
+
+def assert_trajectories_agree(test, ref, what=""):
+    """test/ref: lists of pytrees over steps. Per tensor, the absolute term uses that
+    tensor's largest magnitude over the whole run (the spec's criterion)."""
+    t_steps = [jax.tree_util.tree_leaves_with_path(x) for x in test]
+    r_steps = [jax.tree_util.tree_leaves_with_path(x) for x in ref]
+    n_leaves = len(r_steps[0])
+    for li in range(n_leaves):
+        path = jax.tree_util.keystr(r_steps[0][li][0])
+        scale = max(float(np.max(np.abs(np.asarray(s[li][1])))) if np.size(s[li][1]) else 0.0
+                    for s in r_steps)
+        for step, (ts, rs) in enumerate(zip(t_steps, r_steps)):
+            v = max_violation(ts[li][1], rs[li][1], scale)
+            assert v <= 1.0, f"{what}{path} step {step}: violation {v:.3g}x the tolerance"
