@@ -33,7 +33,8 @@ struct Work {
   int64_t line_block = 0, n_line_blocks = 0;  // pass A: blocks of lines per (a, b)
   int64_t n_chunks = 0;
   std::vector<double> line_sums, cross_partial;
-  std::vector<float> line_fac, cross_fac, line_tab, cross_tab;
+  int64_t cross_stride = 0;  // row length of the transposed cross tables
+  std::vector<float> line_fac, cross_fac_t, line_tab, cross_tab_t;
   std::vector<float> w0c;
   std::vector<double> chunk_sumsq;  // [n_chunks][num_compact]
   // Logical-feature mean squares known before pass B (factored v features).
@@ -112,6 +113,8 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
   w.n_line = P.A * P.N1 * P.B * P.C;
   w.n_cross = P.A * P.B * P.W;
   w.n_group = P.A * P.B * P.C;
+  w.cross_stride = w.n_cross + tiles::kTileLanes;
+  P.cross_stride = w.cross_stride;
   w.line_block = (kChunk + P.W - 1) / P.W;
   if (w.line_block < kLineBlockMin) w.line_block = kLineBlockMin;
   if (w.line_block > P.N1) w.line_block = P.N1;
@@ -208,7 +211,10 @@ void FinishA(const Config& cfg, const FeatureIndex& F, Work& w) {
   std::memcpy(w.line_is_row ? a.v_row_out : a.v_col_out, v_line.data(), v_line.size() * 4);
   std::memcpy(w.line_is_row ? a.v_col_out : a.v_row_out, v_cross.data(), v_cross.size() * 4);
   w.line_fac = w.line_is_row ? std::move(row_fac) : std::move(col_fac);
-  w.cross_fac = w.line_is_row ? std::move(col_fac) : std::move(row_fac);
+  const std::vector<float>& cross_fac = w.line_is_row ? col_fac : row_fac;
+  w.cross_fac_t.assign(da * w.cross_stride, 0.0f);
+  for (int64_t i = 0; i < w.n_cross; ++i)
+    for (int k = 0; k < da; ++k) w.cross_fac_t[k * w.cross_stride + i] = cross_fac[i * da + k];
   w.line_sums.clear();
   w.line_sums.shrink_to_fit();
   w.cross_partial.clear();
@@ -259,30 +265,30 @@ void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
     }
   w.plan.w0c = w.w0c.data();
   if (!P.factored) return;
-  // First-layer contribution of the broadcast v features, once per row/column.
+  // First-layer contribution of the broadcast v features, once per row/column:
+  // entry i, output h gets sum_k s*w0[v_k][h]*v + s*w0[rsqrt_k][h]*rsqrt(v + 1e-8).
   auto table = [&](const float* v, int64_t n_entries, int base_v, int base_rs,
-                   std::vector<float>& out) {
-    out.assign(n_entries * H, 0.0f);
+                   std::vector<float>& out, int64_t entry_stride, int64_t h_stride) {
     for (int64_t i = 0; i < n_entries; ++i)
       for (int k = 0; k < da; ++k) {
         const float x = v[i * da + k] * scale[base_v + k];
         const float r = RSqrt(v[i * da + k] + kFacRsqrtEps) * scale[base_rs + k];
         const float* wv = w0 + (base_v + k) * H;
         const float* wr = w0 + (base_rs + k) * H;
-        for (int h = 0; h < H; ++h) out[i * H + h] += x * wv[h] + r * wr[h];
+        for (int h = 0; h < H; ++h) out[i * entry_stride + h * h_stride] += x * wv[h] + r * wr[h];
       }
   };
-  const float* v_row_new = a.v_row_out;
-  const float* v_col_new = a.v_col_out;
-  if (w.line_is_row) {
-    table(v_row_new, w.n_line, F.row_v, F.row_rsqrt, w.line_tab);
-    table(v_col_new, w.n_cross, F.col_v, F.col_rsqrt, w.cross_tab);
-  } else {
-    table(v_col_new, w.n_line, F.col_v, F.col_rsqrt, w.line_tab);
-    table(v_row_new, w.n_cross, F.row_v, F.row_rsqrt, w.cross_tab);
-  }
+  const bool row_is_line = w.line_is_row;
+  const float* v_line = row_is_line ? a.v_row_out : a.v_col_out;
+  const float* v_cross = row_is_line ? a.v_col_out : a.v_row_out;
+  const int line_v = row_is_line ? F.row_v : F.col_v, line_rs = row_is_line ? F.row_rsqrt : F.col_rsqrt;
+  const int cross_v = row_is_line ? F.col_v : F.row_v, cross_rs = row_is_line ? F.col_rsqrt : F.row_rsqrt;
+  w.line_tab.assign(w.n_line * H, 0.0f);
+  w.cross_tab_t.assign(H * w.cross_stride, 0.0f);
+  table(v_line, w.n_line, line_v, line_rs, w.line_tab, H, 1);
+  table(v_cross, w.n_cross, cross_v, cross_rs, w.cross_tab_t, 1, w.cross_stride);
   w.plan.line_tab = w.line_tab.data();
-  w.plan.cross_tab = w.cross_tab.data();
+  w.plan.cross_tab_t = w.cross_tab_t.data();
 }
 
 }  // namespace
@@ -316,7 +322,7 @@ std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<Tens
       if (w.plan.factored) {
         FinishA(cfg, F, w);
         w.plan.line_fac = w.line_fac.data();
-        w.plan.cross_fac = w.cross_fac.data();
+        w.plan.cross_fac_t = w.cross_fac_t.data();
       }
       w.chunk_sumsq.assign(w.n_chunks * w.plan.num_compact, 0.0);
     });

@@ -25,15 +25,23 @@ struct TensorPlan {
   const float* hidden_wb;  // (layers - 1) x (w[H][H], b[H])
   const float* w_out;   // [H][2]
   const float* b_out;   // [2]
-  const float* line_fac;   // [n_line][da] row or column factor
-  const float* cross_fac;  // [n_cross][da]
-  const float* line_tab;   // [n_line][H] first-layer contribution of v features
-  const float* cross_tab;  // [n_cross][H]
+  // Row/column factors and first-layer contributions of the broadcast v features.
+  // Line-indexed tables are [n_line][da] and [n_line][H]; cross-indexed ones are
+  // transposed, [da][cross_stride] and [H][cross_stride], so that the 16 lanes of a
+  // tile (consecutive cross indices) load as one vector. cross_stride >= n_cross +
+  // kTileLanes, the padding keeps a tail tile's loads in bounds.
+  const float* line_fac;
+  const float* cross_fac_t;
+  const float* line_tab;
+  const float* cross_tab_t;
+  int64_t cross_stride;
   float exp_mult, step_mult;
   bool write_delta;
   const float *p, *g, *m, *rms, *v_full;
   float *out, *m_out, *rms_out, *v_full_out;
 };
+
+inline constexpr int kTileLanes = 16;  // elements per tile (one AVX-512 vector of floats)
 
 struct Kernels {
   const char* isa;
