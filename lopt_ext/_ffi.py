@@ -126,6 +126,56 @@ def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: boo
     return per_leaf
 
 
+def apply_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bool):
+    """The MLP/apply pass alone, with statistics computed elsewhere (e.g. psum'd shards).
+
+    leaves: per tensor (p, g, m, rms, stats) with p of rank >= 1 and stats either
+    {"axes": (d1, d0), "v_row": new, "v_col": new, "row_factor", "col_factor", "scales"}
+    for rank >= 2 (axes chosen on the global shape) or {"v_full": old, "scales"}.
+    scales: [num_features] normalisation scales in reference feature order.
+    Returns per leaf (out, m, rms, v_full or None).
+    """
+    ensure_registered()
+    operands = [pack_theta(lopt, theta, iteration)]
+    results, aliases, axes, kinds = [], {}, [], []
+    for p, g, m, rms, st in leaves:
+        factored = p.ndim >= 2
+        if factored:
+            extra = [st["v_row"], st["v_col"], st["row_factor"], st["col_factor"], st["scales"]]
+            axes += [int(st["axes"][0]), int(st["axes"][1])]
+        else:
+            extra = [st["v_full"], st["scales"]]
+            axes += [-1, -1]
+        base_in, base_out = len(operands), len(results)
+        aliases[base_in + (1 if write_delta else 0)] = base_out
+        aliases[base_in + 2] = base_out + 1
+        aliases[base_in + 3] = base_out + 2
+        outs = [p, m, rms]
+        if not factored:
+            aliases[base_in + 4] = base_out + 3
+            outs.append(st["v_full"])
+        operands += [p, g, m, rms] + [jnp.asarray(x, jnp.float32) for x in extra]
+        results += [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in outs]
+        kinds.append(factored)
+    call = jax.ffi.ffi_call("lopt_fused_apply", results, vmap_method="broadcast_all",
+                            input_output_aliases=aliases)
+    dm, dr, da = lopt.num_decays
+    outs = call(*operands, hidden_size=np.int64(lopt.hidden_size),
+                hidden_layers=np.int64(lopt.hidden_layers), dm=np.int64(dm), dr=np.int64(dr),
+                da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
+                step_mult=np.float32(lopt.step_mult), write_delta=bool(write_delta),
+                factored_axes=np.asarray(axes, np.int64))
+    per_leaf, i = [], 0
+    for factored in kinds:
+        if factored:
+            per_leaf.append((*outs[i:i + 3], None))
+            i += 3
+        else:
+            per_leaf.append(tuple(outs[i:i + 4]))
+            i += 4
+    return per_leaf
+
+
 def cpu_isa() -> str:
     """Instruction set of the CPU loops in use (generic, avx2 or avx512)."""
     return _cpu_module().cpu_isa()

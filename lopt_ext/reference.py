@@ -19,14 +19,12 @@ def _safe_rsqrt(x):
     return lax.rsqrt(jnp.maximum(x, 1e-9))
 
 
-def leaf_step(lopt: SmallFcLOpt, decays, nn, step_feat, p, g, m, rms, v_row, v_col, v_full):
-    """One tensor: returns (step, m, rms, v_row, v_col, v_full); p_new = p - step.
+def leaf_features(lopt: SmallFcLOpt, decays, p, g, m, rms, v_row, v_col, v_full):
+    """Accumulator updates and the un-normalised features of one tensor of rank >= 1.
 
-    p and g are float32 of shape S; the state follows SmallFcLOptState.
+    Returns (x [S + (28,)], m, rms, v_row, v_col, v_full, row_factor, col_factor); the
+    factors are None for rank-1 tensors.
     """
-    shape = p.shape
-    if p.ndim == 0:  # a scalar is treated as shape [1]
-        p, g, m, rms, v_full = p[None], g[None], m[None], rms[None], v_full[None]
     mom_b, rms_b, fac_b = decays
     m = mom_b * m + (1 - mom_b) * g[..., None]
     rms_c = jnp.clip(rms_b, 0.0, 1.0)
@@ -37,27 +35,41 @@ def leaf_step(lopt: SmallFcLOpt, decays, nn, step_feat, p, g, m, rms, v_row, v_c
     rsqrt_rms = lax.rsqrt(rms + 1e-6)
     feats = [g[..., None], p[..., None], m, rms, m * rsqrt_rms, rsqrt_rms]
     dims = factored_dims(p.shape)
+    row_factor = col_factor = None
     if dims is not None:
         d1, d0 = dims
         v_row = fac_c * v_row + (1 - fac_c) * jnp.mean(gsq, axis=d0)[..., None]
         v_col = fac_c * v_col + (1 - fac_c) * jnp.mean(gsq, axis=d1)[..., None]
         reduced_d1 = d1 - 1 if d1 > d0 else d1
         row_col_mean = jnp.mean(v_row, axis=reduced_d1, keepdims=True)
-        row_factor = jnp.expand_dims(_safe_rsqrt(v_row / (row_col_mean + 1e-9)), d0)
-        col_factor = jnp.expand_dims(_safe_rsqrt(v_col), d1)
+        row_factor = _safe_rsqrt(v_row / (row_col_mean + 1e-9))
+        col_factor = _safe_rsqrt(v_col)
+        rf = jnp.expand_dims(row_factor, d0)
+        cf = jnp.expand_dims(col_factor, d1)
         full = p.shape + (v_row.shape[-1],)
         row_feat = jnp.broadcast_to(jnp.expand_dims(v_row, d0), full)
         col_feat = jnp.broadcast_to(jnp.expand_dims(v_col, d1), full)
-        feats += [g[..., None] * row_factor * col_factor,
+        feats += [g[..., None] * rf * cf,
                   row_feat, col_feat, lax.rsqrt(row_feat + 1e-8), lax.rsqrt(col_feat + 1e-8),
-                  m * row_factor * col_factor]
+                  m * rf * cf]
     else:
         v_full = fac_c * v_full + (1 - fac_c) * gsq[..., None]
         feats += [g[..., None] * _safe_rsqrt(v_full + 1e-9),
                   v_full, v_full, lax.rsqrt(v_full + 1e-8), lax.rsqrt(v_full + 1e-8),
                   m * (v_full + 1e-6) ** -0.5]
-
     x = jnp.concatenate(feats, axis=-1)
+    return x, m, rms, v_row, v_col, v_full, row_factor, col_factor
+
+
+def leaf_step(lopt: SmallFcLOpt, decays, nn, step_feat, p, g, m, rms, v_row, v_col, v_full):
+    """One tensor: returns (step, m, rms, v_row, v_col, v_full); p_new = p - step.
+
+    p and g are float32 of shape S; the state follows SmallFcLOptState.
+    """
+    shape = p.shape
+    if p.ndim == 0:  # a scalar is treated as shape [1]
+        p, g, m, rms, v_full = p[None], g[None], m[None], rms[None], v_full[None]
+    x, m, rms, v_row, v_col, v_full, _, _ = leaf_features(lopt, decays, p, g, m, rms, v_row, v_col, v_full)
     axes = tuple(range(p.ndim))
     x = x * lax.rsqrt(1e-5 + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
     x = jnp.concatenate([x, jnp.broadcast_to(step_feat, p.shape + step_feat.shape)], axis=-1)

@@ -7,6 +7,7 @@
 
 namespace lopt::ffi_glue {
 extern "C" XLA_FFI_Error* LoptFusedUpdateCpu(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* LoptFusedApplyCpu(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace py = pybind11;
@@ -17,6 +18,8 @@ PYBIND11_MODULE(_lopt_cpu, m) {
     py::dict d;
     d["lopt_fused_update"] =
         py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptFusedUpdateCpu));
+    d["lopt_fused_apply"] =
+        py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptFusedApplyCpu));
     return d;
   });
   m.attr("NUM_STEP_FEATURES") = lopt::kNumStepFeatures;

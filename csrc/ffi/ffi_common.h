@@ -111,4 +111,88 @@ inline ffi::Error CollectOperands(const Config& cfg, const ffi::AnyBuffer& packe
   return ffi::Error::Success();
 }
 
+// Operands of the apply-only call (external statistics, see lopt::ExternalStats):
+// per tensor p g m rms then, for rank >= 2, v_row_new v_col_new row_factor
+// col_factor scales, else v_full scales; results out m rms (v_full). `axes`
+// holds (d1, d0) per tensor, the factored axes of the global shape, or (-1, -1).
+struct ApplyBuffers {
+  std::vector<int64_t> shape;
+  int d1 = -1, d0 = -1;
+  std::vector<ffi::AnyBuffer> ins;
+  std::vector<ffi::Result<ffi::AnyBuffer>> outs;
+};
+
+inline ffi::Error CollectApplyOperands(const Config& cfg, const ffi::AnyBuffer& packed,
+                                       ffi::RemainingArgs& args, ffi::RemainingRets& rets,
+                                       ffi::Span<const int64_t> axes, int64_t* batch,
+                                       std::vector<ApplyBuffers>* tensors) {
+  if (const char* err = ValidateConfig(cfg)) return ffi::Error::InvalidArgument(err);
+  const std::vector<int64_t> pdims = Dims(packed);
+  if (packed.element_type() != ffi::DataType::F32 || pdims.empty() ||
+      pdims.back() != PackedLayout(cfg).size)
+    return ffi::Error::InvalidArgument("packed weights do not match the configuration");
+  const size_t nb = pdims.size() - 1;
+  const std::vector<int64_t> bdims(pdims.begin(), pdims.begin() + nb);
+  *batch = 1;
+  for (int64_t d : bdims) *batch *= d;
+  const int64_t nf = NumNormalizedFeatures(cfg.dm, cfg.dr, cfg.da);
+  size_t ai = 0, ri = 0;
+  while (ai < args.size()) {
+    const size_t ti = tensors->size();
+    const std::string where = "tensor " + std::to_string(ti);
+    if (2 * ti + 1 >= axes.size()) return ffi::Error::InvalidArgument(where + ": no factored axes");
+    ApplyBuffers t;
+    t.d1 = static_cast<int>(axes[2 * ti]);
+    t.d0 = static_cast<int>(axes[2 * ti + 1]);
+    auto p = args.get<ffi::AnyBuffer>(ai);
+    if (!p.has_value()) return ffi::Error::InvalidArgument(where + ": cannot decode params");
+    const std::vector<int64_t> pd = Dims(*p);
+    if (pd.size() < nb + 1 || !std::equal(bdims.begin(), bdims.end(), pd.begin()))
+      return ffi::Error::InvalidArgument(where + ": params lack the population axes");
+    t.shape.assign(pd.begin() + nb, pd.end());
+    const int rank = static_cast<int>(t.shape.size());
+    const bool factored = rank >= 2;
+    if (factored != (t.d0 >= 0) || (factored && (t.d0 >= rank || t.d1 < 0 || t.d1 >= rank || t.d0 == t.d1)))
+      return ffi::Error::InvalidArgument(where + ": factored axes do not fit its rank");
+    auto with = [](std::vector<int64_t> s, int64_t last) { s.push_back(last); return s; };
+    std::vector<std::vector<int64_t>> want = {t.shape, t.shape, with(t.shape, cfg.dm),
+                                              with(t.shape, cfg.dr)};
+    if (factored) {
+      std::vector<int64_t> row = t.shape, col = t.shape;
+      row.erase(row.begin() + t.d0);
+      col.erase(col.begin() + t.d1);
+      want.push_back(with(row, cfg.da));
+      want.push_back(with(col, cfg.da));
+      want.push_back(with(row, cfg.da));
+      want.push_back(with(col, cfg.da));
+    } else {
+      want.push_back(with(t.shape, cfg.da));
+    }
+    want.push_back({nf});
+    const size_t n_out = factored ? 3 : 4;  // out m rms (v_full)
+    for (size_t k = 0; k < want.size(); ++k) {
+      std::vector<int64_t> full = bdims;
+      full.insert(full.end(), want[k].begin(), want[k].end());
+      auto in = args.get<ffi::AnyBuffer>(ai + k);
+      if (!in.has_value() || in->element_type() != ffi::DataType::F32 || Dims(*in) != full)
+        return ffi::Error::InvalidArgument(where + " operand " + std::to_string(k) +
+                                           ": expected float32 " + ShapeStr(full));
+      t.ins.push_back(*in);
+      const size_t out_k = k == 0 ? 0 : k - 1;  // grads have no result
+      if (k == 1 || out_k >= n_out) continue;
+      auto out = rets.get<ffi::AnyBuffer>(ri + out_k);
+      if (!out.has_value() || (*out)->element_type() != ffi::DataType::F32 || Dims(**out) != full)
+        return ffi::Error::InvalidArgument(where + " result " + std::to_string(out_k) +
+                                           ": expected float32 " + ShapeStr(full));
+      t.outs.push_back(*out);
+    }
+    ai += want.size();
+    ri += n_out;
+    tensors->push_back(std::move(t));
+  }
+  if (ri != rets.size() || 2 * tensors->size() != axes.size())
+    return ffi::Error::InvalidArgument("operand, result and factored-axes counts disagree");
+  return ffi::Error::Success();
+}
+
 }  // namespace lopt::ffi_glue

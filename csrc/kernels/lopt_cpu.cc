@@ -35,6 +35,8 @@ struct Work {
   std::vector<double> line_sums, cross_partial;
   int64_t cross_stride = 0;  // row length of the transposed cross tables
   std::vector<float> line_fac, cross_fac_t, line_tab, cross_tab_t;
+  const float* v_row_new = nullptr;  // new factored accumulators (tables of pass C)
+  const float* v_col_new = nullptr;
   std::vector<float> w0c;
   std::vector<double> chunk_sumsq;  // [n_chunks][num_compact]
   // Logical-feature mean squares known before pass B (factored v features).
@@ -57,9 +59,18 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
   const bool factored = rank >= 2;
   if (!a.p || !a.g || !a.m || !a.rms || !a.out || !a.m_out || !a.rms_out || !a.packed)
     return "missing buffer";
-  if (factored ? (!a.v_row || !a.v_col || !a.v_row_out || !a.v_col_out)
-               : (!a.v_full || !a.v_full_out))
+  const ExternalStats& ext = a.external;
+  if (a.has_external) {
+    if (!ext.scales) return "missing external scales";
+    if (factored && (!ext.v_row_new || !ext.v_col_new || !ext.row_factor || !ext.col_factor))
+      return "missing external factored statistics";
+    if (factored && (ext.d0 < 0 || ext.d0 >= rank || ext.d1 < 0 || ext.d1 >= rank || ext.d0 == ext.d1))
+      return "external factored axes out of range";
+    if (!factored && (!a.v_full || !a.v_full_out)) return "missing accumulator buffer";
+  } else if (factored ? (!a.v_row || !a.v_col || !a.v_row_out || !a.v_col_out)
+                      : (!a.v_full || !a.v_full_out)) {
     return "missing accumulator buffer";
+  }
   const PackedLayout L(cfg);
   TensorPlan& P = w.plan;
   P.hidden = cfg.hidden;
@@ -99,7 +110,12 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
     return "";
   }
   int d1 = 0, d0 = 0;
-  FactoredDims(a.shape.data(), rank, &d1, &d0);
+  if (a.has_external) {
+    d1 = ext.d1;
+    d0 = ext.d0;
+  } else {
+    FactoredDims(a.shape.data(), rank, &d1, &d0);
+  }
   const int p_ax = d0 < d1 ? d0 : d1, q_ax = d0 < d1 ? d1 : d0;
   P.A = P.B = P.C = 1;
   for (int i = 0; i < p_ax; ++i) P.A *= a.shape[i];
@@ -134,6 +150,26 @@ void PassA(const tiles::Kernels& K, Work& w, int64_t task) {
     const int64_t line = (a * P.N1 + i) * P.B + b;
     K.gsq_line(P.g + line * P.W, P.W, P.C, w.line_sums.data() + line * P.C, cross);
   }
+}
+
+// Row/column factors in the layouts of TensorPlan (line-major, cross transposed).
+void SetFactorTables(int da, const float* row_fac, const float* col_fac, Work& w) {
+  const float* line = w.line_is_row ? row_fac : col_fac;
+  const float* cross = w.line_is_row ? col_fac : row_fac;
+  w.line_fac.assign(line, line + w.n_line * da);
+  w.cross_fac_t.assign(da * w.cross_stride, 0.0f);
+  for (int64_t i = 0; i < w.n_cross; ++i)
+    for (int k = 0; k < da; ++k) w.cross_fac_t[k * w.cross_stride + i] = cross[i * da + k];
+  w.plan.line_fac = w.line_fac.data();
+  w.plan.cross_fac_t = w.cross_fac_t.data();
+}
+
+// Pass A and B replaced by statistics from elsewhere (ExternalStats).
+void UseExternalFactors(const Config& cfg, Work& w) {
+  const ExternalStats& ext = w.args->external;
+  w.v_row_new = ext.v_row_new;
+  w.v_col_new = ext.v_col_new;
+  SetFactorTables(cfg.da, ext.row_factor, ext.col_factor, w);
 }
 
 // Between A and B: new factored accumulators, factors and v-feature statistics.
@@ -207,14 +243,12 @@ void FinishA(const Config& cfg, const FeatureIndex& F, Work& w) {
   };
   mean_sq(v_row, F.row_v, F.row_rsqrt);
   mean_sq(v_col, F.col_v, F.col_rsqrt);
-  // v_line/v_cross are kept for the tables of pass C; factors feed passes B/C.
+  // The new accumulators are outputs and the source of pass C's tables.
   std::memcpy(w.line_is_row ? a.v_row_out : a.v_col_out, v_line.data(), v_line.size() * 4);
   std::memcpy(w.line_is_row ? a.v_col_out : a.v_row_out, v_cross.data(), v_cross.size() * 4);
-  w.line_fac = w.line_is_row ? std::move(row_fac) : std::move(col_fac);
-  const std::vector<float>& cross_fac = w.line_is_row ? col_fac : row_fac;
-  w.cross_fac_t.assign(da * w.cross_stride, 0.0f);
-  for (int64_t i = 0; i < w.n_cross; ++i)
-    for (int k = 0; k < da; ++k) w.cross_fac_t[k * w.cross_stride + i] = cross_fac[i * da + k];
+  w.v_row_new = a.v_row_out;
+  w.v_col_new = a.v_col_out;
+  SetFactorTables(da, row_fac.data(), col_fac.data(), w);
   w.line_sums.clear();
   w.line_sums.shrink_to_fit();
   w.cross_partial.clear();
@@ -227,7 +261,7 @@ void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
   TensorArgs& a = *w.args;
   const int H = cfg.hidden, dm = cfg.dm, dr = cfg.dr, da = cfg.da, K = P.num_compact;
   std::vector<double> sumsq(K, 0.0);
-  for (int64_t c = 0; c < w.n_chunks; ++c)
+  for (int64_t c = 0; c < static_cast<int64_t>(w.chunk_sumsq.size()) / K; ++c)
     for (int f = 0; f < K; ++f) sumsq[f] += w.chunk_sumsq[c * K + f];
   // Logical feature of each compact feature (and a twin for rank <= 1 v features).
   std::vector<int> logical(K), twin(K, -1);
@@ -245,16 +279,20 @@ void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
     for (int k = 0; k < da; ++k) { twin[f] = F.col_rsqrt + k; logical[f++] = F.row_rsqrt + k; }
   }
   std::vector<float> scale(F.count, 0.0f);
-  const double n = static_cast<double>(P.numel);
-  for (int c = 0; c < K; ++c) {
-    const float s = RSqrt(kNormEps + static_cast<float>(sumsq[c] / n));
-    scale[logical[c]] = s;
-    if (twin[c] >= 0) scale[twin[c]] = s;
+  if (a.has_external) {
+    scale.assign(a.external.scales, a.external.scales + F.count);
+  } else {
+    const double n = static_cast<double>(P.numel);
+    for (int c = 0; c < K; ++c) {
+      const float s = RSqrt(kNormEps + static_cast<float>(sumsq[c] / n));
+      scale[logical[c]] = s;
+      if (twin[c] >= 0) scale[twin[c]] = s;
+    }
+    if (P.factored)
+      for (int lf : {F.row_v, F.col_v, F.row_rsqrt, F.col_rsqrt})
+        for (int k = 0; k < da; ++k)
+          scale[lf + k] = RSqrt(kNormEps + static_cast<float>(w.table_mean_sq[lf + k]));
   }
-  if (P.factored)
-    for (int lf : {F.row_v, F.col_v, F.row_rsqrt, F.col_rsqrt})
-      for (int k = 0; k < da; ++k)
-        scale[lf + k] = RSqrt(kNormEps + static_cast<float>(w.table_mean_sq[lf + k]));
   const float* w0 = a.packed + PackedLayout(cfg).w0;
   w.w0c.assign(static_cast<size_t>(K) * H, 0.0f);
   for (int c = 0; c < K; ++c)
@@ -279,8 +317,8 @@ void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
       }
   };
   const bool row_is_line = w.line_is_row;
-  const float* v_line = row_is_line ? a.v_row_out : a.v_col_out;
-  const float* v_cross = row_is_line ? a.v_col_out : a.v_row_out;
+  const float* v_line = row_is_line ? w.v_row_new : w.v_col_new;
+  const float* v_cross = row_is_line ? w.v_col_new : w.v_row_new;
   const int line_v = row_is_line ? F.row_v : F.col_v, line_rs = row_is_line ? F.row_rsqrt : F.col_rsqrt;
   const int cross_v = row_is_line ? F.col_v : F.row_v, cross_rs = row_is_line ? F.col_rsqrt : F.row_rsqrt;
   w.line_tab.assign(w.n_line * H, 0.0f);
@@ -309,7 +347,7 @@ std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<Tens
     std::vector<std::pair<int, int64_t>> tasks;
     for (size_t i = 0; i < work.size(); ++i) {
       Work& w = work[i];
-      if (!w.plan.factored) continue;
+      if (!w.plan.factored || w.args->has_external) continue;
       const int64_t n_tasks = w.plan.A * w.plan.B * w.n_line_blocks;
       w.line_sums.assign(w.n_line, 0.0);
       w.cross_partial.assign(n_tasks * w.plan.W, 0.0);
@@ -320,22 +358,25 @@ std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<Tens
     parallel_for(static_cast<int64_t>(work.size()), [&](int64_t i) {
       Work& w = work[i];
       if (w.plan.factored) {
-        FinishA(cfg, F, w);
-        w.plan.line_fac = w.line_fac.data();
-        w.plan.cross_fac_t = w.cross_fac_t.data();
+        if (w.args->has_external) UseExternalFactors(cfg, w);
+        else FinishA(cfg, F, w);
       }
-      w.chunk_sumsq.assign(w.n_chunks * w.plan.num_compact, 0.0);
+      if (!w.args->has_external) w.chunk_sumsq.assign(w.n_chunks * w.plan.num_compact, 0.0);
     });
     // Pass B: feature statistics.
     tasks.clear();
     for (size_t i = 0; i < work.size(); ++i)
-      for (int64_t c = 0; c < work[i].n_chunks; ++c) tasks.emplace_back(static_cast<int>(i), c);
+      if (!work[i].args->has_external)
+        for (int64_t c = 0; c < work[i].n_chunks; ++c) tasks.emplace_back(static_cast<int>(i), c);
     parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
       Work& w = work[tasks[t].first];
       const int64_t c = tasks[t].second;
       const int64_t e1 = (c + 1) * kChunk < w.plan.numel ? (c + 1) * kChunk : w.plan.numel;
       K.stats(w.plan, c * kChunk, e1, w.chunk_sumsq.data() + c * w.plan.num_compact);
     });
+    tasks.clear();
+    for (size_t i = 0; i < work.size(); ++i)
+      for (int64_t c = 0; c < work[i].n_chunks; ++c) tasks.emplace_back(static_cast<int>(i), c);
     parallel_for(static_cast<int64_t>(work.size()),
                  [&](int64_t i) { FinishB(cfg, F, work[i]); });
     // Pass C: the MLP and all writes.

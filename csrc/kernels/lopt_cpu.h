@@ -14,6 +14,21 @@ namespace lopt {
 // calls have finished. Results must not depend on which thread runs which i.
 using ParallelFor = std::function<void(int64_t n, const std::function<void(int64_t)>& fn)>;
 
+// Statistics computed elsewhere, e.g. reduced across the shards of a tensor that
+// is split over devices. With them passes A and B are skipped and pass C uses:
+// for rank >= 2 tensors the new v_row/v_col and the row/column factors (shaped
+// like v_row/v_col), and for every tensor the normalisation scale of each
+// reference-order feature (NumNormalizedFeatures of them). d0/d1 name the
+// factored axes chosen on the GLOBAL shape, which a shard's shape may not show.
+struct ExternalStats {
+  int d0 = -1, d1 = -1;
+  const float* v_row_new = nullptr;
+  const float* v_col_new = nullptr;
+  const float* row_factor = nullptr;
+  const float* col_factor = nullptr;
+  const float* scales = nullptr;
+};
+
 // One parameter tensor of one population member. Shapes exclude the population
 // axis; rank 0 is not allowed here (callers pass scalars as shape [1]).
 // State layout follows the reference: m is S + [dm], rms S + [dr]; rank >= 2
@@ -36,6 +51,8 @@ struct TensorArgs {
   float* v_col_out = nullptr;
   float* v_full_out = nullptr;
   const float* packed = nullptr;  // this member's PackedLayout buffer
+  bool has_external = false;      // use `external` instead of passes A and B;
+  ExternalStats external;         // then v_row/v_col(_out) are not used
 };
 
 // Applies one step to every tensor. Returns an empty string on success, else an
