@@ -1,4 +1,10 @@
 """lopt_ext: fused XLA FFI kernels for the small_fc_lopt learned optimizer."""
+import pkgutil as _pkgutil
+
+# Run from a source checkout after `pip install .`, this package is the checkout's
+# lopt_ext/ (the current directory comes first on sys.path) while the compiled
+# kernels live in the installed copy: let submodule imports look there too.
+__path__ = _pkgutil.extend_path(__path__, __name__)
 from lopt_ext.config import SmallFcLOpt, step_features, factored_dims
 from lopt_ext.state import SmallFcLOptState, init_state
 from lopt_ext.update import fused_update
