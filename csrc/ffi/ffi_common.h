@@ -29,10 +29,18 @@ inline std::vector<int64_t> Dims(const ffi::AnyBuffer& b) {
 struct TensorBuffers {
   std::vector<int64_t> shape;  // without population axes
   bool factored = false;
+  int d1 = -1, d0 = -1;  // apply-only call: factored axes of the global shape
   // Inputs p g m rms (v_row v_col | v_full); results out m rms (v_row v_col | v_full).
   std::vector<ffi::AnyBuffer> ins;
   std::vector<ffi::Result<ffi::AnyBuffer>> outs;
 };
+
+// Start of population member b of an operand shaped [population..., per-member].
+template <typename T, typename Buffer>
+T* MemberData(Buffer& buffer, int64_t b, int64_t batch) {
+  T* base = buffer.template typed_data<float>();
+  return base + b * (static_cast<int64_t>(buffer.element_count()) / batch);
+}
 
 // Decodes and checks every operand; on success `batch` is the population size
 // and `tensors` the per-tensor buffers. Nothing is read or written here.
@@ -115,17 +123,10 @@ inline ffi::Error CollectOperands(const Config& cfg, const ffi::AnyBuffer& packe
 // per tensor p g m rms then, for rank >= 2, v_row_new v_col_new row_factor
 // col_factor scales, else v_full scales; results out m rms (v_full). `axes`
 // holds (d1, d0) per tensor, the factored axes of the global shape, or (-1, -1).
-struct ApplyBuffers {
-  std::vector<int64_t> shape;
-  int d1 = -1, d0 = -1;
-  std::vector<ffi::AnyBuffer> ins;
-  std::vector<ffi::Result<ffi::AnyBuffer>> outs;
-};
-
 inline ffi::Error CollectApplyOperands(const Config& cfg, const ffi::AnyBuffer& packed,
                                        ffi::RemainingArgs& args, ffi::RemainingRets& rets,
                                        ffi::Span<const int64_t> axes, int64_t* batch,
-                                       std::vector<ApplyBuffers>* tensors) {
+                                       std::vector<TensorBuffers>* tensors) {
   if (const char* err = ValidateConfig(cfg)) return ffi::Error::InvalidArgument(err);
   const std::vector<int64_t> pdims = Dims(packed);
   if (packed.element_type() != ffi::DataType::F32 || pdims.empty() ||
@@ -141,7 +142,7 @@ inline ffi::Error CollectApplyOperands(const Config& cfg, const ffi::AnyBuffer& 
     const size_t ti = tensors->size();
     const std::string where = "tensor " + std::to_string(ti);
     if (2 * ti + 1 >= axes.size()) return ffi::Error::InvalidArgument(where + ": no factored axes");
-    ApplyBuffers t;
+    TensorBuffers t;
     t.d1 = static_cast<int>(axes[2 * ti]);
     t.d0 = static_cast<int>(axes[2 * ti + 1]);
     auto p = args.get<ffi::AnyBuffer>(ai);
@@ -152,6 +153,7 @@ inline ffi::Error CollectApplyOperands(const Config& cfg, const ffi::AnyBuffer& 
     t.shape.assign(pd.begin() + nb, pd.end());
     const int rank = static_cast<int>(t.shape.size());
     const bool factored = rank >= 2;
+    t.factored = factored;
     if (factored != (t.d0 >= 0) || (factored && (t.d0 >= rank || t.d1 < 0 || t.d1 >= rank || t.d0 == t.d1)))
       return ffi::Error::InvalidArgument(where + ": factored axes do not fit its rank");
     auto with = [](std::vector<int64_t> s, int64_t last) { s.push_back(last); return s; };

@@ -66,6 +66,35 @@ Config MakeConfig(int64_t hidden_size, int64_t hidden_layers, int64_t dm, int64_
   return cfg;
 }
 
+// Runs the kernel over every (member, tensor). `fill` sets the pointers that
+// differ between the two calls from in(k) / out(k), the member's operand k.
+template <typename Fill>
+ffi::Error RunMembers(ffi::ThreadPool& pool, const Config& cfg, bool write_delta,
+                      const ffi::AnyBuffer& packed, int64_t batch,
+                      std::vector<TensorBuffers>& bufs, Fill fill) {
+  const int64_t packed_size = PackedLayout(cfg).size;
+  std::vector<TensorArgs> tensors;
+  tensors.reserve(batch * bufs.size());
+  for (int64_t b = 0; b < batch; ++b) {
+    for (TensorBuffers& t : bufs) {
+      auto in = [&](size_t k) { return MemberData<const float>(t.ins[k], b, batch); };
+      auto out = [&](size_t k) { return MemberData<float>(*t.outs[k], b, batch); };
+      TensorArgs a;
+      a.shape = t.shape;
+      a.packed = packed.typed_data<float>() + b * packed_size;
+      a.p = in(0), a.g = in(1), a.m = in(2), a.rms = in(3);
+      a.out = out(0), a.m_out = out(1), a.rms_out = out(2);
+      fill(t, in, out, a);
+      tensors.push_back(std::move(a));
+    }
+  }
+  const std::string err = CpuFusedUpdate(
+      cfg, write_delta, tensors,
+      [&pool](int64_t n, const std::function<void(int64_t)>& fn) { PoolParallelFor(&pool, n, fn); });
+  if (!err.empty()) return ffi::Error::InvalidArgument(err);
+  return ffi::Error::Success();
+}
+
 ffi::Error FusedUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::RemainingArgs args,
                           ffi::RemainingRets rets, int64_t hidden_size, int64_t hidden_layers,
                           int64_t dm, int64_t dr, int64_t da, float exp_mult, float step_mult,
@@ -75,40 +104,15 @@ ffi::Error FusedUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Rema
   std::vector<TensorBuffers> bufs;
   if (ffi::Error err = CollectOperands(cfg, packed, args, rets, &batch, &bufs); err.failure())
     return err;
-  const int64_t packed_size = PackedLayout(cfg).size;
-  std::vector<TensorArgs> tensors;
-  tensors.reserve(batch * bufs.size());
-  for (int64_t b = 0; b < batch; ++b) {
-    for (TensorBuffers& t : bufs) {
-      // Each operand is [population..., per-member shape]: member b starts at b * per.
-      auto in = [&](size_t k) {
-        const float* base = t.ins[k].typed_data<float>();
-        return base + b * (static_cast<int64_t>(t.ins[k].element_count()) / batch);
-      };
-      auto out = [&](size_t k) {
-        float* base = t.outs[k]->typed_data<float>();
-        return base + b * (static_cast<int64_t>(t.outs[k]->element_count()) / batch);
-      };
-      TensorArgs a;
-      a.shape = t.shape;
-      a.packed = packed.typed_data<float>() + b * packed_size;
-      a.p = in(0), a.g = in(1), a.m = in(2), a.rms = in(3);
-      a.out = out(0), a.m_out = out(1), a.rms_out = out(2);
-      if (t.factored) {
-        a.v_row = in(4), a.v_col = in(5);
-        a.v_row_out = out(3), a.v_col_out = out(4);
-      } else {
-        a.v_full = in(4);
-        a.v_full_out = out(3);
-      }
-      tensors.push_back(std::move(a));
-    }
-  }
-  const std::string err = CpuFusedUpdate(
-      cfg, write_delta, tensors,
-      [&pool](int64_t n, const std::function<void(int64_t)>& fn) { PoolParallelFor(&pool, n, fn); });
-  if (!err.empty()) return ffi::Error::InvalidArgument(err);
-  return ffi::Error::Success();
+  return RunMembers(pool, cfg, write_delta, packed, batch, bufs,
+                    [](const TensorBuffers& t, auto in, auto out, TensorArgs& a) {
+                      if (t.factored) {
+                        a.v_row = in(4), a.v_col = in(5);
+                        a.v_row_out = out(3), a.v_col_out = out(4);
+                      } else {
+                        a.v_full = in(4), a.v_full_out = out(3);
+                      }
+                    });
 }
 
 ffi::Error FusedApplyCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::RemainingArgs args,
@@ -117,79 +121,47 @@ ffi::Error FusedApplyCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Remai
                          bool write_delta, ffi::Span<const int64_t> factored_axes) {
   const Config cfg = MakeConfig(hidden_size, hidden_layers, dm, dr, da, exp_mult, step_mult);
   int64_t batch = 1;
-  std::vector<ApplyBuffers> bufs;
+  std::vector<TensorBuffers> bufs;
   if (ffi::Error err = CollectApplyOperands(cfg, packed, args, rets, factored_axes, &batch, &bufs);
       err.failure())
     return err;
-  const int64_t packed_size = PackedLayout(cfg).size;
-  std::vector<TensorArgs> tensors;
-  tensors.reserve(batch * bufs.size());
-  for (int64_t b = 0; b < batch; ++b) {
-    for (ApplyBuffers& t : bufs) {
-      auto in = [&](size_t k) {
-        const float* base = t.ins[k].typed_data<float>();
-        return base + b * (static_cast<int64_t>(t.ins[k].element_count()) / batch);
-      };
-      auto out = [&](size_t k) {
-        float* base = t.outs[k]->typed_data<float>();
-        return base + b * (static_cast<int64_t>(t.outs[k]->element_count()) / batch);
-      };
-      TensorArgs a;
-      a.shape = t.shape;
-      a.packed = packed.typed_data<float>() + b * packed_size;
-      a.p = in(0), a.g = in(1), a.m = in(2), a.rms = in(3);
-      a.out = out(0), a.m_out = out(1), a.rms_out = out(2);
-      a.has_external = true;
-      if (t.shape.size() >= 2) {
-        a.external.d1 = t.d1, a.external.d0 = t.d0;
-        a.external.v_row_new = in(4), a.external.v_col_new = in(5);
-        a.external.row_factor = in(6), a.external.col_factor = in(7);
-        a.external.scales = in(8);
-      } else {
-        a.v_full = in(4), a.v_full_out = out(3);
-        a.external.scales = in(5);
-      }
-      tensors.push_back(std::move(a));
-    }
-  }
-  const std::string err = CpuFusedUpdate(
-      cfg, write_delta, tensors,
-      [&pool](int64_t n, const std::function<void(int64_t)>& fn) { PoolParallelFor(&pool, n, fn); });
-  if (!err.empty()) return ffi::Error::InvalidArgument(err);
-  return ffi::Error::Success();
+  return RunMembers(pool, cfg, write_delta, packed, batch, bufs,
+                    [](const TensorBuffers& t, auto in, auto out, TensorArgs& a) {
+                      a.has_external = true;
+                      if (t.factored) {
+                        a.external.d1 = t.d1, a.external.d0 = t.d0;
+                        a.external.v_row_new = in(4), a.external.v_col_new = in(5);
+                        a.external.row_factor = in(6), a.external.col_factor = in(7);
+                        a.external.scales = in(8);
+                      } else {
+                        a.v_full = in(4), a.v_full_out = out(3);
+                        a.external.scales = in(5);
+                      }
+                    });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedApplyCpu, FusedApplyCpu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // packed meta-parameters
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<int64_t>("hidden_size")
-                                  .Attr<int64_t>("hidden_layers")
-                                  .Attr<int64_t>("dm")
-                                  .Attr<int64_t>("dr")
-                                  .Attr<int64_t>("da")
-                                  .Attr<float>("exp_mult")
-                                  .Attr<float>("step_mult")
-                                  .Attr<bool>("write_delta")
-                                  .Attr<ffi::Span<const int64_t>>("factored_axes"));
+// Operands and attributes shared by both calls (see ffi_common.h for the order).
+auto CommonBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()  // packed meta-parameters
+      .RemainingArgs()
+      .RemainingRets()
+      .Attr<int64_t>("hidden_size")
+      .Attr<int64_t>("hidden_layers")
+      .Attr<int64_t>("dm")
+      .Attr<int64_t>("dr")
+      .Attr<int64_t>("da")
+      .Attr<float>("exp_mult")
+      .Attr<float>("step_mult")
+      .Attr<bool>("write_delta");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCpu, FusedUpdateCpu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // packed meta-parameters
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<int64_t>("hidden_size")
-                                  .Attr<int64_t>("hidden_layers")
-                                  .Attr<int64_t>("dm")
-                                  .Attr<int64_t>("dr")
-                                  .Attr<int64_t>("da")
-                                  .Attr<float>("exp_mult")
-                                  .Attr<float>("step_mult")
-                                  .Attr<bool>("write_delta"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCpu, FusedUpdateCpu, CommonBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedApplyCpu, FusedApplyCpu,
+                              CommonBinding().Attr<ffi::Span<const int64_t>>("factored_axes"));
 
 }  // namespace lopt::ffi_glue
