@@ -54,7 +54,7 @@ void PoolParallelFor(ffi::ThreadPool* pool, int64_t n, const std::function<void(
 ffi::Error FusedUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::RemainingArgs args,
                           ffi::RemainingRets rets, int64_t hidden_size, int64_t hidden_layers,
                           int64_t dm, int64_t dr, int64_t da, float exp_mult, float step_mult,
-                          bool write_delta) {
+                          bool write_delta, int64_t /*precision: CUDA only, ignored here*/) {
   Config cfg;
   cfg.hidden = static_cast<int>(hidden_size);
   cfg.hidden_layers = static_cast<int>(hidden_layers);
@@ -118,6 +118,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCpu, FusedUpdateCpu,
                                   .Attr<int64_t>("da")
                                   .Attr<float>("exp_mult")
                                   .Attr<float>("step_mult")
-                                  .Attr<bool>("write_delta"));
+                                  .Attr<bool>("write_delta")
+                                  .Attr<int64_t>("precision"));  // shared call site with CUDA
 
 }  // namespace lopt::ffi_glue
