@@ -29,8 +29,9 @@ constexpr int kMaxCompact = 2 + 2 * kMaxDecays + 2 * kMaxDecays + 6 * kMaxDecays
 constexpr int kMaxLogical = kMaxCompact;  // 2 + 2dm + 2dr + 6da at most
 
 constexpr int kReduceThreads = 256;
-constexpr int64_t kReduceChunkCoop = 8192;  // rows per block when Y == 1
-constexpr int64_t kReduceChunkCol = 64;     // rows per thread when Y > 1
+constexpr int64_t kCoopMinRows = 512;       // Y == 1 rows longer than this: a block per chunk
+constexpr int64_t kReduceChunkCoop = 8192;  // rows per block in that case
+constexpr int64_t kReduceChunkCol = 64;     // rows per thread otherwise
 constexpr int kEntryThreads = 256;          // A2 / A4
 constexpr int kStatsThreads = 256;
 constexpr int kStatsPerThread = 8;
@@ -59,6 +60,7 @@ struct Job {
   int64_t A, N1, B, N2, C, W;
   int64_t n_line, n_cross;
   int factored, line_is_row, kpe, kc;
+  int simple;  // factored with A = B = C = 1
   const float *p, *g, *m, *rms, *v_line_old, *v_cross_old, *v_full, *packed;
   float *out, *m_out, *rms_out, *v_line, *v_cross, *v_full_out;
   double *line_part, *cross_part, *group_part, *tab_part, *stats_part;
@@ -79,8 +81,9 @@ struct Launch {
 struct Reduction {
   const float* in;
   double* part;
-  int64_t X, R, Y, rc, nch, yblocks;
+  int64_t X, R, Y, rc, nch;
   int square;  // 1: g^2 + 1e-30, 0: the value itself
+  int coop;    // Y == 1 and long rows: a block per (x, chunk)
 };
 
 struct ReduceLaunch {
@@ -134,7 +137,7 @@ __global__ void __launch_bounds__(kReduceThreads) ReduceStage1(const __grid_cons
   const int i = FindItem(L.start, L.n, blk);
   const Reduction& r = L.r[i];
   int64_t local = blk - L.start[i];
-  if (r.Y == 1) {  // a block sums rc consecutive values
+  if (r.coop) {  // a block sums rc consecutive values
     const int64_t x = local / r.nch, ch = local % r.nch;
     const int64_t r0 = ch * r.rc, r1 = min(r.R, r0 + r.rc);
     const float* base = r.in + x * r.R;
@@ -147,11 +150,11 @@ __global__ void __launch_bounds__(kReduceThreads) ReduceStage1(const __grid_cons
     if (threadIdx.x == 0) r.part[x * r.nch + ch] = s;
     return;
   }
-  const int64_t yb = local % r.yblocks;
-  local /= r.yblocks;
-  const int64_t ch = local % r.nch, x = local / r.nch;
-  const int64_t y = yb * blockDim.x + threadIdx.x;
-  if (y >= r.Y) return;
+  // One thread per (x, chunk, y), y fastest: coalesced when Y is large, dense when small.
+  const int64_t idx = local * blockDim.x + threadIdx.x;
+  if (idx >= r.X * r.nch * r.Y) return;
+  const int64_t y = idx % r.Y, rest = idx / r.Y;
+  const int64_t ch = rest % r.nch, x = rest / r.nch;
   const int64_t r0 = ch * r.rc, r1 = min(r.R, r0 + r.rc);
   const float* base = r.in + x * r.R * r.Y + y;
   double s = 0;
@@ -310,10 +313,23 @@ __device__ __forceinline__ void Features(const Params& cp, const Job& jb, int64_
     x[o_mrs + k] = mn[k] * rs[dr == 1 ? 0 : k];
   }
   if (jb.factored) {
-    const int64_t line = e / jb.W, t = e - line * jb.W;
-    const int64_t li = line * jb.C + t % jb.C;
-    const int64_t b = line % jb.B, a = (line / jb.B) / jb.N1;
-    const int64_t xi = (a * jb.B + b) * jb.W + t;
+    int64_t li, xi;
+    if (jb.simple) {  // A = B = C = 1 (every matrix): one division, 32-bit when it fits
+      if (jb.numel <= 0x7fffffff) {
+        const uint32_t e32 = static_cast<uint32_t>(e), w32 = static_cast<uint32_t>(jb.W);
+        const uint32_t line = e32 / w32;
+        li = line;
+        xi = e32 - line * w32;
+      } else {
+        li = e / jb.W;
+        xi = e - li * jb.W;
+      }
+    } else {
+      const int64_t line = e / jb.W, t = e - line * jb.W;
+      li = line * jb.C + t % jb.C;
+      const int64_t b = line % jb.B, a = (line / jb.B) / jb.N1;
+      xi = (a * jb.B + b) * jb.W + t;
+    }
     const int64_t ri = jb.line_is_row ? li : xi, ci = jb.line_is_row ? xi : li;
     const float* row_fac = jb.line_is_row ? jb.line_fac : jb.cross_fac;
     const float* col_fac = jb.line_is_row ? jb.cross_fac : jb.line_fac;
@@ -594,6 +610,10 @@ __host__ __device__ constexpr int64_t MmaSmemFloats(int H, int L, int kpad) {
 template <int DM, int DR, int HH>
 __global__ void __launch_bounds__(kMmaThreads) ApplyTf32(const __grid_constant__ Launch L) {
   constexpr int NT = HH / 8, HS = MmaStride(HH);
+  // With compile-time decay counts and H <= 32 the B fragments of the first two
+  // layers live in registers for the whole block (no shared-memory loads per MMA).
+  constexpr bool kRegW = DM != 0 && HH <= 32;
+  constexpr int KTM = kRegW ? (Dec<DM, DR>::kCompact + 7) / 8 : 1;
   extern __shared__ float smem[];
   const int64_t blk = blockIdx.x;
   const int ji = FindItem(L.start, L.n, blk);
@@ -628,6 +648,25 @@ __global__ void __launch_bounds__(kMmaThreads) ApplyTf32(const __grid_constant__
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gq = lane >> 2, q = lane & 3;
+  uint32_t bw0[KTM][NT][2], bw1[kRegW ? NT : 1][NT][2];
+  if (kRegW) {
+#pragma unroll
+    for (int kt = 0; kt < KTM; ++kt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float* wb = w0s + (kt * 8 + q) * HS + gq + nt * 8;
+        bw0[kt][nt][0] = kt < KT ? __float_as_uint(wb[0]) : 0u;
+        bw0[kt][nt][1] = kt < KT ? __float_as_uint(wb[4 * HS]) : 0u;
+      }
+#pragma unroll
+    for (int kt = 0; kt < (kRegW ? NT : 1); ++kt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float* wb = hid + (kt * 8 + q) * HS + gq + nt * 8;
+        bw1[kt][nt][0] = cp.L > 1 ? __float_as_uint(wb[0]) : 0u;
+        bw1[kt][nt][1] = cp.L > 1 ? __float_as_uint(wb[4 * HS]) : 0u;
+      }
+  }
   const int64_t blk_e0 = (blk - L.start[ji]) * kMmaChunk;
   const int64_t blk_e1 = min(jb.numel, blk_e0 + kMmaChunk);
   float* xw = xs + warp * 32 * XS;
@@ -653,14 +692,26 @@ __global__ void __launch_bounds__(kMmaThreads) ApplyTf32(const __grid_constant__
         acc[nt][0] = acc[nt][2] = b0s[nt * 8 + 2 * q];
         acc[nt][1] = acc[nt][3] = b0s[nt * 8 + 2 * q + 1];
       }
-      for (int kt = 0; kt < KT; ++kt) {
-        const uint32_t a0 = ToTf32(x0[kt * 8 + q]), a1 = ToTf32(x1[kt * 8 + q]);
-        const uint32_t a2 = ToTf32(x0[kt * 8 + q + 4]), a3 = ToTf32(x1[kt * 8 + q + 4]);
-        const float* wb = w0s + (kt * 8 + q) * HS + gq;
+      if (kRegW) {
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-          Mma(acc[nt], a0, a1, a2, a3, __float_as_uint(wb[nt * 8]),
-              __float_as_uint(wb[4 * HS + nt * 8]));
+        for (int kt = 0; kt < KTM; ++kt) {
+          if (kt >= KT) break;
+          const uint32_t a0 = ToTf32(x0[kt * 8 + q]), a1 = ToTf32(x1[kt * 8 + q]);
+          const uint32_t a2 = ToTf32(x0[kt * 8 + q + 4]), a3 = ToTf32(x1[kt * 8 + q + 4]);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            Mma(acc[nt], a0, a1, a2, a3, bw0[kt][nt][0], bw0[kt][nt][1]);
+        }
+      } else {
+        for (int kt = 0; kt < KT; ++kt) {
+          const uint32_t a0 = ToTf32(x0[kt * 8 + q]), a1 = ToTf32(x1[kt * 8 + q]);
+          const uint32_t a2 = ToTf32(x0[kt * 8 + q + 4]), a3 = ToTf32(x1[kt * 8 + q + 4]);
+          const float* wb = w0s + (kt * 8 + q) * HS + gq;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            Mma(acc[nt], a0, a1, a2, a3, __float_as_uint(wb[nt * 8]),
+                __float_as_uint(wb[4 * HS + nt * 8]));
+        }
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
@@ -681,9 +732,14 @@ __global__ void __launch_bounds__(kMmaThreads) ApplyTf32(const __grid_constant__
           const uint32_t a2 = ToTf32(acc[kt][1]), a3 = ToTf32(acc[kt][3]);
           const float* wb = ws + (kt * 8 + q) * HS + gq;
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-            Mma(nacc[nt], a0, a1, a2, a3, __float_as_uint(wb[nt * 8]),
-                __float_as_uint(wb[4 * HS + nt * 8]));
+          for (int nt = 0; nt < NT; ++nt) {
+            if (kRegW && l == 1)
+              Mma(nacc[nt], a0, a1, a2, a3, bw1[kRegW ? kt : 0][nt][0],
+                  bw1[kRegW ? kt : 0][nt][1]);
+            else
+              Mma(nacc[nt], a0, a1, a2, a3, __float_as_uint(wb[nt * 8]),
+                  __float_as_uint(wb[4 * HS + nt * 8]));
+          }
         }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
@@ -742,13 +798,15 @@ Reduction MakeReduction(const float* in, int64_t X, int64_t R, int64_t Y, int sq
   r.R = R;
   r.Y = Y;
   r.square = square;
-  r.rc = Y == 1 ? kReduceChunkCoop : kReduceChunkCol;
+  r.coop = Y == 1 && R > kCoopMinRows;
+  r.rc = r.coop ? kReduceChunkCoop : kReduceChunkCol;
   r.nch = CeilDiv(R, r.rc);
-  r.yblocks = Y == 1 ? 1 : CeilDiv(Y, kReduceThreads);
   return r;
 }
 
-int64_t ReductionBlocks(const Reduction& r) { return r.X * r.nch * r.yblocks; }
+int64_t ReductionBlocks(const Reduction& r) {
+  return r.coop ? r.X * r.nch : CeilDiv(r.X * r.nch * r.Y, kReduceThreads);
+}
 
 // Launches kernel over the jobs [j0, j1) with per-job block counts.
 template <typename Fn>
@@ -913,6 +971,7 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
       j.N2 = a.shape[q_ax];
       j.W = j.N2 * j.C;
       j.line_is_row = d0 == q_ax;
+      j.simple = j.A == 1 && j.B == 1 && j.C == 1;
       j.n_line = j.A * j.N1 * j.B * j.C;
       j.n_cross = j.A * j.B * j.W;
       j.v_line_old = j.line_is_row ? a.v_row : a.v_col;
