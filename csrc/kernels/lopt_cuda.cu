@@ -19,6 +19,16 @@
 #include <cstdint>
 #include <memory>
 
+#if defined(LOPT_CUDA_EMULATION)
+#define LOPT_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::emu::Launch(kernel, grid, block, smem, __VA_ARGS__)
+#define LOPT_DYNAMIC_SMEM(type, name) type* name = ::emu::DynamicSmem<type>()
+#else
+#define LOPT_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define LOPT_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
+
 namespace lopt::cuda {
 namespace {
 
@@ -40,6 +50,7 @@ constexpr int kFoldThreads = 256;
 constexpr int kApplyThreads = 256;          // fp32 MLP: one element per thread
 constexpr int kMmaThreads = 128;            // TF32 MLP: 4 warps, 32 elements per warp tile
 constexpr int64_t kMmaChunk = 4096;         // elements per block
+constexpr int64_t kTensorCoreMinElems = 1024;  // smaller tensors: fp32 kernel in every mode
 constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr size_t kMaxMmaSmem = 99 * 1024;   // fits every sm_80+ part
 
@@ -496,7 +507,7 @@ __global__ void __launch_bounds__(kApplyThreads) ApplyFp32(const __grid_constant
   constexpr int KC = Dec<DM, DR>::kCompact;
   constexpr int HM = HH ? HH : kMaxHidden;
   constexpr int UH = HH ? HH : 1, UK = DM ? KC : 1;  // unroll only compile-time sizes
-  extern __shared__ float smem[];
+  LOPT_DYNAMIC_SMEM(float, smem);
   const int64_t blk = blockIdx.x;
   const int ji = FindItem(L.start, L.n, blk);
   const Job& jb = L.jobs[ji];
@@ -579,6 +590,13 @@ __global__ void __launch_bounds__(kApplyThreads) ApplyFp32(const __grid_constant
 // An accumulator tile becomes the next layer's A fragment without moving data
 // if A's k column q stands for hidden unit 2q and column q + 4 for unit 2q + 1:
 // the hidden weight rows are stored permuted accordingly (PermRow).
+#if defined(LOPT_CUDA_EMULATION)
+__device__ __forceinline__ uint32_t ToTf32(float x) { return emu::Tf32(x); }
+__device__ __forceinline__ void Mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+  emu::MmaM16N8K8(d, a0, a1, a2, a3, b0, b1);
+}
+#else
 __device__ __forceinline__ uint32_t ToTf32(float x) {
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
@@ -593,6 +611,7 @@ __device__ __forceinline__ void Mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+#endif
 
 // Source row (hidden unit) of stored row r of a hidden-layer weight matrix.
 __host__ __device__ constexpr int PermRow(int r) {
@@ -614,7 +633,7 @@ __global__ void __launch_bounds__(kMmaThreads) ApplyTf32(const __grid_constant__
   // layers live in registers for the whole block (no shared-memory loads per MMA).
   constexpr bool kRegW = DM != 0 && HH <= 32;
   constexpr int KTM = kRegW ? (Dec<DM, DR>::kCompact + 7) / 8 : 1;
-  extern __shared__ float smem[];
+  LOPT_DYNAMIC_SMEM(float, smem);
   const int64_t blk = blockIdx.x;
   const int ji = FindItem(L.start, L.n, blk);
   const Job& jb = L.jobs[ji];
@@ -842,7 +861,7 @@ std::string LaunchReductions(const std::vector<Reduction>& rs, cudaStream_t stre
   L->start[rs.size()] = total;
   if (total == 0) return "";
   if (total > 0x7fffffffLL) return "tensor too large for one launch";
-  ReduceStage1<<<static_cast<unsigned>(total), kReduceThreads, 0, stream>>>(*L);
+  LOPT_LAUNCH(ReduceStage1, static_cast<unsigned>(total), kReduceThreads, 0, stream, *L);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return std::string("CUDA launch failed: ") + cudaGetErrorString(err);
   return "";
@@ -851,14 +870,15 @@ std::string LaunchReductions(const std::vector<Reduction>& rs, cudaStream_t stre
 template <int DM, int DR>
 struct Kernels {
   static void Stats(const Launch& L, int64_t blocks, cudaStream_t s) {
-    lopt::cuda::Stats<DM, DR><<<static_cast<unsigned>(blocks), kStatsThreads, 0, s>>>(L);
+    auto kernel = lopt::cuda::Stats<DM, DR>;
+    LOPT_LAUNCH(kernel, static_cast<unsigned>(blocks), kStatsThreads, 0, s, L);
   }
   static void ApplyFp32(const Launch& L, int64_t blocks, size_t smem, cudaStream_t s) {
     auto run = [&](auto kernel) {
       if (smem > kDefaultSmem)
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem));
-      kernel<<<static_cast<unsigned>(blocks), kApplyThreads, smem, s>>>(L);
+      LOPT_LAUNCH(kernel, static_cast<unsigned>(blocks), kApplyThreads, smem, s, L);
     };
     switch (L.cp.H) {
       case 4: run(lopt::cuda::ApplyFp32<DM, DR, 4>); break;
@@ -871,7 +891,7 @@ struct Kernels {
       if (smem > kDefaultSmem)
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem));
-      kernel<<<static_cast<unsigned>(blocks), kMmaThreads, smem, s>>>(L);
+      LOPT_LAUNCH(kernel, static_cast<unsigned>(blocks), kMmaThreads, smem, s, L);
     };
     switch (L.cp.H) {
       case 16: run(lopt::cuda::ApplyTf32<DM, DR, 16>); break;
@@ -1041,7 +1061,7 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
       return j.factored ? CeilDiv(j.n_line + j.n_cross, kEntryThreads) : int64_t{0};
     };
     err = LaunchJobs(proto, group, n, entry_blocks, [&](const Launch& L, int64_t b) {
-      NewAccumulators<<<static_cast<unsigned>(b), kEntryThreads, 0, stream>>>(L);
+      LOPT_LAUNCH(NewAccumulators, static_cast<unsigned>(b), kEntryThreads, 0, stream, L);
     });
     if (!err.empty()) return err;
     // A3: sums of the new v_row along d1.
@@ -1057,7 +1077,7 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
     if (!(err = LaunchReductions(rs, stream)).empty()) return err;
     // A4: factors and broadcast-feature statistics.
     err = LaunchJobs(proto, group, n, entry_blocks, [&](const Launch& L, int64_t b) {
-      Factors<<<static_cast<unsigned>(b), kEntryThreads, 0, stream>>>(L);
+      LOPT_LAUNCH(Factors, static_cast<unsigned>(b), kEntryThreads, 0, stream, L);
     });
     if (!err.empty()) return err;
     // B1: feature statistics.
@@ -1067,18 +1087,21 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
     // B2: fold the scales into w0.
     err = LaunchJobs(proto, group, n, [](const Job&) { return int64_t{1}; },
                      [&](const Launch& L, int64_t b) {
-                       Fold<<<static_cast<unsigned>(b), kFoldThreads, 0, stream>>>(L);
+                       LOPT_LAUNCH(Fold, static_cast<unsigned>(b), kFoldThreads, 0, stream, L);
                      });
     if (!err.empty()) return err;
-    // C: the MLP and every write.
+    // C: the MLP and every write. With tensor cores, small tensors still take the fp32
+    // kernel: a per-tensor tolerance relative to the largest step means little for them.
+    auto on_tc = [&](const Job& j) { return tensor_cores && j.numel >= kTensorCoreMinElems; };
     if (tensor_cores) {
-      err = LaunchJobs(proto, group, n, [](const Job& j) { return CeilDiv(j.numel, kMmaChunk); },
-                       [&](const Launch& L, int64_t b) { apply_tf32(L, b, mma_smem, stream); });
-    } else {
       err = LaunchJobs(proto, group, n,
-                       [](const Job& j) { return CeilDiv(j.numel, kApplyThreads); },
-                       [&](const Launch& L, int64_t b) { apply_fp32(L, b, fp32_smem, stream); });
+                       [&](const Job& j) { return on_tc(j) ? CeilDiv(j.numel, kMmaChunk) : 0; },
+                       [&](const Launch& L, int64_t b) { apply_tf32(L, b, mma_smem, stream); });
+      if (!err.empty()) return err;
     }
+    err = LaunchJobs(proto, group, n,
+                     [&](const Job& j) { return on_tc(j) ? 0 : CeilDiv(j.numel, kApplyThreads); },
+                     [&](const Launch& L, int64_t b) { apply_fp32(L, b, fp32_smem, stream); });
     if (!err.empty()) return err;
   }
   return "";

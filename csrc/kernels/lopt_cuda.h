@@ -2,7 +2,11 @@
 // Raw device pointers, sizes and a cudaStream_t; no XLA or pybind11 here.
 #pragma once
 
+#if defined(LOPT_CUDA_EMULATION)
+#include "cuda_emu.h"  // host emulation of the CUDA subset used here (tests only)
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <cstddef>
 #include <functional>
