@@ -130,6 +130,7 @@ def main():
         grads = make_tree(shapes, 2)
         n = count(params)
         entry = {"params": n, "leaves": len(jax.tree.leaves(params)), "variants": {}}
+        result["workloads"][wname] = entry
         print(f"== {wname}: {n / 1e6:.1f}M parameters in {entry['leaves']} leaves", flush=True)
         for vname in args.variants.split(","):
             try:
@@ -149,16 +150,13 @@ def main():
             except Exception as e:
                 v = {"error": repr(e), "traceback": traceback.format_exc(limit=3)}
             entry["variants"][vname] = v
+            base = entry["variants"].get("adamw", {}).get("median_ms")
+            if base and "median_ms" in v:
+                v["x_adamw"] = v["median_ms"] / base
             print(f"   {vname:12s} {json.dumps(v)[:200]}", flush=True)
-        base = entry["variants"].get("adamw", {}).get("median_ms")
-        if base:
-            for v in entry["variants"].values():
-                if "median_ms" in v:
-                    v["x_adamw"] = v["median_ms"] / base
-        result["workloads"][wname] = entry
+            with open(args.out, "w") as f:  # written after every variant (time limits)
+                json.dump(result, f, indent=2)
         del params, grads
-        with open(args.out, "w") as f:  # written after every workload
-            json.dump(result, f, indent=2)
     _ffi.set_cuda_precision("fp32")
     print(json.dumps({w: {k: v.get("x_adamw") for k, v in e["variants"].items()}
                       for w, e in result["workloads"].items()}, indent=1))

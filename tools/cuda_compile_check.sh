@@ -4,7 +4,7 @@
 # only the CUDA module. Usage: tools/cuda_compile_check.sh [build-dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUILD_DIR="${1:-build-cuda-check}"
+BUILD_DIR="${1:-build/cuda-check}"
 start=$(date +%s)
 mkdir -p "$BUILD_DIR"
 if ! cmake -S . -B "$BUILD_DIR" -G Ninja -DLOPT_CUDA=ON \

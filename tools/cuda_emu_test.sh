@@ -5,7 +5,7 @@
 # Usage: tools/cuda_emu_test.sh [build-dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-build-cuda-emu}"
+OUT="${1:-build/cuda-emu}"
 mkdir -p "$OUT"
 CXX="${CXX:-g++}"
 flags=(-std=c++20 -O2 -pthread -DLOPT_CUDA_EMULATION -Icsrc/kernels -Wno-unknown-pragmas)

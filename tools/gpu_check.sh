@@ -22,10 +22,13 @@ cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 
-BUILD_DIR="${BUILD_DIR:-$ROOT/build-gpu}"
-BUILD_TIMEOUT="${BUILD_TIMEOUT:-420}"
-GPU_TEST_TIMEOUT="${GPU_TEST_TIMEOUT:-420}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-420}"
+BUILD_DIR="${BUILD_DIR:-$ROOT/build/gpu}"
+# The whole script stays within TOTAL_BUDGET seconds (default 540: one 10-minute device
+# call); each stage gets min(its own limit, what is left), the full suite goes last.
+TOTAL_BUDGET="${TOTAL_BUDGET:-540}"
+BUILD_TIMEOUT="${BUILD_TIMEOUT:-300}"
+GPU_TEST_TIMEOUT="${GPU_TEST_TIMEOUT:-200}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-180}"
 SUITE_TIMEOUT="${SUITE_TIMEOUT:-600}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # tests and bench share the GPU politely
@@ -35,6 +38,14 @@ declare -A STATUS SECONDS_USED
 stage() {  # stage NAME TIMEOUT CMD...: runs CMD with a time limit, records rc and seconds
   local name="$1" limit="$2"
   shift 2
+  local left=$((TOTAL_BUDGET - SECONDS - 15))
+  if [ "$left" -lt 20 ]; then
+    echo "=== [$name] skipped: the time budget is spent"
+    STATUS[$name]=124
+    SECONDS_USED[$name]=0
+    return 124
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "=== [$name] $(date -u +%H:%M:%S) limit ${limit}s: $*"
   local t0=$SECONDS
   timeout --signal=TERM --kill-after=20 "$limit" "$@"
@@ -101,7 +112,7 @@ tail -30 "$OUT/pytest_gpu.log"
 
 # --- benchmark ---------------------------------------------------------------------------
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-stage bench "$BENCH_TIMEOUT" python3 bench/gpu_bench.py --out "$OUT/bench.json" ${BENCH_ARGS:-} \
+stage bench "$BENCH_TIMEOUT" python3 bench/gpu_bench.py --out "$OUT/bench.json" --repeats 10 ${BENCH_ARGS:-} \
   > "$OUT/bench.log" 2>&1
 tail -40 "$OUT/bench.log"
 
