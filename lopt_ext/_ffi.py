@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,29 @@ import numpy as np
 from lopt_ext.config import SmallFcLOpt, step_features
 
 TARGET = "lopt_fused_update"
+
+# How the CUDA kernels evaluate the MLP (the CPU kernels always use float32):
+#   "fp32": float32 FMAs, agrees with the reference to float32 round-off (default);
+#   "tf32": TF32 tensor cores for the hidden layers (hidden_size 16, 32 or 64), faster,
+#           steps agree with the reference to about 1e-2 of the tensor's largest step.
+# Read when a step is traced: set it before jit-compiling the update.
+CUDA_PRECISIONS = {"fp32": 0, "tf32": 1}
+_cuda_precision = os.environ.get("LOPT_CUDA_PRECISION", "fp32")
+
+
+def set_cuda_precision(name: str) -> None:
+    """Chooses "fp32" (exact, default) or "tf32" (tensor cores) for later traces."""
+    global _cuda_precision
+    if name not in CUDA_PRECISIONS:
+        raise ValueError(f"cuda precision must be one of {sorted(CUDA_PRECISIONS)}, got {name!r}")
+    _cuda_precision = name
+
+
+def cuda_precision() -> str:
+    if _cuda_precision not in CUDA_PRECISIONS:
+        raise ValueError(f"LOPT_CUDA_PRECISION must be one of {sorted(CUDA_PRECISIONS)}, "
+                         f"got {_cuda_precision!r}")
+    return _cuda_precision
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,7 +133,8 @@ def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: boo
     outs = call(*operands, hidden_size=np.int64(lopt.hidden_size),
                 hidden_layers=np.int64(lopt.hidden_layers), dm=np.int64(dm), dr=np.int64(dr),
                 da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
-                step_mult=np.float32(lopt.step_mult), write_delta=bool(write_delta))
+                step_mult=np.float32(lopt.step_mult), write_delta=bool(write_delta),
+                precision=np.int64(CUDA_PRECISIONS[cuda_precision()]))
     per_leaf, i = [], 0
     empty = jnp.zeros((0,), jnp.float32)
     for (scalar, factored), (_, _, _, _, v_row, v_col, v_full) in zip(layout, leaves):

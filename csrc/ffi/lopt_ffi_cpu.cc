@@ -98,7 +98,7 @@ ffi::Error RunMembers(ffi::ThreadPool& pool, const Config& cfg, bool write_delta
 ffi::Error FusedUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::RemainingArgs args,
                           ffi::RemainingRets rets, int64_t hidden_size, int64_t hidden_layers,
                           int64_t dm, int64_t dr, int64_t da, float exp_mult, float step_mult,
-                          bool write_delta) {
+                          bool write_delta, int64_t /*precision: CUDA only, ignored here*/) {
   const Config cfg = MakeConfig(hidden_size, hidden_layers, dm, dr, da, exp_mult, step_mult);
   int64_t batch = 1;
   std::vector<TensorBuffers> bufs;
@@ -159,7 +159,9 @@ auto CommonBinding() {
       .Attr<bool>("write_delta");
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCpu, FusedUpdateCpu, CommonBinding());
+// "precision" selects the CUDA MLP path; the shared call site passes it here too.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCpu, FusedUpdateCpu,
+                              CommonBinding().Attr<int64_t>("precision"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedApplyCpu, FusedApplyCpu,
                               CommonBinding().Attr<ffi::Span<const int64_t>>("factored_axes"));

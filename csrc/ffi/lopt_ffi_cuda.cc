@@ -1,0 +1,91 @@
+// XLA FFI handler of the fused update on CUDA devices: decode, check, enqueue.
+// The stream comes from the FFI context and scratch from XLA's allocator; the
+// handler never synchronises and never calls cudaMalloc.
+#include <cuda_runtime.h>
+
+#include "ffi_common.h"
+#include "lopt_cuda.h"
+
+namespace lopt::ffi_glue {
+namespace {
+
+ffi::Error FusedUpdateCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                           ffi::AnyBuffer packed, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                           int64_t hidden_size, int64_t hidden_layers, int64_t dm, int64_t dr,
+                           int64_t da, float exp_mult, float step_mult, bool write_delta,
+                           int64_t precision) {
+  Config cfg;
+  cfg.hidden = static_cast<int>(hidden_size);
+  cfg.hidden_layers = static_cast<int>(hidden_layers);
+  cfg.dm = static_cast<int>(dm);
+  cfg.dr = static_cast<int>(dr);
+  cfg.da = static_cast<int>(da);
+  cfg.exp_mult = exp_mult;
+  cfg.step_mult = step_mult;
+  if (precision != 0 && precision != 1)
+    return ffi::Error::InvalidArgument("precision must be 0 (fp32) or 1 (tf32)");
+  int64_t batch = 1;
+  std::vector<TensorBuffers> bufs;
+  if (ffi::Error err = CollectOperands(cfg, packed, args, rets, &batch, &bufs); err.failure())
+    return err;
+  const int64_t packed_size = PackedLayout(cfg).size;
+  std::vector<TensorArgs> tensors;
+  tensors.reserve(batch * bufs.size());
+  for (int64_t b = 0; b < batch; ++b) {
+    for (TensorBuffers& t : bufs) {
+      if (t.ins[0].element_count() == 0) continue;  // nothing to do for empty tensors
+      // Each operand is [population..., per-member shape]: member b starts at b * per.
+      auto in = [&](size_t k) {
+        const float* base = t.ins[k].typed_data<float>();
+        return base + b * (static_cast<int64_t>(t.ins[k].element_count()) / batch);
+      };
+      auto out = [&](size_t k) {
+        float* base = t.outs[k]->typed_data<float>();
+        return base + b * (static_cast<int64_t>(t.outs[k]->element_count()) / batch);
+      };
+      TensorArgs a;
+      a.shape = t.shape;
+      a.packed = packed.typed_data<float>() + b * packed_size;
+      a.p = in(0), a.g = in(1), a.m = in(2), a.rms = in(3);
+      a.out = out(0), a.m_out = out(1), a.rms_out = out(2);
+      if (t.factored) {
+        a.v_row = in(4), a.v_col = in(5);
+        a.v_row_out = out(3), a.v_col_out = out(4);
+      } else {
+        a.v_full = in(4);
+        a.v_full_out = out(3);
+      }
+      tensors.push_back(std::move(a));
+    }
+  }
+  auto alloc = [&scratch](size_t bytes) -> void* {
+    std::optional<void*> p = scratch.Allocate(bytes, 256);
+    return p.has_value() ? *p : nullptr;
+  };
+  const std::string err =
+      cuda::CudaFusedUpdate(cfg, write_delta, static_cast<cuda::Precision>(precision), tensors,
+                            alloc, stream);
+  if (!err.empty()) return ffi::Error::Internal(err);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCuda, FusedUpdateCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()  // packed meta-parameters
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("hidden_size")
+                                  .Attr<int64_t>("hidden_layers")
+                                  .Attr<int64_t>("dm")
+                                  .Attr<int64_t>("dr")
+                                  .Attr<int64_t>("da")
+                                  .Attr<float>("exp_mult")
+                                  .Attr<float>("step_mult")
+                                  .Attr<bool>("write_delta")
+                                  .Attr<int64_t>("precision"));
+
+}  // namespace lopt::ffi_glue
