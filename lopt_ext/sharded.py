@@ -167,58 +167,126 @@ def _sumsq(x, axes):
     return jnp.sum(jnp.square(x), axis=axes)
 
 
+# Elements per chunk of the statistics loops. XLA:CPU materialises the operands of its
+# reductions (g^2, the new m, rms, ...: ~10 floats per element), so the local shard is
+# reduced in chunks along one axis: temporaries are O(CHUNK_ELEMENTS), not O(params).
+CHUNK_ELEMENTS = 1 << 16
+
+
+def _chunked(n, cs, body, init):
+    """Folds body(lo, size, acc) over [0, n) in chunks of cs (static size; remainder last)."""
+    nfull, rem = divmod(n, cs)
+    acc = init
+    if nfull == 1:
+        acc = body(0, cs, acc)
+    elif nfull > 1:
+        acc = lax.fori_loop(0, nfull, lambda k, a: body(k * cs, cs, a), acc)
+    if rem:
+        acc = body(nfull * cs, rem, acc)
+    return acc
+
+
+def _sl(x, axis, lo, size):
+    if isinstance(lo, int) and lo == 0 and size == x.shape[axis]:
+        return x
+    return lax.dynamic_slice_in_dim(x, lo, size, axis=axis)
+
+
+def _front_sums(decays, p, g, m, rms, axes):
+    """Sums of squares of features 1-6 (g, p, m, rms, m*rsqrt(rms), rsqrt(rms)) and the new m."""
+    mom_b, rms_b, _ = decays
+    rms_c = jnp.clip(rms_b, 0.0, 1.0)
+    g2 = g * g
+    m_new = mom_b * m + (1 - mom_b) * g[..., None]
+    rms_new = rms_c * rms + (1 - rms_c) * g2[..., None]
+    inv_rms = lax.rsqrt(rms_new + 1e-6)
+    return [jnp.sum(g2)[None], jnp.sum(p * p)[None], _sumsq(m_new, axes), _sumsq(rms_new, axes),
+            _sumsq(m_new * inv_rms, axes), _sumsq(inv_rms, axes)], m_new
+
+
 def _leaf_stats(decays, p, g, m, rms, v_row, v_col, v_full, ent, global_shape):
     """Global statistics of one sharded tensor from its local shard (inside shard_map).
 
     ent: the tensor's PartitionSpec entries (mesh axes sharding each tensor axis).
     Returns the ``stats`` dict of _ffi.apply_leaves (new v_row/v_col for rank >= 2).
+    Every sum is over the local shard, chunked along its longest axis c; the psums then
+    add the other shards' partial sums.
     """
-    mom_b, rms_b, fac_b = decays
-    rms_c = jnp.clip(rms_b, 0.0, 1.0)
+    _, _, fac_b = decays
     fac_c = jnp.clip(fac_b, 0.0, 1.0)
     nd = p.ndim
     axes = tuple(range(nd))
     names = [_axis_names(e) for e in ent]
     all_names = tuple(n for ns in names for n in ns)
+    c = int(np.argmax(p.shape))
+    n_c = p.shape[c]
+    cs = max(1, min(n_c, CHUNK_ELEMENTS // max(1, p.size // n_c)))
+    da = fac_b.shape[0]
 
-    # per-element features that only need local data; each sum below is one fused reduction
-    g2 = g * g
-    m_new = mom_b * m + (1 - mom_b) * g[..., None]
-    rms_new = rms_c * rms + (1 - rms_c) * g2[..., None]
-    inv_rms = lax.rsqrt(rms_new + 1e-6)
-    sums = [jnp.sum(g2)[None], jnp.sum(p * p)[None], _sumsq(m_new, axes), _sumsq(rms_new, axes),
-            _sumsq(m_new * inv_rms, axes), _sumsq(inv_rms, axes)]
+    def cut(x, lo, size):  # a per-element array (S or S + [k]) cut along c
+        return _sl(x, c, lo, size)
 
     dims = factored_dims(global_shape)
     if dims is not None:
         d1, d0 = dims
-        gsq = g2 + 1e-30
-        # stage 1: global row/column means of g^2, row_col_mean of the new v_row
-        row_sum = _psum(jnp.sum(gsq, axis=d0), names[d0])
-        col_sum = _psum(jnp.sum(gsq, axis=d1), names[d1])
+        pos = lambda red: c - 1 if c > red else c  # c's position once axis `red` is reduced
+        # stage 1: global row/column sums of g^2 + 1e-30 -> new v_row, v_col
+        def stage1(lo, size, acc):
+            row, col = acc
+            gc = cut(g, lo, size)
+            gsq = gc * gc + 1e-30
+            out = []
+            for red, a in ((d0, row), (d1, col)):
+                part = jnp.sum(gsq, axis=red)
+                out.append(a + part if c == red else lax.dynamic_update_slice_in_dim(a, part, lo, pos(red)))
+            return tuple(out)
+
+        shp = lambda red: tuple(n for i, n in enumerate(p.shape) if i != red)
+        row_sum, col_sum = _chunked(n_c, cs, stage1, (jnp.zeros(shp(d0), jnp.float32), jnp.zeros(shp(d1), jnp.float32)))
+        row_sum = _psum(row_sum, names[d0])
+        col_sum = _psum(col_sum, names[d1])
         v_row = fac_c * v_row + (1 - fac_c) * (row_sum / global_shape[d0])[..., None]
         v_col = fac_c * v_col + (1 - fac_c) * (col_sum / global_shape[d1])[..., None]
         rd1 = d1 - 1 if d1 > d0 else d1  # d1's position in v_row
         rcm = _psum(jnp.sum(v_row, axis=rd1, keepdims=True), names[d1]) / global_shape[d1]
         row_factor = _safe_rsqrt(v_row / (rcm + 1e-9))
         col_factor = _safe_rsqrt(v_col)
-        rc = jnp.expand_dims(row_factor, d0) * jnp.expand_dims(col_factor, d1)  # broadcasts to S + [Da]
+
+        # stage 2: per-feature sums of squares
+        def stage2(lo, size, acc):
+            pc, gc, mc, rc_ = (cut(x, lo, size) for x in (p, g, m, rms))
+            rf = row_factor if c == d0 else _sl(row_factor, pos(d0), lo, size)
+            cf = col_factor if c == d1 else _sl(col_factor, pos(d1), lo, size)
+            front, m_new = _front_sums(decays, pc, gc, mc, rc_, axes)
+            rcf = jnp.expand_dims(rf, d0) * jnp.expand_dims(cf, d1)  # broadcasts to the chunk + [Da]
+            parts = front + [_sumsq(gc[..., None] * rcf, axes), _sumsq(m_new * rcf, axes)]
+            return acc + jnp.concatenate(parts)
+
+        nfront = 2 + 2 * m.shape[-1] + 2 * rms.shape[-1]
+        acc = _chunked(n_c, cs, stage2, jnp.zeros((nfront + 2 * da,), jnp.float32))
         # v_row / v_col features repeat along the axis they were reduced over: count the
         # local length of that axis (the psum below then adds the other devices' copies)
         n_d0, n_d1 = p.shape[d0], p.shape[d1]
         vr_axes = tuple(range(v_row.ndim - 1))
         vc_axes = tuple(range(v_col.ndim - 1))
-        sums += [_sumsq(g[..., None] * rc, axes),
-                 n_d0 * _sumsq(v_row, vr_axes), n_d1 * _sumsq(v_col, vc_axes),
-                 n_d0 * _sumsq(lax.rsqrt(v_row + 1e-8), vr_axes), n_d1 * _sumsq(lax.rsqrt(v_col + 1e-8), vc_axes),
-                 _sumsq(m_new * rc, axes)]
+        sums = [acc[:nfront + da],
+                n_d0 * _sumsq(v_row, vr_axes), n_d1 * _sumsq(v_col, vc_axes),
+                n_d0 * _sumsq(lax.rsqrt(v_row + 1e-8), vr_axes), n_d1 * _sumsq(lax.rsqrt(v_col + 1e-8), vc_axes),
+                acc[nfront + da:]]
     else:
-        v_new = fac_c * v_full + (1 - fac_c) * (g2 + 1e-30)[..., None]
-        s_v = _sumsq(v_new, axes)
-        s_rv = _sumsq(lax.rsqrt(v_new + 1e-8), axes)
-        sums += [_sumsq(g[..., None] * _safe_rsqrt(v_new + 1e-9), axes), s_v, s_v, s_rv, s_rv,
-                 _sumsq(m_new * (v_new + 1e-6) ** -0.5, axes)]
-    # stage 2: one psum of the feature sums over every mesh axis that shards this tensor
+        def stage2(lo, size, acc):
+            pc, gc, mc, rc_, vc = (cut(x, lo, size) for x in (p, g, m, rms, v_full))
+            front, m_new = _front_sums(decays, pc, gc, mc, rc_, axes)
+            v_new = fac_c * vc + (1 - fac_c) * (gc * gc + 1e-30)[..., None]
+            s_v = _sumsq(v_new, axes)
+            s_rv = _sumsq(lax.rsqrt(v_new + 1e-8), axes)
+            parts = front + [_sumsq(gc[..., None] * _safe_rsqrt(v_new + 1e-9), axes), s_v, s_v, s_rv, s_rv,
+                             _sumsq(m_new * (v_new + 1e-6) ** -0.5, axes)]
+            return acc + jnp.concatenate(parts)
+
+        nf = 2 + 2 * m.shape[-1] + 2 * rms.shape[-1] + 6 * da
+        sums = [_chunked(n_c, cs, stage2, jnp.zeros((nf,), jnp.float32))]
+    # one psum of the feature sums over every mesh axis that shards this tensor
     total = _psum(jnp.concatenate(sums), all_names)
     scales = lax.rsqrt(1e-5 + total / float(math.prod(global_shape)))
     if dims is not None:

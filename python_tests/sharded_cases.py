@@ -106,10 +106,12 @@ def _assert_agree(got, want):
 
 
 @pytest.mark.parametrize("impl", ["fused", pytest.param("reference", marks=pytest.mark.slow)])
-def test_fsdp_matches_single_device(impl):
+def test_fsdp_matches_single_device(impl, monkeypatch):
     """FSDP/ZeRO style: every rank, both factored axes sharded, odd and size-1 axes,
     replicated leaves beside sharded ones; 3 steps against the single-device reference.
-    impl='reference' runs the same sharded statistics with a jnp apply stage."""
+    impl='reference' runs the same sharded statistics with a jnp apply stage. Tiny
+    statistics chunks (13 elements) make every tensor take the chunk loop and a remainder."""
+    monkeypatch.setattr(sharded, "CHUNK_ELEMENTS", 13)
     cfg, theta, params, specs = _setup(FSDP_CASES)
     got, want, step, args = _run(cfg, theta, params, specs, mesh2d(), steps=3, impl=impl)
     _assert_agree(got, want)
