@@ -502,7 +502,7 @@ def pmap_population(chunk_fn: Callable, *, mesh, axis_name: str, in_axes, out_ax
 
     chunk_fn(*args) runs one device's chunk of the population and returns
     (per_member, estimate): per_member is a pytree whose leaves have the population axis at
-    ``out_axes`` (stays sharded), estimate a pytree of that chunk's MEAN estimate (e.g. the
+    ``out_axes`` (an int, or one int per element when per_member is a tuple; stays sharded), estimate a pytree of that chunk's MEAN estimate (e.g. the
     PES gradient averaged over the chunk's members). in_axes: per argument, the population
     axis of every leaf of that argument (an int), or None for arguments every device needs
     whole (theta, the step counter, keys). The population size must divide evenly.
@@ -535,8 +535,15 @@ def pmap_population(chunk_fn: Callable, *, mesh, axis_name: str, in_axes, out_ax
             return per_member, jax.tree_util.tree_map(lambda e: lax.pmean(e, axis_name), est)
 
         out_shape = jax.eval_shape(chunk_fn, *args)  # only the tree structure is used
-        out_specs = (jax.tree_util.tree_map(lambda _: spec_at(out_axes), out_shape[0]),
-                     jax.tree_util.tree_map(lambda _: P(), out_shape[1]))
+        if isinstance(out_axes, int):
+            member_specs = jax.tree_util.tree_map(lambda _: spec_at(out_axes), out_shape[0])
+        else:  # one axis per element of the per_member tuple
+            if len(out_axes) != len(out_shape[0]):
+                raise ValueError(f"pmap_population: out_axes has {len(out_axes)} entries, "
+                                 f"chunk_fn returned {len(out_shape[0])} per-member outputs")
+            member_specs = type(out_shape[0])(jax.tree_util.tree_map(lambda _, ax=ax: spec_at(ax), sub)
+                                              for ax, sub in zip(out_axes, out_shape[0]))
+        out_specs = (member_specs, jax.tree_util.tree_map(lambda _: P(), out_shape[1]))
         args = [_place(a, sp, mesh) for a, sp in zip(args, in_specs)]  # split the population
         return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 

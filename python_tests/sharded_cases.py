@@ -275,12 +275,15 @@ def test_pmap_population_es_estimate():
         lp, pp = jax.vmap(member)(theta_flat[None] + eps, tgt)
         ln, _ = jax.vmap(member)(theta_flat[None] - eps, tgt)
         est = jnp.mean((lp - ln)[:, None] * eps, axis=0) / (2 * sigma ** 2)
-        return (lp, ln, pp), est
+        return (lp, ln, pp, jnp.stack([lp, ln])), est  # the last: population on axis 1
 
     mesh = jax.make_mesh((8,), ("pop",))
-    fn = jax.jit(sharded.pmap_population(chunk, mesh=mesh, axis_name="pop", in_axes=(None, 0, 0)))
-    (lp, ln, pp), est = fn(flat, eps, target)
-    (wlp, wln, wpp), west = jax.jit(chunk)(flat, eps, target)
+    fn = jax.jit(sharded.pmap_population(chunk, mesh=mesh, axis_name="pop", in_axes=(None, 0, 0),
+                                         out_axes=(0, 0, 0, 1)))
+    (lp, ln, pp, both), est = fn(flat, eps, target)
+    (wlp, wln, wpp, wboth), west = jax.jit(chunk)(flat, eps, target)
+    np.testing.assert_allclose(np.asarray(both), np.asarray(wboth), rtol=1e-6)
+    assert both.sharding.spec == P(None, "pop")
     np.testing.assert_allclose(np.asarray(lp), np.asarray(wlp), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(ln), np.asarray(wln), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(est), np.asarray(west), rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(west))))
