@@ -170,7 +170,7 @@ def _sumsq(x, axes):
 # Elements per chunk of the statistics loops. XLA:CPU materialises the operands of its
 # reductions (g^2, the new m, rms, ...: ~10 floats per element), so the local shard is
 # reduced in chunks along one axis: temporaries are O(CHUNK_ELEMENTS), not O(params).
-CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS = 1 << 13
 
 
 def _chunked(n, cs, body, init):
