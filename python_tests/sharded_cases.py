@@ -167,16 +167,18 @@ def test_uneven_shard_is_a_clear_error():
 
 
 def test_data_parallel_jit_replicated():
-    """Case (a) with plain jit: replicated params, batch sharded over 8 devices; jax's
+    """Case (a) with plain jit, ranks 0-4: replicated params, batch sharded over 8 devices; jax's
     partitioner all-reduces the gradients and the ordinary fused transform runs on each device's
     full (replicated) copy. Same trajectory as one device."""
     mesh = jax.make_mesh((8,), ("data",))
-    cfg, theta, params, _ = _setup([((6, 5), None), ((5,), None), ((5, 3), None)], seed=2, hidden=4)
+    cfg, theta, params, _ = _setup([((6, 5), None), ((5,), None), ((5, 3), None), ((3, 2, 2), None),
+                                    ((2, 1, 2, 3), None), ((), None)], seed=2, hidden=4)
     w_true = jax.random.normal(jax.random.PRNGKey(9), (6, 3))
 
-    def loss(p, x):
+    def loss(p, x):  # every rank 0..4 gets a gradient
         h = jnp.tanh(x @ p["t0_6x5"] + p["t1_5"])
-        return jnp.mean((h @ p["t2_5x3"] - x @ w_true) ** 2)
+        y = h @ p["t2_5x3"] + jnp.sum(p["t3_3x2x2"]) * 0.1 + jnp.sum(p["t4_2x1x2x3"] ** 2) * 0.01
+        return jnp.mean((y * p["t5_scalar"] - x @ w_true) ** 2)
 
     tx = cfg.transform(theta)
 
@@ -206,7 +208,8 @@ def test_data_parallel_shard_map_grad_mean():
     slice); local_update(grad_mean_axes=("data",)) pmeans them, then updates its replica.
     Equals one device stepping with the mean gradient."""
     mesh = jax.make_mesh((8,), ("data",))
-    cfg, theta, params, _ = _setup([((6, 5), None), ((7,), None), ((), None)], seed=3, hidden=4)
+    cfg, theta, params, _ = _setup([((6, 5), None), ((7,), None), ((), None), ((2, 3, 4), None),
+                                    ((3, 1, 2, 2), None)], seed=3, hidden=4)
     per_dev = [make_grads(params, 30 + d) for d in range(8)]
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_dev)
     mean_g = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), stacked)
