@@ -37,3 +37,15 @@ def test_sharded_cases_on_8_host_devices():
 def test_sharded_cases_slow_on_8_host_devices():
     proc = _run_cases(["-m", "slow"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+
+@pytest.mark.slow
+def test_multi_process_fsdp_on_localhost():
+    """The multi-host recipe on one machine: 2 processes x 2 CPU devices, jax.distributed +
+    gloo collectives, FSDP update checked shard by shard against the reference."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "multihost_cpu.py"),
+                           "--processes", "2", "--local-devices", "2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and out.count("-> OK") == 2, out[-4000:]
