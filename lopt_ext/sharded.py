@@ -5,9 +5,10 @@ tensor and factors g^2 into row/column means of the whole tensor, so a tensor sp
 devices cannot just run the single-device kernel on each shard. Here a sharded tensor is
 updated in two stages inside ``jax.shard_map``:
 
-1. statistics: each device reduces its own shard (row/column sums of g^2 + 1e-30, then the
-   per-feature sums of squares, each a fused reduction that never builds the params x 28
-   feature array), and ``lax.psum`` combines the partial sums over exactly the mesh axes that
+1. statistics: each device reduces its own shard (row/column sums of g^2 + 1e-30 in chunked
+   jnp reductions, then the per-feature sums of squares: the compiled ``lopt_partial_sumsq``
+   pass, or chunked jnp reductions with stats="jnp"; neither builds the params x 28 feature
+   array), and ``lax.psum`` combines the partial sums over exactly the mesh axes that
    shard the reduced tensor axes. Only vectors of size rows, columns or 28 cross devices:
    no device ever gathers a tensor.
 2. apply: the compiled apply-only kernel (``lopt_fused_apply``) runs on the local shard with
@@ -47,6 +48,7 @@ from lopt_ext.update import IMPLS, check_inputs, check_lopt, check_theta
 
 P = PartitionSpec
 _STATE_FIELDS = ("m", "rms", "v_row", "v_col", "v_full")
+STATS = ("kernel", "jnp")
 
 
 # ----------------------------------------------------------------------------- specs
@@ -192,7 +194,7 @@ def _sl(x, axis, lo, size):
     return lax.dynamic_slice_in_dim(x, lo, size, axis=axis)
 
 
-def _front_sums(decays, p, g, m, rms, axes):
+def _front_sums(decays, p, g, m, rms, axes):  # noqa: D401
     """Sums of squares of features 1-6 (g, p, m, rms, m*rsqrt(rms), rsqrt(rms)) and the new m."""
     mom_b, rms_b, _ = decays
     rms_c = jnp.clip(rms_b, 0.0, 1.0)
@@ -204,95 +206,109 @@ def _front_sums(decays, p, g, m, rms, axes):
             _sumsq(m_new * inv_rms, axes), _sumsq(inv_rms, axes)], m_new
 
 
-def _leaf_stats(decays, p, g, m, rms, v_row, v_col, v_full, ent, global_shape):
-    """Global statistics of one sharded tensor from its local shard (inside shard_map).
-
-    ent: the tensor's PartitionSpec entries (mesh axes sharding each tensor axis).
-    Returns the ``stats`` dict of _ffi.apply_leaves (new v_row/v_col for rank >= 2).
-    Every sum is over the local shard, chunked along its longest axis c; the psums then
-    add the other shards' partial sums.
-    """
-    _, _, fac_b = decays
-    fac_c = jnp.clip(fac_b, 0.0, 1.0)
-    nd = p.ndim
-    axes = tuple(range(nd))
+def _geometry(p, ent):
     names = [_axis_names(e) for e in ent]
-    all_names = tuple(n for ns in names for n in ns)
     c = int(np.argmax(p.shape))
     n_c = p.shape[c]
     cs = max(1, min(n_c, CHUNK_ELEMENTS // max(1, p.size // n_c)))
-    da = fac_b.shape[0]
+    return names, c, n_c, cs
 
-    def cut(x, lo, size):  # a per-element array (S or S + [k]) cut along c
-        return _sl(x, c, lo, size)
 
+def _stage1(decays, p, g, v_row, v_col, v_full, ent, global_shape):
+    """Global factored statistics of one tensor from its local shard (inside shard_map).
+
+    Returns (stats dict for _ffi.apply_leaves without "scales", local sums of squares of
+    the four broadcast v features or None). For rank >= 2: row/column sums of g^2 + 1e-30
+    over the shard (chunked along its longest axis), psum'd over the mesh axes sharding the
+    reduced axis -> new v_row, v_col, row_col_mean (psum over d1's axes), factors.
+    """
+    fac_c = jnp.clip(decays[2], 0.0, 1.0)
     dims = factored_dims(global_shape)
-    if dims is not None:
-        d1, d0 = dims
-        pos = lambda red: c - 1 if c > red else c  # c's position once axis `red` is reduced
-        # stage 1: global row/column sums of g^2 + 1e-30 -> new v_row, v_col
-        def stage1(lo, size, acc):
-            row, col = acc
-            gc = cut(g, lo, size)
-            gsq = gc * gc + 1e-30
-            out = []
-            for red, a in ((d0, row), (d1, col)):
-                part = jnp.sum(gsq, axis=red)
-                out.append(a + part if c == red else lax.dynamic_update_slice_in_dim(a, part, lo, pos(red)))
-            return tuple(out)
+    if dims is None:
+        return {"v_full": v_full}, None
+    d1, d0 = dims
+    names, c, n_c, cs = _geometry(p, ent)
+    pos = lambda red: c - 1 if c > red else c  # c's position once axis `red` is reduced
 
-        shp = lambda red: tuple(n for i, n in enumerate(p.shape) if i != red)
-        row_sum, col_sum = _chunked(n_c, cs, stage1, (jnp.zeros(shp(d0), jnp.float32), jnp.zeros(shp(d1), jnp.float32)))
-        row_sum = _psum(row_sum, names[d0])
-        col_sum = _psum(col_sum, names[d1])
-        v_row = fac_c * v_row + (1 - fac_c) * (row_sum / global_shape[d0])[..., None]
-        v_col = fac_c * v_col + (1 - fac_c) * (col_sum / global_shape[d1])[..., None]
-        rd1 = d1 - 1 if d1 > d0 else d1  # d1's position in v_row
-        rcm = _psum(jnp.sum(v_row, axis=rd1, keepdims=True), names[d1]) / global_shape[d1]
-        row_factor = _safe_rsqrt(v_row / (rcm + 1e-9))
-        col_factor = _safe_rsqrt(v_col)
+    def body(lo, size, acc):
+        gc = _sl(g, c, lo, size)
+        gsq = gc * gc + 1e-30
+        out = []
+        for red, a in zip((d0, d1), acc):
+            part = jnp.sum(gsq, axis=red)
+            out.append(a + part if c == red else lax.dynamic_update_slice_in_dim(a, part, lo, pos(red)))
+        return tuple(out)
 
-        # stage 2: per-feature sums of squares
-        def stage2(lo, size, acc):
+    shp = lambda red: tuple(n for i, n in enumerate(p.shape) if i != red)
+    row_sum, col_sum = _chunked(n_c, cs, body, (jnp.zeros(shp(d0), jnp.float32), jnp.zeros(shp(d1), jnp.float32)))
+    row_sum = _psum(row_sum, names[d0])
+    col_sum = _psum(col_sum, names[d1])
+    v_row = fac_c * v_row + (1 - fac_c) * (row_sum / global_shape[d0])[..., None]
+    v_col = fac_c * v_col + (1 - fac_c) * (col_sum / global_shape[d1])[..., None]
+    rd1 = d1 - 1 if d1 > d0 else d1  # d1's position in v_row
+    rcm = _psum(jnp.sum(v_row, axis=rd1, keepdims=True), names[d1]) / global_shape[d1]
+    st = {"axes": dims, "v_row": v_row, "v_col": v_col, "row_factor": _safe_rsqrt(v_row / (rcm + 1e-9)),
+          "col_factor": _safe_rsqrt(v_col)}
+    # v_row / v_col features repeat along the axis they were reduced over: count the local
+    # length of that axis (the psum later adds the other devices' copies)
+    n_d0, n_d1 = p.shape[d0], p.shape[d1]
+    vr_axes = tuple(range(v_row.ndim - 1))
+    vc_axes = tuple(range(v_col.ndim - 1))
+    vsums = [n_d0 * _sumsq(v_row, vr_axes), n_d1 * _sumsq(v_col, vc_axes),
+             n_d0 * _sumsq(lax.rsqrt(v_row + 1e-8), vr_axes), n_d1 * _sumsq(lax.rsqrt(v_col + 1e-8), vc_axes)]
+    return st, vsums
+
+
+def _stage2_jnp(decays, p, g, m, rms, st, ent):
+    """Local sums of squares of the per-element features, in the kernel's compact order
+    (g, p, m, rms, m*rsqrt(rms), rsqrt(rms), fac_g, fac_m[, v, rsqrt(v + 1e-8)]), by
+    chunked jnp reductions (the kernel's lopt_partial_sumsq computes the same)."""
+    fac_c = jnp.clip(decays[2], 0.0, 1.0)
+    axes = tuple(range(p.ndim))
+    _, c, n_c, cs = _geometry(p, ent)
+    cut = lambda x, lo, size: _sl(x, c, lo, size)
+    nfront = 2 + 2 * m.shape[-1] + 2 * rms.shape[-1]
+    da = decays[2].shape[0]
+    if "v_row" in st:
+        d1, d0 = st["axes"]
+        pos = lambda red: c - 1 if c > red else c
+
+        def body(lo, size, acc):
             pc, gc, mc, rc_ = (cut(x, lo, size) for x in (p, g, m, rms))
-            rf = row_factor if c == d0 else _sl(row_factor, pos(d0), lo, size)
-            cf = col_factor if c == d1 else _sl(col_factor, pos(d1), lo, size)
+            rf = st["row_factor"] if c == d0 else _sl(st["row_factor"], pos(d0), lo, size)
+            cf = st["col_factor"] if c == d1 else _sl(st["col_factor"], pos(d1), lo, size)
             front, m_new = _front_sums(decays, pc, gc, mc, rc_, axes)
             rcf = jnp.expand_dims(rf, d0) * jnp.expand_dims(cf, d1)  # broadcasts to the chunk + [Da]
-            parts = front + [_sumsq(gc[..., None] * rcf, axes), _sumsq(m_new * rcf, axes)]
-            return acc + jnp.concatenate(parts)
+            return acc + jnp.concatenate(front + [_sumsq(gc[..., None] * rcf, axes), _sumsq(m_new * rcf, axes)])
 
-        nfront = 2 + 2 * m.shape[-1] + 2 * rms.shape[-1]
-        acc = _chunked(n_c, cs, stage2, jnp.zeros((nfront + 2 * da,), jnp.float32))
-        # v_row / v_col features repeat along the axis they were reduced over: count the
-        # local length of that axis (the psum below then adds the other devices' copies)
-        n_d0, n_d1 = p.shape[d0], p.shape[d1]
-        vr_axes = tuple(range(v_row.ndim - 1))
-        vc_axes = tuple(range(v_col.ndim - 1))
-        sums = [acc[:nfront + da],
-                n_d0 * _sumsq(v_row, vr_axes), n_d1 * _sumsq(v_col, vc_axes),
-                n_d0 * _sumsq(lax.rsqrt(v_row + 1e-8), vr_axes), n_d1 * _sumsq(lax.rsqrt(v_col + 1e-8), vc_axes),
-                acc[nfront + da:]]
+        return _chunked(n_c, cs, body, jnp.zeros((nfront + 2 * da,), jnp.float32))
+
+    def body(lo, size, acc):
+        pc, gc, mc, rc_, vc = (cut(x, lo, size) for x in (p, g, m, rms, st["v_full"]))
+        front, m_new = _front_sums(decays, pc, gc, mc, rc_, axes)
+        v_new = fac_c * vc + (1 - fac_c) * (gc * gc + 1e-30)[..., None]
+        return acc + jnp.concatenate(front + [
+            _sumsq(gc[..., None] * _safe_rsqrt(v_new + 1e-9), axes), _sumsq(m_new * (v_new + 1e-6) ** -0.5, axes),
+            _sumsq(v_new, axes), _sumsq(lax.rsqrt(v_new + 1e-8), axes)])
+
+    return _chunked(n_c, cs, body, jnp.zeros((nfront + 4 * da,), jnp.float32))
+
+
+def _scales(compact, vsums, dm, dr, da, ent, global_shape):
+    """Normalisation scales in reference feature order from local compact sums: psum over
+    every mesh axis that shards the tensor, then rsqrt(1e-5 + mean square)."""
+    nfront = 2 + 2 * dm + 2 * dr
+    fac_g = compact[nfront:nfront + da]
+    fac_m = compact[nfront + da:nfront + 2 * da]
+    if vsums is not None:
+        mid = vsums
     else:
-        def stage2(lo, size, acc):
-            pc, gc, mc, rc_, vc = (cut(x, lo, size) for x in (p, g, m, rms, v_full))
-            front, m_new = _front_sums(decays, pc, gc, mc, rc_, axes)
-            v_new = fac_c * vc + (1 - fac_c) * (gc * gc + 1e-30)[..., None]
-            s_v = _sumsq(v_new, axes)
-            s_rv = _sumsq(lax.rsqrt(v_new + 1e-8), axes)
-            parts = front + [_sumsq(gc[..., None] * _safe_rsqrt(v_new + 1e-9), axes), s_v, s_v, s_rv, s_rv,
-                             _sumsq(m_new * (v_new + 1e-6) ** -0.5, axes)]
-            return acc + jnp.concatenate(parts)
-
-        nf = 2 + 2 * m.shape[-1] + 2 * rms.shape[-1] + 6 * da
-        sums = [_chunked(n_c, cs, stage2, jnp.zeros((nf,), jnp.float32))]
-    # one psum of the feature sums over every mesh axis that shards this tensor
-    total = _psum(jnp.concatenate(sums), all_names)
-    scales = lax.rsqrt(1e-5 + total / float(math.prod(global_shape)))
-    if dims is not None:
-        return {"axes": dims, "v_row": v_row, "v_col": v_col, "row_factor": row_factor,
-                "col_factor": col_factor, "scales": scales}
-    return {"v_full": v_full, "scales": scales}
+        v, rv = compact[nfront + 2 * da:nfront + 3 * da], compact[nfront + 3 * da:]
+        mid = [v, v, rv, rv]
+    sums = jnp.concatenate([compact[:nfront], fac_g, *mid, fac_m])
+    all_names = tuple(n for e in ent for n in _axis_names(e))
+    total = _psum(sums, all_names)
+    return lax.rsqrt(1e-5 + total / float(math.prod(global_shape)))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -304,17 +320,22 @@ def _global_shape(local_shape, ent):
 
 def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grads, *, param_specs,
                  impl: str = "fused", write_delta: bool = False, grad_mean_axes: Sequence[str] = (),
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, stats: str = "kernel"):
     """One step on LOCAL shards; call inside jax.shard_map over a mesh.
 
     param_specs: the PartitionSpec each parameter was sharded with (same tree as params, or
     one spec for all); the state must be sharded as ``state_specs`` says. grad_mean_axes:
     mesh axes over which the local gradients are averaged first (lax.pmean), e.g. ("data",)
     when each device computed gradients on its slice of the batch.
+    stats: how sharded tensors' per-feature sums of squares are computed: "kernel" (the
+    compiled lopt_partial_sumsq pass, default) or "jnp" (chunked XLA reductions); the
+    reference impl always uses "jnp".
     Returns (new params, or updates when write_delta; new state), local shards.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if stats not in STATS:
+        raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
     if grad_mean_axes:
         grads = jax.tree_util.tree_map(lambda x: lax.pmean(x, tuple(grad_mean_axes)), grads)
     # shapes were checked on the global arrays (sharded_update); local shards may order
@@ -346,13 +367,24 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
             res.update(zip(whole, out))
         if sharded:
             decays = lopt.decays(theta)
-            items = []
+            dm, dr, da = lopt.num_decays
+            items, extras = [], []
             for i in sharded:
                 p, g = f32(p_leaves[i]), f32(g_leaves[i])
                 m, rms, v_row, v_col, v_full = (f[i] for f in fields)
                 gshape = _global_shape(p.shape, ents[i])
-                st = _leaf_stats(decays, p, g, m, rms, v_row, v_col, v_full, ents[i], gshape)
+                st, vsums = _stage1(decays, p, g, v_row, v_col, v_full, ents[i], gshape)
+                st["scales"] = jnp.zeros((lopt.num_features,), jnp.float32)  # not read by the sums
                 items.append((p, g, m, rms, st))
+                extras.append((vsums, gshape))
+            if impl == "fused" and stats == "kernel":
+                from lopt_ext import _ffi
+                compact = _ffi.partial_sumsq(lopt, theta, state.iteration, items)
+            else:
+                compact = [_stage2_jnp(decays, p, g, m, rms, st, ents[i])
+                           for i, (p, g, m, rms, st) in zip(sharded, items)]
+            for i, it, cs_, (vsums, gshape) in zip(sharded, items, compact, extras):
+                it[4]["scales"] = _scales(cs_, vsums, dm, dr, da, ents[i], gshape)
             if impl == "fused":
                 from lopt_ext import _ffi
                 out = _ffi.apply_leaves(lopt, theta, state.iteration, items, write_delta=write_delta)
@@ -445,7 +477,7 @@ def _in_specs(lopt, params, param_specs, mesh):
 
 def sharded_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grads, *, mesh,
                    param_specs, impl: str = "fused", write_delta: bool = False,
-                   skip_nonfinite: bool = False):
+                   skip_nonfinite: bool = False, stats: str = "kernel"):
     """(new_params, new_state) for one step on global arrays sharded as ``param_specs`` over ``mesh``.
 
     Equals fused_update on one device (to float32 round-off of the reductions); no tensor
@@ -462,7 +494,7 @@ def sharded_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, gr
     p_specs, s_specs = _in_specs(lopt, params, param_specs, mesh)
     theta_specs = jax.tree_util.tree_map(lambda _: P(), theta)
     body = functools.partial(local_update, lopt, impl=impl, write_delta=write_delta,
-                             param_specs=p_specs, skip_nonfinite=skip_nonfinite)
+                             param_specs=p_specs, skip_nonfinite=skip_nonfinite, stats=stats)
     fn = jax.shard_map(lambda th, st, pa, gr: body(th, st, pa, gr), mesh=mesh,
                        in_specs=(theta_specs, s_specs, p_specs, p_specs),
                        out_specs=(p_specs, s_specs), check_vma=False)
@@ -474,7 +506,7 @@ def sharded_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, gr
 
 
 def sharded_transform(lopt: SmallFcLOpt, theta, *, mesh, param_specs, impl: str = "fused",
-                      skip_nonfinite: bool = False):
+                      skip_nonfinite: bool = False, stats: str = "kernel"):
     """optax GradientTransformation running ``sharded_update`` (updates = -step).
 
     init places the state in its sharded layout; param_specs must describe the params
@@ -490,7 +522,7 @@ def sharded_transform(lopt: SmallFcLOpt, theta, *, mesh, param_specs, impl: str 
         if params is None:
             raise ValueError("small_fc_lopt reads the parameters: call tx.update(grads, state, params)")
         return sharded_update(lopt, theta, state, params, updates, mesh=mesh, param_specs=param_specs,
-                              impl=impl, write_delta=True, skip_nonfinite=skip_nonfinite)
+                              impl=impl, write_delta=True, skip_nonfinite=skip_nonfinite, stats=stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

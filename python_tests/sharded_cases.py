@@ -79,14 +79,14 @@ def _setup(cases, seed=1, hidden=8):
     return cfg, theta, params, specs
 
 
-def _run(cfg, theta, params, specs, mesh, steps, impl="fused"):
+def _run(cfg, theta, params, specs, mesh, steps, impl="fused", stats="kernel"):
     """steps of sharded_update (jit) vs the single-device reference; returns both trajectories."""
     ref_p, ref_s = params, lopt_ext.init_state(cfg, params)
     ref_step = jax.jit(functools.partial(lopt_ext.fused_update, cfg, impl="reference"))
     p = _put(params, specs, mesh)
     s = sharded.init_sharded_state(cfg, params, specs, mesh)
     step = jax.jit(lambda s, p, g: sharded.sharded_update(cfg, theta, s, p, g, mesh=mesh, param_specs=specs,
-                                                          impl=impl))
+                                                          impl=impl, stats=stats))
     got, want = [], []
     for i in range(steps):
         g = make_grads(params, 10 + i)
@@ -109,8 +109,9 @@ def _assert_agree(got, want):
 def test_fsdp_matches_single_device(impl, monkeypatch):
     """FSDP/ZeRO style: every rank, both factored axes sharded, odd and size-1 axes,
     replicated leaves beside sharded ones; 3 steps against the single-device reference.
-    impl='reference' runs the same sharded statistics with a jnp apply stage. Tiny
-    statistics chunks (13 elements) make every tensor take the chunk loop and a remainder."""
+    impl='reference' runs the same sharded statistics with jnp feature sums and a jnp apply
+    stage. Tiny statistics chunks (13 elements) make every tensor take the chunk loops and
+    a remainder."""
     monkeypatch.setattr(sharded, "CHUNK_ELEMENTS", 13)
     cfg, theta, params, specs = _setup(FSDP_CASES)
     got, want, step, args = _run(cfg, theta, params, specs, mesh2d(), steps=3, impl=impl)
@@ -147,14 +148,16 @@ def _assert_no_gather(step, args, params):
                 assert n < biggest, f"all-reduce of {n} floats: {line.strip()[:200]}"
 
 
-def test_one_dimensional_mesh_factored_axes():
+@pytest.mark.parametrize("stats", ["kernel", "jnp"])
+def test_one_dimensional_mesh_factored_axes(stats):
     """A 1-D mesh of all 8 devices over the row (d1) axis alone and the column (d0) axis alone
-    (an Auto-axis mesh: the other tests use make_mesh's default Explicit axes)."""
+    (an Auto-axis mesh: the other tests use make_mesh's default Explicit axes); feature
+    statistics from the kernel's partial-sums pass and from chunked jnp reductions."""
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     cases = [((16, 24), P("fsdp", None)), ((16, 24), P(None, "fsdp")), ((8, 3, 16), P("fsdp", None, None)),
              ((40,), P("fsdp"))]
     cfg, theta, params, specs = _setup(cases, seed=4, hidden=4)
-    got, want, _, _ = _run(cfg, theta, params, specs, mesh, steps=2)
+    got, want, _, _ = _run(cfg, theta, params, specs, mesh, steps=2, stats=stats)
     _assert_agree(got, want)
 
 
@@ -311,4 +314,4 @@ def test_statistics_temporaries_are_bounded():
                  donate_argnums=(0, 1))
     mem = fn.lower(state, params, params).compile().memory_analysis()
     local = shape[0] * shape[1] // 8
-    assert mem.temp_size_in_bytes < 4 * local, (mem.temp_size_in_bytes, local)
+    assert mem.temp_size_in_bytes < 4 * local, (mem.temp_size_in_bytes, local)  # bytes vs elements

@@ -159,7 +159,75 @@ ffi::Error FusedApplyCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Remai
   return ffi::Error::Success();
 }
 
+// Local per-feature sums of squares of tensor shards, from external row/column
+// factors: the same operands as lopt_fused_apply (scales unused), one result per
+// tensor of NumCompactFeatures floats. Reads every buffer, writes only the sums.
+ffi::Error PartialSumsqCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets, int64_t hidden_size, int64_t hidden_layers,
+                           int64_t dm, int64_t dr, int64_t da, float exp_mult, float step_mult,
+                           ffi::Span<const int64_t> factored_axes) {
+  const Config cfg = MakeConfig(hidden_size, hidden_layers, dm, dr, da, exp_mult, step_mult);
+  int64_t batch = 1;
+  std::vector<ApplyBuffers> bufs;
+  if (ffi::Error err = CollectApplyOperands(cfg, packed, args, rets, factored_axes, &batch, &bufs,
+                                            /*sums_only=*/true);
+      err.failure())
+    return err;
+  const int64_t packed_size = PackedLayout(cfg).size;
+  std::vector<TensorArgs> tensors;
+  std::vector<float*> sums;
+  tensors.reserve(batch * bufs.size());
+  for (int64_t b = 0; b < batch; ++b) {
+    for (ApplyBuffers& t : bufs) {
+      auto in = [&](size_t k) {
+        const float* base = t.ins[k].typed_data<float>();
+        return base + b * (static_cast<int64_t>(t.ins[k].element_count()) / batch);
+      };
+      float* sum_base = t.outs[0]->typed_data<float>();
+      sums.push_back(sum_base + b * (static_cast<int64_t>(t.outs[0]->element_count()) / batch));
+      // The planner wants output buffers; nothing is written through these.
+      float* unused = const_cast<float*>(in(0));
+      TensorArgs a;
+      a.shape = t.shape;
+      a.packed = packed.typed_data<float>() + b * packed_size;
+      a.p = in(0), a.g = in(1), a.m = in(2), a.rms = in(3);
+      a.out = a.m_out = a.rms_out = unused;
+      a.has_external = true;
+      if (t.shape.size() >= 2) {
+        a.external.d1 = t.d1, a.external.d0 = t.d0;
+        a.external.v_row_new = in(4), a.external.v_col_new = in(5);
+        a.external.row_factor = in(6), a.external.col_factor = in(7);
+        a.external.scales = in(8);
+      } else {
+        a.v_full = in(4), a.v_full_out = unused;
+        a.external.scales = in(5);
+      }
+      tensors.push_back(std::move(a));
+    }
+  }
+  const std::string err = CpuPartialSumsq(
+      cfg, tensors, sums,
+      [&pool](int64_t n, const std::function<void(int64_t)>& fn) { PoolParallelFor(&pool, n, fn); });
+  if (!err.empty()) return ffi::Error::InvalidArgument(err);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptPartialSumsqCpu, PartialSumsqCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // packed meta-parameters
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("hidden_size")
+                                  .Attr<int64_t>("hidden_layers")
+                                  .Attr<int64_t>("dm")
+                                  .Attr<int64_t>("dr")
+                                  .Attr<int64_t>("da")
+                                  .Attr<float>("exp_mult")
+                                  .Attr<float>("step_mult")
+                                  .Attr<ffi::Span<const int64_t>>("factored_axes"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedApplyCpu, FusedApplyCpu,
                               ffi::Ffi::Bind()
