@@ -194,7 +194,7 @@ def _sl(x, axis, lo, size):
     return lax.dynamic_slice_in_dim(x, lo, size, axis=axis)
 
 
-def _front_sums(decays, p, g, m, rms, axes):  # noqa: D401
+def _front_sums(decays, p, g, m, rms, axes):
     """Sums of squares of features 1-6 (g, p, m, rms, m*rsqrt(rms), rsqrt(rms)) and the new m."""
     mom_b, rms_b, _ = decays
     rms_c = jnp.clip(rms_b, 0.0, 1.0)

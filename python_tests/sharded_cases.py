@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lopt_ext
