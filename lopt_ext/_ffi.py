@@ -201,6 +201,35 @@ def apply_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bo
     return per_leaf
 
 
+def partial_sumsq(lopt: SmallFcLOpt, theta, iteration, leaves):
+    """Local sums of squares of the per-element features of tensor shards (kernel pass B
+    alone), given global row/column statistics: the partial sums a sharded step psums.
+
+    leaves: as apply_leaves (the "scales" entries are not read). Returns per leaf a float32
+    vector in the compact order g, p, m[dm], rms[dr], m*rsqrt(rms)[dm], rsqrt(rms)[dr],
+    fac_g[da], fac_m[da], and for rank-1 tensors v[da], rsqrt(v + 1e-8)[da].
+    """
+    ensure_registered()
+    dm, dr, da = lopt.num_decays
+    operands = [pack_theta(lopt, theta, iteration)]
+    results, axes = [], []
+    for p, g, m, rms, st in leaves:
+        if p.ndim >= 2:
+            extra = [st["v_row"], st["v_col"], st["row_factor"], st["col_factor"], st["scales"]]
+            axes += [int(st["axes"][0]), int(st["axes"][1])]
+        else:
+            extra = [st["v_full"], st["scales"]]
+            axes += [-1, -1]
+        operands += [p, g, m, rms] + [jnp.asarray(x, jnp.float32) for x in extra]
+        n = 2 + 2 * dm + 2 * dr + 2 * da + (0 if p.ndim >= 2 else 2 * da)
+        results.append(jax.ShapeDtypeStruct((n,), jnp.float32))
+    call = jax.ffi.ffi_call("lopt_partial_sumsq", results, vmap_method="broadcast_all")
+    return call(*operands, hidden_size=np.int64(lopt.hidden_size),
+                hidden_layers=np.int64(lopt.hidden_layers), dm=np.int64(dm), dr=np.int64(dr),
+                da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
+                step_mult=np.float32(lopt.step_mult), factored_axes=np.asarray(axes, np.int64))
+
+
 def cpu_isa() -> str:
     """Instruction set of the CPU loops in use (generic, avx2 or avx512)."""
     return _cpu_module().cpu_isa()

@@ -8,6 +8,7 @@
 namespace lopt::ffi_glue {
 extern "C" XLA_FFI_Error* LoptFusedUpdateCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* LoptFusedApplyCpu(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* LoptPartialSumsqCpu(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace py = pybind11;
@@ -20,6 +21,8 @@ PYBIND11_MODULE(_lopt_cpu, m) {
         py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptFusedUpdateCpu));
     d["lopt_fused_apply"] =
         py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptFusedApplyCpu));
+    d["lopt_partial_sumsq"] =
+        py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptPartialSumsqCpu));
     return d;
   });
   m.attr("NUM_STEP_FEATURES") = lopt::kNumStepFeatures;

@@ -126,7 +126,8 @@ inline ffi::Error CollectOperands(const Config& cfg, const ffi::AnyBuffer& packe
 inline ffi::Error CollectApplyOperands(const Config& cfg, const ffi::AnyBuffer& packed,
                                        ffi::RemainingArgs& args, ffi::RemainingRets& rets,
                                        ffi::Span<const int64_t> axes, int64_t* batch,
-                                       std::vector<TensorBuffers>* tensors) {
+                                       std::vector<TensorBuffers>* tensors,
+                                       bool sums_only = false) {
   if (const char* err = ValidateConfig(cfg)) return ffi::Error::InvalidArgument(err);
   const std::vector<int64_t> pdims = Dims(packed);
   if (packed.element_type() != ffi::DataType::F32 || pdims.empty() ||
@@ -171,7 +172,8 @@ inline ffi::Error CollectApplyOperands(const Config& cfg, const ffi::AnyBuffer& 
       want.push_back(with(t.shape, cfg.da));
     }
     want.push_back({nf});
-    const size_t n_out = factored ? 3 : 4;  // out m rms (v_full)
+    // out m rms (v_full); sums_only (lopt_partial_sumsq): one [compact features] result
+    const size_t n_out = sums_only ? 0 : (factored ? 3 : 4);
     for (size_t k = 0; k < want.size(); ++k) {
       std::vector<int64_t> full = bdims;
       full.insert(full.end(), want[k].begin(), want[k].end());
@@ -190,6 +192,16 @@ inline ffi::Error CollectApplyOperands(const Config& cfg, const ffi::AnyBuffer& 
     }
     ai += want.size();
     ri += n_out;
+    if (sums_only) {
+      std::vector<int64_t> full = bdims;
+      // compact per-element features (lopt::tiles::NumCompactFeatures)
+      full.push_back(2 + 2 * cfg.dm + 2 * cfg.dr + 2 * cfg.da + (factored ? 0 : 2 * cfg.da));
+      auto out = rets.get<ffi::AnyBuffer>(ri);
+      if (!out.has_value() || (*out)->element_type() != ffi::DataType::F32 || Dims(**out) != full)
+        return ffi::Error::InvalidArgument(where + " result: expected float32 " + ShapeStr(full));
+      t.outs.push_back(*out);
+      ri += 1;
+    }
     tensors->push_back(std::move(t));
   }
   if (ri != rets.size() || 2 * tensors->size() != axes.size())

@@ -66,12 +66,12 @@ Config MakeConfig(int64_t hidden_size, int64_t hidden_layers, int64_t dm, int64_
   return cfg;
 }
 
-// Runs the kernel over every (member, tensor). `fill` sets the pointers that
-// differ between the two calls from in(k) / out(k), the member's operand k.
+// Per-member views of every tensor. `fill` sets the pointers that differ between
+// the calls from in(k) / out(k), the member's operand / result k; with_outputs
+// also points out/m/rms at results 0-2.
 template <typename Fill>
-ffi::Error RunMembers(ffi::ThreadPool& pool, const Config& cfg, bool write_delta,
-                      const ffi::AnyBuffer& packed, int64_t batch,
-                      std::vector<TensorBuffers>& bufs, Fill fill) {
+std::vector<TensorArgs> MemberViews(const Config& cfg, const ffi::AnyBuffer& packed, int64_t batch,
+                                    std::vector<TensorBuffers>& bufs, bool with_outputs, Fill fill) {
   const int64_t packed_size = PackedLayout(cfg).size;
   std::vector<TensorArgs> tensors;
   tensors.reserve(batch * bufs.size());
@@ -83,11 +83,34 @@ ffi::Error RunMembers(ffi::ThreadPool& pool, const Config& cfg, bool write_delta
       a.shape = t.shape;
       a.packed = packed.typed_data<float>() + b * packed_size;
       a.p = in(0), a.g = in(1), a.m = in(2), a.rms = in(3);
-      a.out = out(0), a.m_out = out(1), a.rms_out = out(2);
+      if (with_outputs) a.out = out(0), a.m_out = out(1), a.rms_out = out(2);
       fill(t, in, out, a);
       tensors.push_back(std::move(a));
     }
   }
+  return tensors;
+}
+
+// Statistics operands of the apply-only and partial-sums calls (ffi_common.h).
+template <typename In, typename Out>
+void SetExternal(const TensorBuffers& t, In in, Out out, TensorArgs& a) {
+  a.has_external = true;
+  if (t.factored) {
+    a.external.d1 = t.d1, a.external.d0 = t.d0;
+    a.external.v_row_new = in(4), a.external.v_col_new = in(5);
+    a.external.row_factor = in(6), a.external.col_factor = in(7);
+    a.external.scales = in(8);
+  } else {
+    a.v_full = in(4);
+    a.external.scales = in(5);
+  }
+}
+
+template <typename Fill>
+ffi::Error RunMembers(ffi::ThreadPool& pool, const Config& cfg, bool write_delta,
+                      const ffi::AnyBuffer& packed, int64_t batch,
+                      std::vector<TensorBuffers>& bufs, Fill fill) {
+  std::vector<TensorArgs> tensors = MemberViews(cfg, packed, batch, bufs, true, fill);
   const std::string err = CpuFusedUpdate(
       cfg, write_delta, tensors,
       [&pool](int64_t n, const std::function<void(int64_t)>& fn) { PoolParallelFor(&pool, n, fn); });
@@ -127,23 +150,47 @@ ffi::Error FusedApplyCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Remai
     return err;
   return RunMembers(pool, cfg, write_delta, packed, batch, bufs,
                     [](const TensorBuffers& t, auto in, auto out, TensorArgs& a) {
-                      a.has_external = true;
-                      if (t.factored) {
-                        a.external.d1 = t.d1, a.external.d0 = t.d0;
-                        a.external.v_row_new = in(4), a.external.v_col_new = in(5);
-                        a.external.row_factor = in(6), a.external.col_factor = in(7);
-                        a.external.scales = in(8);
-                      } else {
-                        a.v_full = in(4), a.v_full_out = out(3);
-                        a.external.scales = in(5);
-                      }
+                      SetExternal(t, in, out, a);
+                      if (!t.factored) a.v_full_out = out(3);
                     });
+}
+
+// Local per-feature sums of squares of tensor shards, from external row/column
+// factors: the same operands as lopt_fused_apply (scales unused), one result per
+// tensor of NumCompactFeatures floats. Reads every buffer, writes only the sums.
+ffi::Error PartialSumsqCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets, int64_t hidden_size, int64_t hidden_layers,
+                           int64_t dm, int64_t dr, int64_t da, float exp_mult, float step_mult,
+                           ffi::Span<const int64_t> factored_axes) {
+  const Config cfg = MakeConfig(hidden_size, hidden_layers, dm, dr, da, exp_mult, step_mult);
+  int64_t batch = 1;
+  std::vector<TensorBuffers> bufs;
+  if (ffi::Error err = CollectApplyOperands(cfg, packed, args, rets, factored_axes, &batch, &bufs,
+                                            /*sums_only=*/true);
+      err.failure())
+    return err;
+  std::vector<float*> sums;
+  std::vector<TensorArgs> tensors = MemberViews(
+      cfg, packed, batch, bufs, /*with_outputs=*/false,
+      [&](const TensorBuffers& t, auto in, auto out, TensorArgs& a) {
+        sums.push_back(out(0));
+        // The planner wants output buffers; nothing is written through these.
+        float* unused = const_cast<float*>(in(0));
+        a.out = a.m_out = a.rms_out = unused;
+        SetExternal(t, in, out, a);
+        if (!t.factored) a.v_full_out = unused;
+      });
+  const std::string err = CpuPartialSumsq(
+      cfg, tensors, sums,
+      [&pool](int64_t n, const std::function<void(int64_t)>& fn) { PoolParallelFor(&pool, n, fn); });
+  if (!err.empty()) return ffi::Error::InvalidArgument(err);
+  return ffi::Error::Success();
 }
 
 }  // namespace
 
-// Operands and attributes shared by both calls (see ffi_common.h for the order).
-auto CommonBinding() {
+// Operands and attributes shared by the calls (see ffi_common.h for the order).
+auto BaseBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::AnyBuffer>()  // packed meta-parameters
@@ -155,15 +202,19 @@ auto CommonBinding() {
       .Attr<int64_t>("dr")
       .Attr<int64_t>("da")
       .Attr<float>("exp_mult")
-      .Attr<float>("step_mult")
-      .Attr<bool>("write_delta");
+      .Attr<float>("step_mult");
 }
 
 // "precision" selects the CUDA MLP path; the shared call site passes it here too.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCpu, FusedUpdateCpu,
-                              CommonBinding().Attr<int64_t>("precision"));
+                              BaseBinding().Attr<bool>("write_delta").Attr<int64_t>("precision"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedApplyCpu, FusedApplyCpu,
-                              CommonBinding().Attr<ffi::Span<const int64_t>>("factored_axes"));
+                              BaseBinding()
+                                  .Attr<bool>("write_delta")
+                                  .Attr<ffi::Span<const int64_t>>("factored_axes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptPartialSumsqCpu, PartialSumsqCpu,
+                              BaseBinding().Attr<ffi::Span<const int64_t>>("factored_axes"));
 
 }  // namespace lopt::ffi_glue

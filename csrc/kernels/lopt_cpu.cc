@@ -392,4 +392,44 @@ std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<Tens
   return "";
 }
 
+
+std::string CpuPartialSumsq(const Config& cfg, std::vector<TensorArgs>& tensors,
+                            const std::vector<float*>& sums, const ParallelFor& parallel_for) {
+  if (const char* err = ValidateConfig(cfg)) return err;
+  const tiles::Kernels& K = tiles::SelectKernels();
+  std::vector<Work> work(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!tensors[i].has_external) return "tensor " + std::to_string(i) + ": needs external statistics";
+    work[i].args = &tensors[i];
+    std::string err = Plan(cfg, false, work[i]);
+    if (!err.empty()) return "tensor " + std::to_string(i) + ": " + err;
+  }
+  try {
+    std::vector<std::pair<int, int64_t>> tasks;
+    for (size_t i = 0; i < work.size(); ++i) {
+      Work& w = work[i];
+      if (w.plan.factored) UseExternalFactors(cfg, w);
+      w.chunk_sumsq.assign(w.n_chunks * w.plan.num_compact, 0.0);
+      for (int64_t c = 0; c < w.n_chunks; ++c) tasks.emplace_back(static_cast<int>(i), c);
+    }
+    parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+      Work& w = work[tasks[t].first];
+      const int64_t c = tasks[t].second;
+      const int64_t e1 = (c + 1) * kChunk < w.plan.numel ? (c + 1) * kChunk : w.plan.numel;
+      K.stats(w.plan, c * kChunk, e1, w.chunk_sumsq.data() + c * w.plan.num_compact);
+    });
+    for (size_t i = 0; i < work.size(); ++i) {  // combined in chunk order: deterministic
+      const int nc = work[i].plan.num_compact;
+      for (int f = 0; f < nc; ++f) {
+        double s = 0;
+        for (int64_t c = 0; c < work[i].n_chunks; ++c) s += work[i].chunk_sumsq[c * nc + f];
+        sums[i][f] = static_cast<float>(s);
+      }
+    }
+  } catch (const std::bad_alloc&) {
+    return "out of host memory for the row/column tables";
+  }
+  return "";
+}
+
 }  // namespace lopt

@@ -60,4 +60,12 @@ struct TensorArgs {
 std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<TensorArgs>& tensors,
                            const ParallelFor& parallel_for);
 
+// Local sums of squares of the compact per-element features (the order of
+// tiles::NumCompactFeatures) of every tensor, from external row/column factors
+// (has_external must be set; scales and the outputs are not used): the
+// statistics of a tensor shard before they are reduced across devices.
+// sums[i] receives NumCompactFeatures floats for tensors[i].
+std::string CpuPartialSumsq(const Config& cfg, std::vector<TensorArgs>& tensors,
+                            const std::vector<float*>& sums, const ParallelFor& parallel_for);
+
 }  // namespace lopt
