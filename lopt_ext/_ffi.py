@@ -84,6 +84,14 @@ def ensure_registered() -> None:
             ) from e
 
 
+def _config_attrs(lopt: SmallFcLOpt) -> dict:
+    """The FFI attributes every call takes (the configuration)."""
+    dm, dr, da = lopt.num_decays
+    return dict(hidden_size=np.int64(lopt.hidden_size), hidden_layers=np.int64(lopt.hidden_layers),
+                dm=np.int64(dm), dr=np.int64(dr), da=np.int64(da),
+                exp_mult=np.float32(lopt.exp_mult), step_mult=np.float32(lopt.step_mult))
+
+
 def pack_theta(lopt: SmallFcLOpt, theta, iteration) -> jax.Array:
     """The per-member float32 buffer the kernels read (layout: csrc/kernels/lopt_config.h).
 
@@ -129,11 +137,7 @@ def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: boo
         layout.append((scalar, p.ndim >= 2))
     call = jax.ffi.ffi_call(TARGET, results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)
-    dm, dr, da = lopt.num_decays
-    outs = call(*operands, hidden_size=np.int64(lopt.hidden_size),
-                hidden_layers=np.int64(lopt.hidden_layers), dm=np.int64(dm), dr=np.int64(dr),
-                da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
-                step_mult=np.float32(lopt.step_mult), write_delta=bool(write_delta),
+    outs = call(*operands, **_config_attrs(lopt), write_delta=bool(write_delta),
                 precision=np.int64(CUDA_PRECISIONS[cuda_precision()]))
     per_leaf, i = [], 0
     empty = jnp.zeros((0,), jnp.float32)
@@ -184,11 +188,7 @@ def apply_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bo
         kinds.append(factored)
     call = jax.ffi.ffi_call("lopt_fused_apply", results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)
-    dm, dr, da = lopt.num_decays
-    outs = call(*operands, hidden_size=np.int64(lopt.hidden_size),
-                hidden_layers=np.int64(lopt.hidden_layers), dm=np.int64(dm), dr=np.int64(dr),
-                da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
-                step_mult=np.float32(lopt.step_mult), write_delta=bool(write_delta),
+    outs = call(*operands, **_config_attrs(lopt), write_delta=bool(write_delta),
                 factored_axes=np.asarray(axes, np.int64))
     per_leaf, i = [], 0
     for factored in kinds:
@@ -224,10 +224,7 @@ def partial_sumsq(lopt: SmallFcLOpt, theta, iteration, leaves):
         n = 2 + 2 * dm + 2 * dr + 2 * da + (0 if p.ndim >= 2 else 2 * da)
         results.append(jax.ShapeDtypeStruct((n,), jnp.float32))
     call = jax.ffi.ffi_call("lopt_partial_sumsq", results, vmap_method="broadcast_all")
-    return call(*operands, hidden_size=np.int64(lopt.hidden_size),
-                hidden_layers=np.int64(lopt.hidden_layers), dm=np.int64(dm), dr=np.int64(dr),
-                da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
-                step_mult=np.float32(lopt.step_mult), factored_axes=np.asarray(axes, np.int64))
+    return call(*operands, **_config_attrs(lopt), factored_axes=np.asarray(axes, np.int64))
 
 
 def cpu_isa() -> str:

@@ -46,3 +46,17 @@ def assert_trajectories_agree(test, ref, what=""):
         for step, (ts, rs) in enumerate(zip(t_steps, r_steps)):
             v = max_violation(ts[li][1], rs[li][1], scale)
             assert v <= 1.0, f"{what}{path} step {step}: violation {v:.3g}x the tolerance"
+
+
+def random_theta(cfg, seed):
+    """init_theta plus non-zero decay offsets and biases, so every term matters."""
+    theta = cfg.init_theta(jax.random.PRNGKey(seed))
+    k = jax.random.split(jax.random.PRNGKey(seed + 100), 8)
+    dm, dr, da = cfg.num_decays
+    theta["momentum_decays"] = 0.05 * jax.random.normal(k[0], (dm,))
+    theta["rms_decays"] = 0.05 * jax.random.normal(k[1], (dr,))
+    theta["adafactor_decays"] = 0.05 * jax.random.normal(k[2], (da,))
+    nn = theta["nn"]["~"]
+    for i in range(cfg.hidden_layers + 1):
+        nn[f"b{i}"] = 0.1 * jax.random.normal(k[3 + i % 4], nn[f"b{i}"].shape)
+    return theta

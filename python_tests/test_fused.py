@@ -6,21 +6,9 @@ import optax
 import pytest
 
 import lopt_ext
-from helpers import SHAPES, assert_trajectories_agree, make_grads, make_params, max_violation
+from helpers import random_theta, SHAPES, assert_trajectories_agree, make_grads, make_params, max_violation
 
 
-def _random_theta(cfg, seed):
-    """init_theta plus non-zero decay offsets and biases, so every term matters."""
-    theta = cfg.init_theta(jax.random.PRNGKey(seed))
-    k = jax.random.split(jax.random.PRNGKey(seed + 100), 8)
-    dm, dr, da = cfg.num_decays
-    theta["momentum_decays"] = 0.05 * jax.random.normal(k[0], (dm,))
-    theta["rms_decays"] = 0.05 * jax.random.normal(k[1], (dr,))
-    theta["adafactor_decays"] = 0.05 * jax.random.normal(k[2], (da,))
-    nn = theta["nn"]["~"]
-    for i in range(cfg.hidden_layers + 1):
-        nn[f"b{i}"] = 0.1 * jax.random.normal(k[3 + i % 4], nn[f"b{i}"].shape)
-    return theta
 
 
 def _trajectory(cfg, theta, params, steps, impl, seed=0):
@@ -53,7 +41,7 @@ def _compare(cfg, theta, params, steps):
 @pytest.mark.parametrize("hidden_layers", [1, 2, 3])
 def test_trajectory_every_rank(hidden_size, hidden_layers):
     cfg = lopt_ext.SmallFcLOpt(hidden_size=hidden_size, hidden_layers=hidden_layers)
-    theta = _random_theta(cfg, hidden_size + hidden_layers)
+    theta = random_theta(cfg, hidden_size + hidden_layers)
     params = make_params(SHAPES + [(3, 4, 5, 2), (6, 2, 3)], seed=1)
     _compare(cfg, theta, params, steps=100)
 
@@ -61,7 +49,7 @@ def test_trajectory_every_rank(hidden_size, hidden_layers):
 @pytest.mark.parametrize("hidden_size", [4, 32])
 def test_trajectory_large_tensor(hidden_size):
     cfg = lopt_ext.SmallFcLOpt(hidden_size=hidden_size)
-    theta = _random_theta(cfg, 7)
+    theta = random_theta(cfg, 7)
     params = make_params([(1024, 1031), (1000, 3), (40000,)], seed=2)
     _compare(cfg, theta, params, steps=100 if hidden_size == 4 else 30)
 
@@ -71,7 +59,7 @@ def test_other_decay_configs():
     cfg = lopt_ext.SmallFcLOpt(hidden_size=8, initial_momentum_decays=(0.5, 0.95),
                                initial_rms_decays=(0.9, 0.999), initial_adafactor_decays=(0.8, 0.99),
                                exp_mult=0.1, step_mult=0.01)
-    theta = _random_theta(cfg, 3)
+    theta = random_theta(cfg, 3)
     _compare(cfg, theta, make_params(SHAPES, seed=4), steps=30)
 
 
@@ -79,7 +67,7 @@ def test_other_decay_configs():
 def test_single_step_updates(hidden_size):
     """The step itself (not hidden by p's rounding), from identical inputs, non-zero state."""
     cfg = lopt_ext.SmallFcLOpt(hidden_size=hidden_size)
-    theta = _random_theta(cfg, 11)
+    theta = random_theta(cfg, 11)
     params = make_params(SHAPES + [(3, 4, 5, 2), (200, 300)], seed=12)
     ref_tx, fused_tx = (cfg.transform(theta, impl=i) for i in ("reference", "fused"))
     state = ref_tx.init(params)
@@ -94,7 +82,7 @@ def test_single_step_updates(hidden_size):
 
 def test_eager_matches_jit():
     cfg = lopt_ext.SmallFcLOpt()
-    theta = _random_theta(cfg, 0)
+    theta = random_theta(cfg, 0)
     params = make_params(SHAPES, seed=0)
     grads = make_grads(params, 1)
     state = lopt_ext.init_state(cfg, params)
@@ -109,7 +97,7 @@ def test_eager_matches_jit():
 
 def test_vmap_population_of_thetas():
     cfg = lopt_ext.SmallFcLOpt(hidden_size=8)
-    thetas = [_random_theta(cfg, s) for s in range(4)]
+    thetas = [random_theta(cfg, s) for s in range(4)]
     stacked_theta = jax.tree.map(lambda *x: jnp.stack(x), *thetas)
     params = [make_params(SHAPES, seed=10 + s) for s in range(4)]
     grads = [make_grads(p, 20 + s) for s, p in enumerate(params)]
@@ -137,7 +125,7 @@ def test_vmap_population_of_thetas():
 def test_vmap_shared_params_batched_theta():
     # Only theta is batched: the kernel sees broadcast params.
     cfg = lopt_ext.SmallFcLOpt()
-    thetas = jax.tree.map(lambda *x: jnp.stack(x), *[_random_theta(cfg, s) for s in range(3)])
+    thetas = jax.tree.map(lambda *x: jnp.stack(x), *[random_theta(cfg, s) for s in range(3)])
     params = make_params([(6, 5), (4,)], seed=3)
     grads = make_grads(params, 4)
     state = lopt_ext.init_state(cfg, params)
@@ -150,14 +138,14 @@ def test_vmap_shared_params_batched_theta():
 
 def test_many_leaves():
     cfg = lopt_ext.SmallFcLOpt()
-    theta = _random_theta(cfg, 5)
+    theta = random_theta(cfg, 5)
     shapes = [(i % 7 + 1, i % 5 + 1) if i % 3 else (i + 1,) for i in range(64)]
     _compare(cfg, theta, make_params(shapes, seed=6), steps=5)
 
 
 def test_bfloat16_params_are_computed_in_float32():
     cfg = lopt_ext.SmallFcLOpt()
-    theta = _random_theta(cfg, 1)
+    theta = random_theta(cfg, 1)
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), make_params([(8, 6), (5,)], seed=0))
     grads = make_grads(params, 2)
     state = lopt_ext.init_state(cfg, params)
@@ -171,7 +159,7 @@ def test_bfloat16_params_are_computed_in_float32():
 
 def test_deterministic_bitwise():
     cfg = lopt_ext.SmallFcLOpt(hidden_size=32)
-    theta = _random_theta(cfg, 2)
+    theta = random_theta(cfg, 2)
     params = make_params([(300, 500), (77,), (9, 8, 70)], seed=8)
     grads = make_grads(params, 9)
     state = lopt_ext.init_state(cfg, params)

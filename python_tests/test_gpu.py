@@ -18,7 +18,7 @@ import pytest
 
 import lopt_ext
 from lopt_ext import _ffi
-from helpers import SHAPES, assert_trajectories_agree, make_grads, make_params
+from helpers import random_theta, SHAPES, assert_trajectories_agree, make_grads, make_params
 
 TF32_ATOL = 2e-3
 TF32_RTOL = 5e-3
@@ -39,17 +39,6 @@ def _cpu():
     return jax.devices("cpu")[0]
 
 
-def _random_theta(cfg, seed):
-    theta = cfg.init_theta(jax.random.PRNGKey(seed))
-    k = jax.random.split(jax.random.PRNGKey(seed + 100), 8)
-    dm, dr, da = cfg.num_decays
-    theta["momentum_decays"] = 0.05 * jax.random.normal(k[0], (dm,))
-    theta["rms_decays"] = 0.05 * jax.random.normal(k[1], (dr,))
-    theta["adafactor_decays"] = 0.05 * jax.random.normal(k[2], (da,))
-    nn = theta["nn"]["~"]
-    for i in range(cfg.hidden_layers + 1):
-        nn[f"b{i}"] = 0.1 * jax.random.normal(k[3 + i % 4], nn[f"b{i}"].shape)
-    return theta
 
 
 @pytest.fixture
@@ -154,7 +143,7 @@ def test_cuda_module_imports_when_built():
 def test_fp32_trajectory_every_rank(precision, hidden_size, hidden_layers):
     precision("fp32")
     cfg = lopt_ext.SmallFcLOpt(hidden_size=hidden_size, hidden_layers=hidden_layers)
-    theta = _random_theta(cfg, hidden_size + hidden_layers)
+    theta = random_theta(cfg, hidden_size + hidden_layers)
     _compare_trajectory(cfg, theta, make_params(RANK_SHAPES, seed=1), steps=30)
 
 
@@ -165,7 +154,7 @@ def test_fp32_other_decay_configs(precision):
     cfg = lopt_ext.SmallFcLOpt(hidden_size=8, initial_momentum_decays=(0.5, 0.95),
                                initial_rms_decays=(0.9, 0.999), initial_adafactor_decays=(0.8, 0.99),
                                exp_mult=0.1, step_mult=0.01)
-    _compare_trajectory(cfg, _random_theta(cfg, 3), make_params(RANK_SHAPES, seed=4), steps=20)
+    _compare_trajectory(cfg, random_theta(cfg, 3), make_params(RANK_SHAPES, seed=4), steps=20)
 
 
 @pytest.mark.gpu
@@ -174,7 +163,7 @@ def test_fp32_other_decay_configs(precision):
 def test_fp32_large_tensors(precision, hidden_size):
     precision("fp32")
     cfg = lopt_ext.SmallFcLOpt(hidden_size=hidden_size)
-    theta = _random_theta(cfg, 7)
+    theta = random_theta(cfg, 7)
     params = make_params([(1024, 1031), (1000, 3), (40000,), (3, 20000), (64, 768, 12)], seed=2)
     got = _one_step(cfg, theta, params, _gpu_devices()[0], "fused")
     ref = _one_step(cfg, theta, params, _cpu(), "reference")
@@ -187,7 +176,7 @@ def test_fp32_large_tensors(precision, hidden_size):
 def test_tf32_step_every_rank(precision, hidden_size):
     cfg = lopt_ext.SmallFcLOpt(hidden_size=hidden_size)
     assert _ffi._cuda_module().uses_tensor_cores(hidden_size, 2, 3, 1, 3, 1)
-    theta = _random_theta(cfg, 11)
+    theta = random_theta(cfg, 11)
     params = make_params(RANK_SHAPES + [(200, 300), (50000,)], seed=12)
     ref_upd, ref_state = _one_step(cfg, theta, params, _cpu(), "reference")
     precision("tf32")
@@ -206,7 +195,7 @@ def test_tf32_trajectory_stays_close(precision):
     """30 TF32 steps: parameters stay within the per-step tolerance accumulated."""
     precision("tf32")
     cfg = lopt_ext.SmallFcLOpt(hidden_size=32)
-    theta = _random_theta(cfg, 5)
+    theta = random_theta(cfg, 5)
     params = make_params(RANK_SHAPES, seed=6)
     steps = 30
     fused = _trajectory(cfg, theta, params, steps, "fused", _gpu_devices()[0])
@@ -223,7 +212,7 @@ def test_vmap_population(precision, prec):
     precision(prec)
     cfg = lopt_ext.SmallFcLOpt(hidden_size=32)
     gpu0 = _gpu_devices()[0]
-    thetas = [_random_theta(cfg, s) for s in range(3)]
+    thetas = [random_theta(cfg, s) for s in range(3)]
     params = [make_params(RANK_SHAPES, seed=10 + s) for s in range(3)]
     grads = [make_grads(p, 20 + s) for s, p in enumerate(params)]
     stack = lambda xs: jax.tree.map(lambda *x: jnp.stack(x), *xs)
@@ -263,7 +252,7 @@ def test_deterministic_bitwise(precision, prec):
     cfg = lopt_ext.SmallFcLOpt(hidden_size=32)
     gpu0 = _gpu_devices()[0]
     with jax.default_device(gpu0):
-        theta = _random_theta(cfg, 1)
+        theta = random_theta(cfg, 1)
         params = make_params([(512, 384), (384,), (3, 7, 1000), (200000,)], seed=3)
         grads = make_grads(params, 4)
         state = lopt_ext.init_state(cfg, params)
@@ -282,7 +271,7 @@ def test_donated_buffers(precision):
     cfg = lopt_ext.SmallFcLOpt()
     gpu0 = _gpu_devices()[0]
     with jax.default_device(gpu0):
-        theta = _random_theta(cfg, 2)
+        theta = random_theta(cfg, 2)
         params = make_params(SHAPES, seed=5)
         grads = make_grads(params, 6)
         state = lopt_ext.init_state(cfg, params)
