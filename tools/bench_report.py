@@ -330,6 +330,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=None, help="where to write benchmarks.md and benchmarks.png "
                                                    "(default: next to the JSON)")
     ap.add_argument("--no-png", action="store_true")
+    ap.add_argument("--image-link", default=None,
+                    help="path the markdown uses for the plot (default: benchmarks.png, next to the .md); "
+                         "e.g. docs/bench/benchmarks.png for a README at the repository root")
     ap.add_argument("--targets-json", default=None, help="also write the target checks as JSON here")
     args = ap.parse_args(argv)
     data, meta, ceilings, rows = load(args.json)
@@ -340,7 +343,7 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     png = None
     if not args.no_png and render_png(meta, ceilings, rows, os.path.join(out_dir, "benchmarks.png")):
-        png = "benchmarks.png"
+        png = args.image_link or "benchmarks.png"
     md = render_markdown(meta, ceilings, rows, png)
     with open(os.path.join(out_dir, "benchmarks.md"), "w") as f:
         f.write(md)
