@@ -59,7 +59,8 @@ def test_step(benchmark, machine_ceilings, wl, opt, hidden):
     info["loadavg_after"] = os.getloadavg()
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None:
-        info.update(harness.derived(info, stats.stats.median, machine_ceilings))
+        # Fractions of the ceilings are left to the report: the ceilings are final only at the end.
+        info.update(harness.derived(info, stats.stats.median))
     del prep  # free params/state before a probe process needs the memory
     if _rss_wanted(wl, opt, hidden):
         info.update(harness.run_rss_probe(wl, opt, hidden))

@@ -1,7 +1,8 @@
 """pytest-benchmark configuration for the optimizer benchmarks (see docs/benchmarks.md).
 
 Adds to the saved JSON's machine_info a "lopt_bench" entry: the machine's measured
-ceilings (bench/ceilings.py), library versions, CPU model, the kernels' instruction set,
+ceilings (lopt_bench/ceilings.py, at the start and again at the end of the run; the best
+of the two counts), library versions, CPU model, the kernels' instruction set,
 the git commit, the size set and the load average at start and end.
 """
 from __future__ import annotations
@@ -64,6 +65,25 @@ def machine_ceilings():
     return _SESSION["ceilings"]
 
 
+def _final_ceilings():
+    """Ceilings measured again at the end of a run (the machine may be shared): the best of
+    the two is the ceiling; both measurements are kept."""
+    start = _SESSION.get("ceilings")
+    if not start or os.environ.get("LOPT_BENCH_CEILINGS", "1") == "0" or harness.size_set_name() == "smoke":
+        return start or {}
+    try:
+        end = ceilings_mod.measure()
+    except Exception as e:  # keep the start measurement rather than lose the run
+        return dict(start, end_error=str(e))
+    best = dict(start if start["sgemm_gflops"] >= end["sgemm_gflops"] else end)
+    bw = start if start["bandwidth_gbs"] >= end["bandwidth_gbs"] else end
+    for k, v in bw.items():
+        if k.startswith(("copy_", "triad_", "update_", "bandwidth_")):
+            best[k] = v
+    best["measurements"] = {"start": start, "end": end}
+    return best
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     import jax
     info = {
@@ -83,6 +103,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "versions": _versions(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "ceilings": _SESSION.get("ceilings", {}),
+        "ceilings": _final_ceilings(),
     }
     machine_info["lopt_bench"] = info
