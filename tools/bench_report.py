@@ -265,8 +265,8 @@ def render_markdown(meta, ceilings, rows, png_name: Optional[str]) -> str:
              "### Memory per parameter", "",
              "State: bytes of the optimizer-state leaves / parameters. XLA temp: "
              "`compiled.memory_analysis().temp_size_in_bytes` / parameters of the jitted, donating step. "
-             "Step peak RSS: in a fresh process, the peak resident set during 3 steps "
-             "(VmHWM reset before them) minus the resident set just before them.", "",
+             "Step peak RSS: in a fresh process, after building inputs and compiling, the peak resident "
+             "set during the first 3 steps (VmHWM reset before them) minus the resident set before them.", "",
              section_memory(rows), "",
              "### Targets", "", section_targets(check_targets(rows)), ""]
     if png_name:

@@ -334,25 +334,30 @@ def _reset_peak_rss() -> bool:
 
 
 def rss_probe(wl: Workload, opt: str, hidden_size: Optional[int], steps: int = 3) -> Dict[str, Any]:
-    """Meant to run in a fresh process: peak RSS of the steps alone.
+    """Meant to run in a fresh process: the peak RSS of running steps, above the live inputs.
 
-    Builds inputs, compiles and runs one warm-up step, then resets the kernel's peak-RSS
-    counter (VmHWM) and runs ``steps`` steps. step_peak_delta = VmHWM after the steps minus
-    VmRSS just before them: the memory a step needs beyond its live inputs and state.
-    Falls back to getrusage's ru_maxrss (whole-process peak) where VmHWM can't be reset.
+    Builds inputs and state and compiles the step (nothing has run yet), reads the resident
+    set, resets the kernel's peak-RSS counter (VmHWM, via /proc/self/clear_refs) and runs
+    ``steps`` steps, the first one included (allocators keep what a first step took, so a
+    baseline taken after it would hide the step's temporaries). step_delta = VmHWM after the
+    steps minus VmRSS before them. Falls back to getrusage's ru_maxrss (whole-process peak,
+    including compilation) where VmHWM can't be reset; rss_method says which.
     """
     import resource
     prep = prepare(wl, opt, hidden_size)
-    prep.run()
-    reset = _reset_peak_rss()
     before = _proc_status_kib("VmRSS")
+    reset = _reset_peak_rss()
     for _ in range(steps):
         prep.run()
     peak = _proc_status_kib("VmHWM") if reset else None
+    after = _proc_status_kib("VmRSS")
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    out = {"rss_method": "VmHWM reset via /proc/self/clear_refs" if reset and peak else "ru_maxrss",
+    use_hwm = bool(reset and peak)
+    out = {"rss_method": "VmHWM reset via /proc/self/clear_refs" if use_hwm else "ru_maxrss",
+           "rss_steps": steps,
            "rss_before_step_bytes": (before or 0) * 1024,
-           "rss_peak_bytes": (peak if reset and peak else maxrss) * 1024,
+           "rss_peak_bytes": (peak if use_hwm else maxrss) * 1024,
+           "rss_after_steps_bytes": (after or 0) * 1024,
            "ru_maxrss_bytes": maxrss * 1024}
     out["rss_step_delta_bytes"] = max(0, out["rss_peak_bytes"] - out["rss_before_step_bytes"])
     out["rss_step_delta_per_param"] = out["rss_step_delta_bytes"] / wl.num_params
