@@ -43,7 +43,7 @@ def _rss_wanted(wl, opt, hidden) -> bool:
 
 @pytest.mark.parametrize("wl,opt,hidden", CASES, ids=[harness.case_id(*c) for c in CASES])
 def test_step(benchmark, machine_ceilings, wl, opt, hidden):
-    benchmark.group = wl.label
+    benchmark.group = wl.group_name
     benchmark.name = harness.case_id(wl, opt, hidden)
     load_before = os.getloadavg()
     prep = harness.prepare(wl, opt, hidden)

@@ -52,6 +52,11 @@ class Workload:
     kind: str
     label: str
     shapes: Tuple[Tuple[str, Tuple[int, ...]], ...]
+    group: str = ""  # pytest-benchmark group; defaults to the label
+
+    @property
+    def group_name(self) -> str:
+        return self.group or self.label
 
     @property
     def num_params(self) -> int:
@@ -139,7 +144,7 @@ def comparison_tensor(model: Workload) -> Workload:
     # a multiple of 1000; the ratio is taken per parameter so the tiny mismatch cancels.
     n_round = max(1000, int(round(n / 1000.0)) * 1000)
     return Workload("tensor_same_count", f"tensor-{_fmt_count(n_round)}",
-                    (("w", _matrix_shape(n_round)),))
+                    (("w", _matrix_shape(n_round)),), group=model.label)
 
 
 def reference_max(hidden_size: int) -> int:
@@ -151,22 +156,20 @@ def reference_max(hidden_size: int) -> int:
 
 
 def cases(size_set: Optional[str] = None) -> List[Tuple[Workload, str, Optional[int]]]:
-    """(workload, optimizer, hidden_size or None) for every benchmark of a size set."""
+    """(workload, optimizer, hidden_size or None) for every benchmark of a size set.
+
+    Each workload's optimizers run one after the other (similar machine load); a model's
+    fused cases alternate with its same-count single matrix, for the pytree/tensor ratio.
+    """
     out = []
-    wls = workloads(size_set)
-    models = [w for w in wls if w.kind == "model"]
-    extra = [comparison_tensor(m) for m in models]
-    for wl in wls + extra:
+    for wl in workloads(size_set):
         for opt in OPTIMIZERS:
-            if opt in LOPT_OPTIMIZERS:
-                for h in HIDDEN_SIZES:
-                    if wl.kind == "tensor_same_count" and opt != "fused":
-                        continue  # only needed for the fused pytree/tensor ratio
-                    if opt == "reference" and wl.num_params > reference_max(h):
-                        continue
-                    out.append((wl, opt, h))
-            elif wl.kind != "tensor_same_count":
-                out.append((wl, opt, None))
+            for h in (HIDDEN_SIZES if opt in LOPT_OPTIMIZERS else (None,)):
+                if opt == "reference" and wl.num_params > reference_max(h):
+                    continue
+                out.append((wl, opt, h))
+                if wl.kind == "model" and opt == "fused":
+                    out.append((comparison_tensor(wl), opt, h))
     return out
 
 
