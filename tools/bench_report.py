@@ -185,7 +185,7 @@ def section_memory(rows) -> str:
         rss = [r for r in mine if r.get("rss_step_delta_per_param") is not None]
         rss_r = max(rss, key=lambda r: r["num_params"]) if rss else None
         out.append([
-            opt_label(o, h), fmt(big["state_bytes_per_param"], ".2f"),
+            opt_label(o, h), fmt(big["state_bytes_per_param"], ".3g"),
             fmt(big.get("temp_bytes_per_param"), ".3g"),
             f"{worst['temp_bytes_per_param']:.3g} ({worst['workload']})" if worst else "-",
             f"{rss_r['rss_step_delta_per_param']:.3g} ({rss_r['workload']})" if rss_r else "-",
@@ -287,7 +287,7 @@ def render_png(meta, ceilings, rows, path: str) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4), sharey=True)
     for ax, h in zip(axes, (4, 32)):
         for o, oh in OPT_ORDER:
             if oh not in (None, h):
@@ -310,15 +310,20 @@ def render_png(meta, ceilings, rows, path: str) -> bool:
         ax.set_xlabel("parameters")
         ax.set_title(f"small_fc_lopt H={h} (L=2) vs optax")
         ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        else:
+        if not ax.get_legend_handles_labels()[0]:
             ax.text(0.5, 0.5, "not measured in this run", ha="center", transform=ax.transAxes)
     axes[0].set_ylabel("time per step (s, median)")
+    handles = {}
+    for ax in axes:
+        for hd, lb in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lb, hd)
+    if handles:
+        fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=5, fontsize=8,
+                   frameon=False)
     isa = meta.get("cpu_isa", "?")
     fig.suptitle(f"{meta.get('cpu_model', '?')}, {meta.get('cores', '?')} cores, ISA {isa}, "
                  f"commit {(meta.get('git_commit') or '?')[:10]}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
