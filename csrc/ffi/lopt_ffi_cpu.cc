@@ -55,6 +55,11 @@ ffi::Error FusedUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Rema
                           ffi::RemainingRets rets, int64_t hidden_size, int64_t hidden_layers,
                           int64_t dm, int64_t dr, int64_t da, float exp_mult, float step_mult,
                           bool write_delta) {
+  // Range-check before narrowing to int: 2^32 + 4 must not pass as 4.
+  for (int64_t v : {hidden_size, hidden_layers, dm, dr, da})
+    if (v < 1 || v > (int64_t{1} << 20))
+      return ffi::Error::InvalidArgument("hidden_size, hidden_layers, dm, dr, da must be in [1, 2^20], got " +
+                                         std::to_string(v));
   Config cfg;
   cfg.hidden = static_cast<int>(hidden_size);
   cfg.hidden_layers = static_cast<int>(hidden_layers);
