@@ -21,6 +21,8 @@ GRAD_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
 
 def _dtype(x, what):
     """dtype of an array-like leaf, or a TypeError naming it."""
+    if x is None:
+        raise TypeError(f"{what} must be an array, got None")
     try:
         return jnp.result_type(x)
     except Exception as e:  # e.g. a string or an arbitrary object in the tree
