@@ -46,7 +46,11 @@ if [ $# -eq 0 ]; then
          "$ROOT/python_tests/test_concurrency.py" -q -x
 fi
 echo "== pytest under ASan + UBSan (libasan: $LIBASAN)"
-(cd "$STAGE" && LD_PRELOAD="$LIBASAN:$LIBUBSAN" LOPT_EXPECT_MODULE="$STAGE/lopt_ext" \
-   "$PY" -m pytest -p no:cacheprovider --rootdir "$ROOT" "$@")
+cd "$STAGE"
+# The tests must import the sanitized copy, not the source tree's.
+LD_PRELOAD="$LIBASAN:$LIBUBSAN" "$PY" -c "import lopt_ext._ffi as f, sys; m = f._cpu_module().__file__; \
+print('sanitized module:', m); sys.exit(0 if m.startswith('$STAGE') else 1)"
+LD_PRELOAD="$LIBASAN:$LIBUBSAN" "$PY" -m pytest -p no:cacheprovider --rootdir "$ROOT" "$@"
+cd "$ROOT"
 END=$(date +%s)
 echo "sanitize.sh: build $((BUILT - START)) s, C++ tests $((CPP_DONE - BUILT)) s, pytest $((END - CPP_DONE)) s, total $((END - START)) s"
