@@ -43,11 +43,14 @@ class SmallFcLOpt:
             value = getattr(self, name)
             try:
                 value = tuple(float(v) for v in value)
-            except TypeError:
-                raise TypeError(f"SmallFcLOpt: {name} must be a sequence of floats, got {value!r}")
+            except (TypeError, ValueError):
+                raise TypeError(f"SmallFcLOpt: {name} must be a sequence of floats, got {value!r}") from None
             object.__setattr__(self, name, value)
             if not 1 <= len(value) <= MAX_DECAYS:
                 raise ValueError(f"SmallFcLOpt: {name} needs 1..{MAX_DECAYS} values, got {len(value)}")
+            # log(1 - beta0) must be finite: NaN, >= 1 or -inf would make every step NaN.
+            if not all(np.isfinite(v) and 0.0 <= v < 1.0 for v in value):
+                raise ValueError(f"SmallFcLOpt: {name} must lie in [0, 1), got {value!r}")
         for name, upper in (("hidden_size", MAX_HIDDEN), ("hidden_layers", MAX_HIDDEN_LAYERS)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= upper:
@@ -62,7 +65,11 @@ class SmallFcLOpt:
                 f"SmallFcLOpt: initial_rms_decays must have 1 or {dm} (momentum count) values, got {dr}")
         for name in ("exp_mult", "step_mult"):
             value = getattr(self, name)
-            if not np.isfinite(float(value)):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"SmallFcLOpt: {name} must be a float, got {value!r}") from None
+            if not np.isfinite(value):
                 raise ValueError(f"SmallFcLOpt: {name} must be finite, got {value!r}")
 
     @property

@@ -11,8 +11,9 @@ from lopt_ext.update import IMPLS, apply_step, check_lopt, check_theta
 def transform(lopt: SmallFcLOpt, theta, impl: str = "fused", skip_nonfinite: bool = False):
     """updates = -step, so optax.apply_updates(params, updates) == p - step exactly.
 
-    skip_nonfinite=True: a step whose gradients hold a NaN/Inf leaves params and state
-    unchanged (zero updates) and counts it in state.skipped. Default False, as the
+    skip_nonfinite=True: a step whose gradients hold a NaN/Inf, or any |g| above
+    sqrt(float32 max) ~ 1.8e19 (g^2 would overflow the accumulators), leaves params and
+    state unchanged (zero updates) and counts it in state.skipped. Default False, as the
     reference: NaN propagates.
     """
     check_lopt(lopt)

@@ -47,7 +47,18 @@ def leaf_state_shapes(lopt: SmallFcLOpt, shape):
 
 
 def init_state(lopt: SmallFcLOpt, params) -> SmallFcLOptState:
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if not isinstance(lopt, SmallFcLOpt):
+        raise TypeError(f"lopt must be a lopt_ext.SmallFcLOpt, got {type(lopt).__name__}")
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in paths]
+    for path, leaf in paths:
+        name = f"params{jax.tree_util.keystr(path)}"
+        try:
+            dtype = jnp.result_type(leaf)
+        except Exception as e:
+            raise TypeError(f"{name} must be an array, got {type(leaf).__name__} ({e})") from None
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point, got {dtype}")
     per_field = [[], [], [], [], []]
     for leaf in leaves:
         for field, shp in zip(per_field, leaf_state_shapes(lopt, jnp.shape(leaf))):

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lopt_ext import reference
@@ -13,10 +14,44 @@ from lopt_ext.state import SmallFcLOptState, leaf_state_shapes
 
 IMPLS = ("fused", "reference")
 _STATE_FIELDS = ("m", "rms", "v_row", "v_col", "v_full")
+# skip_nonfinite skips a step unless every |g| <= this: sqrt(float32 max), so that g^2
+# (rms and the factored accumulators) cannot overflow to inf either.
+GRAD_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
 
 
-def _is_float(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+def _dtype(x, what):
+    """dtype of an array-like leaf, or a TypeError naming it."""
+    if x is None:
+        raise TypeError(f"{what} must be an array, got None")
+    try:
+        return jnp.result_type(x)
+    except Exception as e:  # e.g. a string or an arbitrary object in the tree
+        raise TypeError(f"{what} must be an array, got {type(x).__name__} ({e})") from None
+
+
+def _is_float(x, what="value") -> bool:
+    return jnp.issubdtype(_dtype(x, what), jnp.floating)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_theta_finite(theta) -> None:
+    """A concrete theta holding NaN/Inf is rejected (it would turn every output into NaN).
+
+    Traced theta (inside jit, grad or vmap) cannot be inspected: there NaN propagates,
+    as in the reference.
+    """
+    paths, _ = jax.tree_util.tree_flatten_with_path(theta)
+    if not all(_is_concrete(x) for _, x in paths):
+        return
+    for path, x in paths:
+        arr = np.asarray(x, np.float32)
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise ValueError(f"theta{jax.tree_util.keystr(path)} holds {bad} non-finite value(s) (NaN/Inf); "
+                             "every output would be NaN")
 
 
 def check_lopt(lopt) -> None:
@@ -36,10 +71,11 @@ def check_theta(lopt: SmallFcLOpt, theta) -> None:
             for k in expected:
                 walk(expected[k], got[k], f"{path}[{k!r}]")
             return
+        _dtype(got, f"theta{path}")
         shape = tuple(jnp.shape(got))
         if shape != tuple(expected):
             raise ValueError(f"theta{path} has shape {shape}; {lopt} expects {tuple(expected)}")
-        if not _is_float(got):
+        if not _is_float(got, f"theta{path}"):
             raise TypeError(f"theta{path} must be floating point, got {jnp.result_type(got)}")
 
     walk(lopt.theta_shapes(), theta, "")
@@ -61,9 +97,9 @@ def check_inputs(lopt: SmallFcLOpt, theta, state, params, grads, grads_name="gra
     except (ValueError, TypeError) as e:
         raise ValueError(f"{grads_name} must have the same tree structure as params: {e}") from None
     for name, p, g in zip(names, p_leaves, g_leaves):
-        if not _is_float(p):
+        if not _is_float(p, f"params{name}"):
             raise TypeError(f"params{name} must be floating point, got {jnp.result_type(p)}")
-        if not _is_float(g):
+        if not _is_float(g, f"{grads_name}{name}"):
             raise TypeError(f"{grads_name}{name} must be floating point, got {jnp.result_type(g)}")
         if jnp.shape(g) != jnp.shape(p):
             raise ValueError(f"{grads_name}{name} has shape {jnp.shape(g)}, params{name} has {jnp.shape(p)}")
@@ -76,14 +112,20 @@ def check_inputs(lopt: SmallFcLOpt, theta, state, params, grads, grads_name="gra
         except (ValueError, TypeError) as e:
             raise ValueError(f"state.{field} does not match the params tree (a state from another model?): {e}") from None
         for name, p, leaf in zip(names, p_leaves, leaves):
+            if _dtype(leaf, f"state.{field}{name}") != jnp.float32:
+                raise TypeError(f"state.{field}{name} must be float32 (as init_state makes it), "
+                                f"got {jnp.result_type(leaf)}")
             want = leaf_state_shapes(lopt, jnp.shape(p))[fi]
             if tuple(jnp.shape(leaf)) != tuple(want):
                 raise ValueError(f"state.{field}{name} has shape {tuple(jnp.shape(leaf))}; params{name} of shape "
                                  f"{jnp.shape(p)} with {lopt} needs {tuple(want)} (a state from another model or config?)")
         fields.append(leaves)
     for name in ("iteration", "skipped"):
-        if jnp.shape(getattr(state, name)) != ():
-            raise ValueError(f"state.{name} must be a scalar, got shape {jnp.shape(getattr(state, name))}")
+        value = getattr(state, name)
+        if not jnp.issubdtype(_dtype(value, f"state.{name}"), jnp.integer):
+            raise TypeError(f"state.{name} must be an integer scalar, got {jnp.result_type(value)}")
+        if jnp.shape(value) != ():
+            raise ValueError(f"state.{name} must be a scalar, got shape {jnp.shape(value)}")
     return treedef, p_leaves, g_leaves, fields
 
 
@@ -96,6 +138,10 @@ def apply_step(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grads,
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     treedef, p_leaves, g_leaves, fields = check_inputs(lopt, theta, state, params, grads, grads_name)
+    check_theta_finite(theta)
+    # Both paths compute in float32 (theta in float64 under x64 would make the reference's
+    # state float64 and break the lax.cond below).
+    theta = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(jnp.float32), theta)
     live = [i for i, p in enumerate(p_leaves) if jnp.size(p) > 0]  # empty tensors: nothing to do
     f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
     leaves = [(f32(p_leaves[i]), f32(g_leaves[i]), *(f[i] for f in fields)) for i in live]
@@ -114,7 +160,8 @@ def apply_step(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grads,
 
     finite = jnp.bool_(True)
     if skip_nonfinite and leaves:
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf[1])) for leaf in leaves]))
+        # NaN compares False, so NaN, +-Inf and |g| > GRAD_LIMIT all skip the step.
+        finite = jnp.all(jnp.stack([jnp.all(jnp.abs(leaf[1]) <= GRAD_LIMIT) for leaf in leaves]))
         results = lax.cond(finite, step, skip, None)
     else:
         results = step(None)
