@@ -302,8 +302,10 @@ void TestIndex64(const lopt::tiles::Kernels& K) {
     const int64_t line = N1 - 3, e0 = line * W;  // ~2^27 * 1000 > 2^36
     std::vector<float> line_fac = Random((line + 1) * C * da, 21, 0.5f, 2.0f);
     std::vector<float> line_tab = Random((line + 1) * C * H, 22, -0.2f, 0.2f);
-    std::vector<float> cross_fac = Random(W * da, 23, 0.5f, 2.0f);
-    std::vector<float> cross_tab = Random(W * H, 24, -0.2f, 0.2f);
+    // Cross tables are transposed ([da][stride], [H][stride]) with tile padding.
+    const int64_t stride = W + lopt::tiles::kTileLanes;
+    std::vector<float> cross_fac = Random(da * stride, 23, 0.5f, 2.0f);
+    std::vector<float> cross_tab = Random(H * stride, 24, -0.2f, 0.2f);
     // The small tensor is that one line alone: its line tables are line L's entries.
     std::vector<float> line_fac_s(line_fac.end() - C * da, line_fac.end());
     std::vector<float> line_tab_s(line_tab.end() - C * H, line_tab.end());
@@ -312,8 +314,9 @@ void TestIndex64(const lopt::tiles::Kernels& K) {
     small.A = small.B = small.N1 = 1, small.N2 = N2, small.C = C, small.W = W, small.numel = W;
     big.line_fac = line_fac.data(), big.line_tab = line_tab.data();
     small.line_fac = line_fac_s.data(), small.line_tab = line_tab_s.data();
-    big.cross_fac = small.cross_fac = cross_fac.data();
-    big.cross_tab = small.cross_tab = cross_tab.data();
+    big.cross_fac_t = small.cross_fac_t = cross_fac.data();
+    big.cross_tab_t = small.cross_tab_t = cross_tab.data();
+    big.cross_stride = small.cross_stride = stride;
     Bufs bb(W), bs(W);
     point(big, bb, e0);
     point(small, bs, 0);
