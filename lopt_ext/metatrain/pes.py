@@ -154,89 +154,17 @@ class MetaTrainer:
     def slot_task(self, slot: Slot):
         return family.make_task(self.specs[slot.spec_index])
 
-    @functools.lru_cache(maxsize=None)
     def _init_pairs_fn(self, task):
-        P, lopt, dim = self.cfg.pairs, self.lopt, self.dim
+        return _init_pairs_cached(self.cfg, task)
 
-        def init_pairs(key):
-            k_params, k_data = jax.random.split(key)
-            params = jax.vmap(task.init)(jax.random.split(k_params, P))
-            params2 = jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), params)
-            state = jax.vmap(lambda p: init_state(lopt, p))(params2)
-            return params2, state, jnp.zeros((P, dim), jnp.float32), jax.random.split(k_data, P)
-
-        return jax.jit(init_pairs)
-
-    # ----- the population unroll: the hot path -----
-    @functools.lru_cache(maxsize=None)
     def _slot_step_fn(self, task, impl: str):
-        cfg, lopt, unravel = self.cfg, self.lopt, self.unravel
-        P, K = cfg.pairs, cfg.unroll
-        init_pairs = self._init_pairs_fn(task)
-        scale = float(task.loss_scale)
-
-        def member_unroll(theta_flat, params, state, data_key, start):
-            tx = lopt.transform(unravel(theta_flat), impl=impl)
-
-            def body(carry, i):
-                params, state = carry
-                batch = task.sample_batch(jax.random.fold_in(data_key, start + i))
-                loss, grads = jax.value_and_grad(task.loss)(params, batch)
-                updates, state = tx.update(grads, state, params)
-                return (optax.apply_updates(params, updates), state), loss
-
-            (params, state), losses = lax.scan(body, (params, state), jnp.arange(K))
-            return params, state, losses
-
-        population_unroll = jax.vmap(member_unroll, in_axes=(0, 0, 0, 0, None))
-
-        def slot_step(theta_flat, params, state, accum, data_keys, start, key):
-            k_eps, k_reset = jax.random.split(key)
-            eps = cfg.sigma * jax.random.normal(k_eps, (P, theta_flat.size), jnp.float32)
-            thetas = theta_flat[None] + jnp.concatenate([eps, -eps])
-            keys2 = jnp.concatenate([data_keys, data_keys])
-            params, state, losses = population_unroll(thetas, params, state, keys2, start)
-            norm = losses / scale
-            finite_params = jax.vmap(lambda p: jnp.all(jnp.stack(
-                [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(p)])))(params)
-            member_failed = ~(jnp.all(jnp.isfinite(norm), axis=1) & finite_params)
-            member_loss = jnp.mean(jnp.clip(jnp.nan_to_num(norm, nan=cfg.loss_clip, posinf=cfg.loss_clip,
-                                                           neginf=cfg.loss_clip), None, cfg.loss_clip), axis=1)
-            member_loss = jnp.where(member_failed, cfg.loss_clip, member_loss)
-            l_pos, l_neg = member_loss[:P], member_loss[P:]
-            if cfg.estimator == "pes":
-                accum = accum + eps
-                direction = accum
-            else:
-                direction = eps
-            grad = jnp.einsum("p,pd->d", l_pos - l_neg, direction) / (2 * cfg.sigma ** 2 * P)
-            if cfg.estimator == "es":  # both members continue from the positive member
-                take_pos = lambda x: jnp.concatenate([x[:P], x[:P]])
-                params = jax.tree_util.tree_map(take_pos, params)
-                state = jax.tree_util.tree_map(take_pos, state)
-            # reset failed pairs: fresh params and state, zero accumulator, new data stream
-            pair_failed = member_failed[:P] | member_failed[P:]
-            f_params, f_state, _, f_keys = init_pairs(k_reset)
-            sel2 = jnp.concatenate([pair_failed, pair_failed])
-
-            def pick(new, old):
-                mask = sel2.reshape((-1,) + (1,) * (old.ndim - 1))
-                return jnp.where(mask, new, old)
-
-            params = jax.tree_util.tree_map(pick, f_params, params)
-            state = jax.tree_util.tree_map(pick, f_state, state)
-            accum = jnp.where(pair_failed[:, None], 0.0, accum)
-            data_keys = jnp.where(pair_failed[:, None], f_keys, data_keys)
-            stats = {"meta_loss": jnp.mean(member_loss), "failed": jnp.sum(member_failed),
-                     "raw_loss": jnp.mean(jnp.where(member_failed[:, None], jnp.nan, losses))}
-            return params, state, accum, data_keys, grad, stats
-
-        return jax.jit(slot_step)
+        return _slot_step_cached(self.cfg, task, impl)
 
     def _outer_update_impl(self, theta_flat, opt_state, grad):
         grad = jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         updates, opt_state = self.outer_opt.update(grad, opt_state, theta_flat)
-        return optax.apply_updates(theta_flat, updates), opt_state, optax.global_norm(grad)
+        return optax.apply_updates(theta_flat, updates), opt_state, _norm(grad)
+
 
     def outer_step(self, ms: MetaState) -> Dict[str, Any]:
         """One outer step in place on ``ms``; returns float stats."""
@@ -285,3 +213,92 @@ class MetaTrainer:
             out[f"{impl}_inner_step_us"] = float(np.median(times)) / (self.cfg.unroll * 2 * self.cfg.pairs) * 1e6
         out["speedup"] = out["reference_unroll_s"] / out["fused_unroll_s"]
         return out
+
+
+# Compiled functions are cached per (config, task, impl) at module level, so that several
+# trainers of the same configuration (e.g. a run and its resumption) share compilations.
+@functools.lru_cache(maxsize=None)
+def _init_pairs_cached(cfg: MetaTrainConfig, task):
+    P, lopt = cfg.pairs, cfg.lopt()
+    dim = int(ravel_pytree(lopt.init_theta(jax.random.PRNGKey(0)))[0].size)
+
+    def init_pairs(key):
+        k_params, k_data = jax.random.split(key)
+        params = jax.vmap(task.init)(jax.random.split(k_params, P))
+        params2 = jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), params)
+        state = jax.vmap(lambda p: init_state(lopt, p))(params2)
+        return params2, state, jnp.zeros((P, dim), jnp.float32), jax.random.split(k_data, P)
+
+    return jax.jit(init_pairs)
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
+    """jit of one truncation of one slot: all 2*pairs members vmapped (the hot path)."""
+    lopt = cfg.lopt()
+    _, unravel = ravel_pytree(lopt.init_theta(jax.random.PRNGKey(0)))
+    P, K = cfg.pairs, cfg.unroll
+    init_pairs = _init_pairs_cached(cfg, task)
+    scale = float(task.loss_scale)
+
+    def member_unroll(theta_flat, params, state, data_key, start):
+        tx = lopt.transform(unravel(theta_flat), impl=impl)
+
+        def body(carry, i):
+            params, state = carry
+            batch = task.sample_batch(jax.random.fold_in(data_key, start + i))
+            loss, grads = jax.value_and_grad(task.loss)(params, batch)
+            updates, state = tx.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), loss
+
+        (params, state), losses = lax.scan(body, (params, state), jnp.arange(K))
+        return params, state, losses
+
+    population_unroll = jax.vmap(member_unroll, in_axes=(0, 0, 0, 0, None))
+
+    def slot_step(theta_flat, params, state, accum, data_keys, start, key):
+        k_eps, k_reset = jax.random.split(key)
+        eps = cfg.sigma * jax.random.normal(k_eps, (P, theta_flat.size), jnp.float32)
+        thetas = theta_flat[None] + jnp.concatenate([eps, -eps])
+        keys2 = jnp.concatenate([data_keys, data_keys])
+        params, state, losses = population_unroll(thetas, params, state, keys2, start)
+        norm = losses / scale
+        finite_params = jax.vmap(lambda p: jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(p)])))(params)
+        member_failed = ~(jnp.all(jnp.isfinite(norm), axis=1) & finite_params)
+        member_loss = jnp.mean(jnp.clip(jnp.nan_to_num(norm, nan=cfg.loss_clip, posinf=cfg.loss_clip,
+                                                       neginf=cfg.loss_clip), None, cfg.loss_clip), axis=1)
+        member_loss = jnp.where(member_failed, cfg.loss_clip, member_loss)
+        l_pos, l_neg = member_loss[:P], member_loss[P:]
+        if cfg.estimator == "pes":
+            accum = accum + eps
+            direction = accum
+        else:
+            direction = eps
+        grad = jnp.einsum("p,pd->d", l_pos - l_neg, direction) / (2 * cfg.sigma ** 2 * P)
+        if cfg.estimator == "es":  # both members continue from the positive member
+            take_pos = lambda x: jnp.concatenate([x[:P], x[:P]])
+            params = jax.tree_util.tree_map(take_pos, params)
+            state = jax.tree_util.tree_map(take_pos, state)
+        # reset failed pairs: fresh params and state, zero accumulator, new data stream
+        pair_failed = member_failed[:P] | member_failed[P:]
+        f_params, f_state, _, f_keys = init_pairs(k_reset)
+        sel2 = jnp.concatenate([pair_failed, pair_failed])
+
+        def pick(new, old):
+            mask = sel2.reshape((-1,) + (1,) * (old.ndim - 1))
+            return jnp.where(mask, new, old)
+
+        params = jax.tree_util.tree_map(pick, f_params, params)
+        state = jax.tree_util.tree_map(pick, f_state, state)
+        accum = jnp.where(pair_failed[:, None], 0.0, accum)
+        data_keys = jnp.where(pair_failed[:, None], f_keys, data_keys)
+        stats = {"meta_loss": jnp.mean(member_loss), "failed": jnp.sum(member_failed)}
+        return params, state, accum, data_keys, grad, stats
+
+    return jax.jit(slot_step)
+
+
+def _norm(tree):
+    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)
+    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)

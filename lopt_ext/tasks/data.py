@@ -24,7 +24,7 @@ def _split(n, test_fraction, seed=_SPLIT_SEED):
 
 @functools.lru_cache(maxsize=None)
 def digits():
-    """(x_train [1437,8,8,1], y_train, x_test [360,8,8,1], y_test); pixels scaled to [0, 1]."""
+    """(x_train [1438,8,8,1], y_train, x_test [359,8,8,1], y_test); pixels scaled to [0, 1]."""
     from sklearn.datasets import load_digits
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0)[..., None]
