@@ -167,6 +167,8 @@ def test_config_validation():
 def test_steps_to_reach_and_adam_curves_match_numpy_adam():
     assert ev.steps_to_reach([3.0, 2.0, 1.0, 0.5], 1.0, 10) == 20
     assert ev.steps_to_reach([3.0, 2.0], 1.0, 10) is None
+    assert ev.steps_to_stay([3.0, 0.5, 2.0, 0.9, 0.8], 1.0, 10) == 30
+    assert ev.steps_to_stay([3.0, 0.5, 2.0], 1.0, 10) is None
     from lopt_ext import tasks
     task = tasks.get_task("quadratic_d32_c2_n0.1_seed100")
     lr, steps, every = 0.05, 20, 10

@@ -117,6 +117,15 @@ def adam_sweep(task, seeds=(0, 1, 2), steps=1000, every=10, lrs=DEFAULT_LRS, cac
     return out
 
 
+def steps_to_stay(curve_mean, target, every):
+    """First recorded step from which the curve stays <= target to the end (None if never)."""
+    above = np.nonzero(~(np.asarray(curve_mean) <= target))[0]
+    if above.size == 0:
+        return 0
+    last = int(above[-1]) + 1
+    return None if last >= len(curve_mean) else last * every
+
+
 def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), steps=1000, every=10, lrs=DEFAULT_LRS,
                   impl="fused", adam_cache: Optional[str] = None) -> Dict[str, Any]:
     adam = adam_sweep(task, seeds, steps, every, lrs, cache=adam_cache)
@@ -133,6 +142,7 @@ def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), steps=1000, every=10, lrs=
         "lopt_final_train": float(l_mean[-1]), "lopt_final_train_std": float(l_curves[0, :, -1].std()),
         "lopt_final_eval": float(l_evals[0].mean()),
         "lopt_steps_to_adam_final": reach, "adam_steps_to_own_final": adam_reach,
+        "lopt_steps_to_stay_below_adam_final": steps_to_stay(l_mean, target, every),
         "ratio": (reach / steps) if reach is not None else None,
         "curves": {"adam_best": adam["adam_curve"], "lopt": l_curves[0].tolist()},
         "lopt_time_s": t2 - t1})
@@ -161,16 +171,21 @@ def evaluate(task_names: Sequence[str], lopt, theta, seeds=(0, 1, 2), steps=1000
 
 def format_table(results) -> str:
     lines = ["| task | split | Adam best lr | Adam final train | LOpt final train | Adam eval | LOpt eval "
-             "| LOpt steps to Adam's final | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| LOpt steps to Adam's final (first touch) | ratio | LOpt stays below from |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         reach = r["lopt_steps_to_adam_final"]
         lines.append(
             f"| {r['task']} | {r.get('split', '')} | {r['adam_best_lr']:.2g} | {r['adam_final_train']:.4g} "
             f"| {r['lopt_final_train']:.4g} | {r['adam_final_eval']:.4g} | {r['lopt_final_eval']:.4g} "
             f"| {reach if reach is not None else 'not reached in ' + str(r['steps'])} "
-            f"| {('%.2fx' % r['ratio']) if r['ratio'] is not None else '> 1x'} |")
+            f"| {('%.2fx' % r['ratio']) if r['ratio'] is not None else '> 1x'} "
+            f"| {_fmt_steps(r.get('lopt_steps_to_stay_below_adam_final'), r['steps'])} |")
     return "\n".join(lines)
+
+
+def _fmt_steps(value, steps):
+    return "never" if value is None else str(value)
 
 
 def plot_curves(results, path, title="learned optimizer vs tuned Adam"):
@@ -198,5 +213,5 @@ def plot_curves(results, path, title="learned optimizer vs tuned Adam"):
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
