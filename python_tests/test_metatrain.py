@@ -162,6 +162,19 @@ def test_config_validation():
         MetaTrainConfig(estimator="sgd")
     with pytest.raises(ValueError, match="unroll"):
         MetaTrainConfig(unroll=50, min_horizon=20)
+    with pytest.raises(ValueError, match="objective"):
+        MetaTrainConfig(objective="mse")
+
+
+def test_init_theta_starts_from_a_file(tmp_path):
+    from lopt_ext import SmallFcLOpt
+    from jax.flatten_util import ravel_pytree
+    lopt = SmallFcLOpt()
+    theta = lopt.init_theta(jax.random.PRNGKey(42))
+    path = str(tmp_path / "t.safetensors")
+    checkpoint.save_theta(path, theta, lopt)
+    tr = MetaTrainer(_cfg(init_theta=path))
+    np.testing.assert_array_equal(np.asarray(tr.init().theta_flat), np.asarray(ravel_pytree(theta)[0]))
 
 
 def test_steps_to_reach_and_adam_curves_match_numpy_adam():

@@ -58,12 +58,16 @@ class MetaTrainConfig:
     impl: str = "fused"           # inner-step implementation: "fused" or "reference"
     split: str = "train"
     task_names: Tuple[str, ...] = ()   # if set: meta-train on these tasks (by name) instead of the split
+    objective: str = "normalized"      # per-step value: loss/scale ("normalized") or log(loss/scale) ("log")
+    init_theta: str = ""               # start from this theta .safetensors instead of a random init
     seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "task_names", tuple(self.task_names))
         if self.estimator not in ("pes", "es"):
             raise ValueError(f"estimator must be 'pes' or 'es', got {self.estimator!r}")
+        if self.objective not in ("normalized", "log"):
+            raise ValueError(f"objective must be 'normalized' or 'log', got {self.objective!r}")
         if self.impl not in ("fused", "reference"):
             raise ValueError(f"impl must be 'fused' or 'reference', got {self.impl!r}")
         if self.min_horizon < self.unroll or self.max_horizon < self.min_horizon:
@@ -130,7 +134,11 @@ class MetaTrainer:
         seed = self.cfg.seed if seed is None else seed
         key = jax.random.PRNGKey(seed)
         key, k_theta = jax.random.split(key)
-        theta_flat, _ = ravel_pytree(self.lopt.init_theta(k_theta))
+        if self.cfg.init_theta:
+            from lopt_ext.checkpoint import load_theta
+            theta_flat, _ = ravel_pytree(load_theta(self.cfg.init_theta, self.lopt)[1])
+        else:
+            theta_flat, _ = ravel_pytree(self.lopt.init_theta(k_theta))
         slots = []
         for _ in range(self.cfg.num_tasks):
             key, k = jax.random.split(key)
@@ -266,9 +274,12 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
         finite_params = jax.vmap(lambda p: jnp.all(jnp.stack(
             [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(p)])))(params)
         member_failed = ~(jnp.all(jnp.isfinite(norm), axis=1) & finite_params)
-        member_loss = jnp.mean(jnp.clip(jnp.nan_to_num(norm, nan=cfg.loss_clip, posinf=cfg.loss_clip,
-                                                       neginf=cfg.loss_clip), None, cfg.loss_clip), axis=1)
-        member_loss = jnp.where(member_failed, cfg.loss_clip, member_loss)
+        value = jnp.clip(jnp.nan_to_num(norm, nan=cfg.loss_clip, posinf=cfg.loss_clip, neginf=cfg.loss_clip),
+                         None, cfg.loss_clip)
+        if cfg.objective == "log":  # late, small losses weigh as much as early ones
+            value = jnp.log(jnp.maximum(value, 1e-6))
+        worst = cfg.loss_clip if cfg.objective == "normalized" else float(np.log(cfg.loss_clip))
+        member_loss = jnp.where(member_failed, worst, jnp.mean(value, axis=1))
         l_pos, l_neg = member_loss[:P], member_loss[P:]
         if cfg.estimator == "pes":
             accum = accum + eps
