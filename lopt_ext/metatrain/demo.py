@@ -1,0 +1,126 @@
+"""The README's main job: train a task-family model with the pretrained learned optimizer
+(fused kernel, and the pure-JAX reference for comparison) and with Adam tuned by a short
+learning-rate sweep; print a loss table with step times and optimizer-state memory; save a PNG."""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lopt_ext.metatrain import evaluate as ev
+
+
+def _state_bytes(state) -> int:
+    return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(state)))
+
+
+def _time_step(task, tx, params, key, repeats=50) -> float:
+    """Median seconds of one jitted training step (loss, grad, optimizer update, apply)."""
+    @jax.jit
+    def step(params, state, i):
+        batch = task.sample_batch(jax.random.fold_in(key, i))
+        loss, grads = jax.value_and_grad(task.loss)(params, batch)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    state = tx.init(params)
+    params, state, loss = step(params, state, 0)
+    jax.block_until_ready(loss)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        params, state, loss = step(params, state, i + 1)
+        jax.block_until_ready((params, state, loss))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run_demo(task_name: str = "mlp_digits_48_relu_b64_s1", steps: int = 1000, seed: int = 0,
+             png: str = "demo.png", pretrained_name: str = "small_fc_lopt_h4", every: int = 10,
+             lrs=ev.DEFAULT_LRS) -> Dict[str, Any]:
+    from lopt_ext import pretrained
+    from lopt_ext.tasks import family
+    task = family.get_task(task_name)
+    lopt, theta = pretrained.load(pretrained_name)
+    n_params = task.num_params()
+    print(f"task {task.name}: {n_params} parameters, {steps} steps, seed {seed}; "
+          f"learned optimizer {pretrained_name} (hidden_size={lopt.hidden_size})")
+
+    t0 = time.perf_counter()
+    sweep, _ = ev.run_curves(task, ev.adam_tx, lrs, [seed], steps, every)
+    finals = np.nan_to_num(sweep[:, 0, -1], nan=np.inf)
+    best = int(np.argmin(finals))
+    best_lr = float(lrs[best])
+    print(f"Adam learning-rate sweep ({len(lrs)} values, {time.perf_counter() - t0:.1f} s): best lr {best_lr:.3g}")
+
+    params, key = ev._init_run(task, seed)
+    rows, curves = [], {}
+    for label, make_tx, tx in (
+            ("learned (fused)", ev.lopt_tx_factory(lopt, theta, "fused"), lopt.transform(theta, impl="fused")),
+            ("learned (reference)", ev.lopt_tx_factory(lopt, theta, "reference"), lopt.transform(theta, impl="reference")),
+            (f"Adam lr={best_lr:.2g}", ev.adam_tx, ev.adam_tx(best_lr))):
+        hp = [best_lr] if label.startswith("Adam") else [0.0]
+        c, e = ev.run_curves(task, make_tx, hp, [seed], steps, every)
+        curves[label] = c[0, 0]
+        step_s = _time_step(task, tx, params, key)
+        rows.append({"optimizer": label, "final_train_loss": float(c[0, 0, -1]), "eval_loss": float(e[0, 0]),
+                     "step_ms": step_s * 1e3, "state_bytes_per_param": _state_bytes(tx.init(params)) / n_params})
+    target = rows[-1]["final_train_loss"]
+    for r in rows:
+        hit = ev.steps_to_reach(curves[r["optimizer"]], target, every)
+        r["steps_to_adam_final"] = hit
+
+    header = (f"{'optimizer':<22}{'final train':>12}{'held-out':>10}{'step ms':>9}{'state B/param':>15}"
+              f"{'steps to Adam final':>21}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        hit = r["steps_to_adam_final"]
+        print(f"{r['optimizer']:<22}{r['final_train_loss']:>12.4f}{r['eval_loss']:>10.4f}{r['step_ms']:>9.3f}"
+              f"{r['state_bytes_per_param']:>15.1f}{(str(hit) if hit is not None else 'not reached'):>21}")
+    if png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = np.arange(len(next(iter(curves.values())))) * every
+        for label, c in curves.items():
+            ax.plot(x, c, label=label, ls="--" if "reference" in label else "-")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (full train set)")
+        ax.set_title(task.name, fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        print(f"wrote {png}")
+    return {"task": task.name, "best_lr": best_lr, "rows": rows}
+
+
+def plot_metaloss(log_path: str, png: str, window: int = 50) -> Dict[str, float]:
+    """meta-loss vs outer step (raw and moving average) from a meta-train log.jsonl."""
+    import json
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        rows = [json.loads(l) for l in f if l.strip()]
+    steps = np.asarray([r["step"] for r in rows])
+    loss = np.asarray([r["meta_loss"] for r in rows])
+    w = max(1, min(window, len(loss)))
+    avg = np.convolve(loss, np.ones(w) / w, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, loss, alpha=0.3, lw=0.6, label="meta-loss (per outer step)")
+    ax.plot(steps[w - 1:], avg, label=f"moving average ({w})")
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("normalised mean inner training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return {"steps": int(steps[-1]), "first_avg": float(avg[0]), "last_avg": float(avg[-1])}

@@ -1,0 +1,315 @@
+"""Persistent Evolution Strategies (PES) over truncated unrolls of the task family.
+
+Algorithm (Vicol, Metz, Sohl-Dickstein, ICML 2021), as used here:
+- A population of ``num_tasks`` task slots. Each slot holds one task of the training split
+  and ``pairs`` antithetic pairs; each pair has its own persistent inner state for the positive
+  and for the negative member (params + small_fc_lopt state) and an accumulated perturbation xi.
+- Outer step: for each slot draw eps_i ~ N(0, sigma^2 I) per pair, run ``unroll`` inner steps
+  of all 2*pairs members (theta + eps_i, theta - eps_i) with ONE jitted function: jax.vmap over
+  the members of a lax.scan whose body computes the task gradient and applies the learned
+  optimizer through the fused kernel (one custom call per step for the whole population).
+- Member loss L = mean over the unroll of the per-step training loss divided by the task's
+  loss_scale, clipped to ``loss_clip`` (NaN/Inf -> loss_clip, member counted as failed).
+- PES: xi_i <- xi_i + eps_i;  g = sum_i xi_i (L+_i - L-_i) / (2 sigma^2 pairs), averaged over
+  slots. ES (``estimator="es"``): xi_i is replaced by eps_i and, after each unroll, both members of
+  a pair continue from the positive member's state (truncated ES).
+- A pair whose member failed is reset (fresh params, zero state, xi = 0), so a divergence never
+  leaks NaN into theta; a slot whose trajectory reached its horizon draws a new task and resets.
+- Outer optimiser: optax clip_by_global_norm -> Adam with warmup + cosine schedule.
+All randomness comes from one jax PRNG key carried in the state, so a resumed run repeats the
+uninterrupted run bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from lopt_ext.config import SmallFcLOpt
+from lopt_ext.state import init_state
+from lopt_ext.tasks import family
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTrainConfig:
+    hidden_size: int = 4
+    hidden_layers: int = 2
+    num_tasks: int = 4            # task slots in the population
+    pairs: int = 4                # antithetic pairs per slot (2*pairs members vmapped)
+    unroll: int = 20              # inner steps per truncation
+    min_horizon: int = 200        # inner trajectory length, drawn uniformly, multiple of unroll
+    max_horizon: int = 1000
+    sigma: float = 0.01
+    outer_lr: float = 3e-3
+    outer_steps: int = 1000
+    warmup_steps: int = 50
+    final_lr_fraction: float = 0.1
+    grad_clip: float = 1.0
+    loss_clip: float = 2.0
+    estimator: str = "pes"        # "pes" or "es"
+    impl: str = "fused"           # inner-step implementation: "fused" or "reference"
+    split: str = "train"
+    task_names: Tuple[str, ...] = ()   # if set: meta-train on these tasks (by name) instead of the split
+    objective: str = "normalized"      # per-step value: loss/scale ("normalized") or log(loss/scale) ("log")
+    init_theta: str = ""               # start from this theta .safetensors instead of a random init
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "task_names", tuple(self.task_names))
+        if self.estimator not in ("pes", "es"):
+            raise ValueError(f"estimator must be 'pes' or 'es', got {self.estimator!r}")
+        if self.objective not in ("normalized", "log"):
+            raise ValueError(f"objective must be 'normalized' or 'log', got {self.objective!r}")
+        if self.impl not in ("fused", "reference"):
+            raise ValueError(f"impl must be 'fused' or 'reference', got {self.impl!r}")
+        if self.min_horizon < self.unroll or self.max_horizon < self.min_horizon:
+            raise ValueError("need unroll <= min_horizon <= max_horizon")
+        for name in ("num_tasks", "pairs", "unroll", "outer_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    def lopt(self) -> SmallFcLOpt:
+        return SmallFcLOpt(hidden_size=self.hidden_size, hidden_layers=self.hidden_layers)
+
+    def to_json(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def make_outer_optimizer(cfg: MetaTrainConfig):
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.outer_lr, warmup_steps=max(cfg.warmup_steps, 1),
+        decay_steps=max(cfg.outer_steps, cfg.warmup_steps + 1), end_value=cfg.outer_lr * cfg.final_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(schedule))
+
+
+@dataclasses.dataclass
+class Slot:
+    """One task of the population with its antithetic pairs (leading axis 2*pairs: + then -)."""
+    spec_index: int
+    step: int          # inner steps done in this trajectory
+    horizon: int       # inner steps of this trajectory
+    params: Any        # task params, leading axis [2P]
+    opt_state: Any     # SmallFcLOptState, leading axis [2P]
+    accum: jax.Array   # [P, D] accumulated perturbations (PES)
+    data_keys: jax.Array  # [P, 2] one batch stream per pair, shared by its two members
+
+    def arrays(self):
+        return {"params": self.params, "opt_state": self.opt_state, "accum": self.accum,
+                "data_keys": self.data_keys}
+
+
+@dataclasses.dataclass
+class MetaState:
+    step: int
+    theta_flat: jax.Array
+    outer_opt_state: Any
+    slots: List[Slot]
+    key: jax.Array
+
+
+class MetaTrainer:
+    def __init__(self, cfg: MetaTrainConfig):
+        self.cfg = cfg
+        self.lopt = cfg.lopt()
+        if cfg.task_names:
+            self.specs = tuple(family.get_task(n).spec for n in cfg.task_names)
+        else:
+            self.specs = family.SPLITS[cfg.split]
+        theta0 = self.lopt.init_theta(jax.random.PRNGKey(0))
+        _, self.unravel = ravel_pytree(theta0)
+        self.dim = int(ravel_pytree(theta0)[0].size)
+        self.outer_opt = make_outer_optimizer(cfg)
+        self._outer_update = jax.jit(self._outer_update_impl)
+
+    # ----- state -----
+    def init(self, seed: int | None = None) -> MetaState:
+        seed = self.cfg.seed if seed is None else seed
+        key = jax.random.PRNGKey(seed)
+        key, k_theta = jax.random.split(key)
+        if self.cfg.init_theta:
+            from lopt_ext.checkpoint import load_theta
+            theta_flat, _ = ravel_pytree(load_theta(self.cfg.init_theta, self.lopt)[1])
+        else:
+            theta_flat, _ = ravel_pytree(self.lopt.init_theta(k_theta))
+        slots = []
+        for _ in range(self.cfg.num_tasks):
+            key, k = jax.random.split(key)
+            slots.append(self._new_slot(k))
+        return MetaState(0, theta_flat, self.outer_opt.init(theta_flat), slots, key)
+
+    def _draw_task(self, key):
+        k_task, k_hor, k_init = jax.random.split(key, 3)
+        spec_index = int(jax.random.randint(k_task, (), 0, len(self.specs)))
+        n_min = self.cfg.min_horizon // self.cfg.unroll
+        n_max = self.cfg.max_horizon // self.cfg.unroll
+        horizon = int(jax.random.randint(k_hor, (), n_min, n_max + 1)) * self.cfg.unroll
+        return spec_index, horizon, k_init
+
+    def _new_slot(self, key) -> Slot:
+        spec_index, horizon, k_init = self._draw_task(key)
+        task = family.make_task(self.specs[spec_index])
+        params, opt_state, accum, data_keys = self._init_pairs_fn(task)(k_init)
+        return Slot(spec_index, 0, horizon, params, opt_state, accum, data_keys)
+
+    def slot_task(self, slot: Slot):
+        return family.make_task(self.specs[slot.spec_index])
+
+    def _init_pairs_fn(self, task):
+        return _init_pairs_cached(self.cfg, task)
+
+    def _slot_step_fn(self, task, impl: str):
+        return _slot_step_cached(self.cfg, task, impl)
+
+    def _outer_update_impl(self, theta_flat, opt_state, grad):
+        grad = jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        updates, opt_state = self.outer_opt.update(grad, opt_state, theta_flat)
+        return optax.apply_updates(theta_flat, updates), opt_state, _norm(grad)
+
+
+    def outer_step(self, ms: MetaState) -> Dict[str, Any]:
+        """One outer step in place on ``ms``; returns float stats."""
+        key, k_step = jax.random.split(ms.key)
+        slot_keys = jax.random.split(k_step, 2 * len(ms.slots))
+        grads, losses, failed = [], [], 0
+        for i, slot in enumerate(ms.slots):
+            fn = self._slot_step_fn(self.slot_task(slot), self.cfg.impl)
+            (slot.params, slot.opt_state, slot.accum, slot.data_keys, grad, stats) = fn(
+                ms.theta_flat, slot.params, slot.opt_state, slot.accum, slot.data_keys,
+                jnp.int32(slot.step), slot_keys[2 * i])
+            grads.append(grad)
+            losses.append(stats["meta_loss"])
+            failed += int(stats["failed"])
+            slot.step += self.cfg.unroll
+            if slot.step >= slot.horizon:
+                ms.slots[i] = self._new_slot(slot_keys[2 * i + 1])
+        grad = jnp.mean(jnp.stack(grads), axis=0)
+        ms.theta_flat, ms.outer_opt_state, gnorm = self._outer_update(ms.theta_flat, ms.outer_opt_state, grad)
+        ms.key = key
+        ms.step += 1
+        return {"step": ms.step, "meta_loss": float(np.mean([float(x) for x in losses])),
+                "grad_norm": float(gnorm), "failed": failed,
+                "tasks": [family.task_name(self.specs[s.spec_index]) for s in ms.slots]}
+
+    def theta(self, ms: MetaState):
+        return self.unravel(ms.theta_flat)
+
+    # ----- timing: inner step inside meta-training, fused vs reference -----
+    def time_inner_step(self, ms: MetaState, slot_index: int = 0, repeats: int = 3) -> Dict[str, float]:
+        """Seconds per inner step per member of one slot's population unroll, both impls."""
+        slot = ms.slots[slot_index]
+        task = self.slot_task(slot)
+        out = {"task": task.name, "members": 2 * self.cfg.pairs}
+        for impl in ("fused", "reference"):
+            fn = self._slot_step_fn(task, impl)
+            args = (ms.theta_flat, slot.params, slot.opt_state, slot.accum, slot.data_keys,
+                    jnp.int32(slot.step), jax.random.PRNGKey(0))
+            jax.block_until_ready(fn(*args))
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                times.append(time.perf_counter() - t0)
+            out[f"{impl}_unroll_s"] = float(np.median(times))
+            out[f"{impl}_inner_step_us"] = float(np.median(times)) / (self.cfg.unroll * 2 * self.cfg.pairs) * 1e6
+        out["speedup"] = out["reference_unroll_s"] / out["fused_unroll_s"]
+        return out
+
+
+# Compiled functions are cached per (config, task, impl) at module level, so that several
+# trainers of the same configuration (e.g. a run and its resumption) share compilations.
+@functools.lru_cache(maxsize=None)
+def _init_pairs_cached(cfg: MetaTrainConfig, task):
+    P, lopt = cfg.pairs, cfg.lopt()
+    dim = int(ravel_pytree(lopt.init_theta(jax.random.PRNGKey(0)))[0].size)
+
+    def init_pairs(key):
+        k_params, k_data = jax.random.split(key)
+        params = jax.vmap(task.init)(jax.random.split(k_params, P))
+        params2 = jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), params)
+        state = jax.vmap(lambda p: init_state(lopt, p))(params2)
+        return params2, state, jnp.zeros((P, dim), jnp.float32), jax.random.split(k_data, P)
+
+    return jax.jit(init_pairs)
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
+    """jit of one truncation of one slot: all 2*pairs members vmapped (the hot path)."""
+    lopt = cfg.lopt()
+    _, unravel = ravel_pytree(lopt.init_theta(jax.random.PRNGKey(0)))
+    P, K = cfg.pairs, cfg.unroll
+    init_pairs = _init_pairs_cached(cfg, task)
+    scale = float(task.loss_scale)
+
+    def member_unroll(theta_flat, params, state, data_key, start):
+        tx = lopt.transform(unravel(theta_flat), impl=impl)
+
+        def body(carry, i):
+            params, state = carry
+            batch = task.sample_batch(jax.random.fold_in(data_key, start + i))
+            loss, grads = jax.value_and_grad(task.loss)(params, batch)
+            updates, state = tx.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), loss
+
+        (params, state), losses = lax.scan(body, (params, state), jnp.arange(K))
+        return params, state, losses
+
+    population_unroll = jax.vmap(member_unroll, in_axes=(0, 0, 0, 0, None))
+
+    def slot_step(theta_flat, params, state, accum, data_keys, start, key):
+        k_eps, k_reset = jax.random.split(key)
+        eps = cfg.sigma * jax.random.normal(k_eps, (P, theta_flat.size), jnp.float32)
+        thetas = theta_flat[None] + jnp.concatenate([eps, -eps])
+        keys2 = jnp.concatenate([data_keys, data_keys])
+        params, state, losses = population_unroll(thetas, params, state, keys2, start)
+        norm = losses / scale
+        finite_params = jax.vmap(lambda p: jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(p)])))(params)
+        member_failed = ~(jnp.all(jnp.isfinite(norm), axis=1) & finite_params)
+        value = jnp.clip(jnp.nan_to_num(norm, nan=cfg.loss_clip, posinf=cfg.loss_clip, neginf=cfg.loss_clip),
+                         None, cfg.loss_clip)
+        if cfg.objective == "log":  # late, small losses weigh as much as early ones
+            value = jnp.log(jnp.maximum(value, 1e-6))
+        worst = cfg.loss_clip if cfg.objective == "normalized" else float(np.log(cfg.loss_clip))
+        member_loss = jnp.where(member_failed, worst, jnp.mean(value, axis=1))
+        l_pos, l_neg = member_loss[:P], member_loss[P:]
+        if cfg.estimator == "pes":
+            accum = accum + eps
+            direction = accum
+        else:
+            direction = eps
+        grad = jnp.einsum("p,pd->d", l_pos - l_neg, direction) / (2 * cfg.sigma ** 2 * P)
+        if cfg.estimator == "es":  # both members continue from the positive member
+            take_pos = lambda x: jnp.concatenate([x[:P], x[:P]])
+            params = jax.tree_util.tree_map(take_pos, params)
+            state = jax.tree_util.tree_map(take_pos, state)
+        # reset failed pairs: fresh params and state, zero accumulator, new data stream
+        pair_failed = member_failed[:P] | member_failed[P:]
+        f_params, f_state, _, f_keys = init_pairs(k_reset)
+        sel2 = jnp.concatenate([pair_failed, pair_failed])
+
+        def pick(new, old):
+            mask = sel2.reshape((-1,) + (1,) * (old.ndim - 1))
+            return jnp.where(mask, new, old)
+
+        params = jax.tree_util.tree_map(pick, f_params, params)
+        state = jax.tree_util.tree_map(pick, f_state, state)
+        accum = jnp.where(pair_failed[:, None], 0.0, accum)
+        data_keys = jnp.where(pair_failed[:, None], f_keys, data_keys)
+        stats = {"meta_loss": jnp.mean(member_loss), "failed": jnp.sum(member_failed)}
+        return params, state, accum, data_keys, grad, stats
+
+    return jax.jit(slot_step)
+
+
+def _norm(tree):
+    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)
+    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)

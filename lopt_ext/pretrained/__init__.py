@@ -1,0 +1,41 @@
+"""Pretrained small_fc_lopt meta-parameters shipped with the package (loaded offline).
+
+    from lopt_ext import pretrained
+    lopt, theta = pretrained.load("small_fc_lopt_h4")
+    tx = lopt.transform(theta)            # optax GradientTransformation (fused kernel)
+
+Each entry is NAME.safetensors (theta, lopt_ext.checkpoint format, config in its metadata) plus
+NAME.json (provenance: command, config, outer steps, wall time, final meta-loss, evaluation).
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any, Dict, List
+
+AVAILABLE = ("small_fc_lopt_h4",)
+
+
+def list_pretrained() -> List[str]:
+    return list(AVAILABLE)
+
+
+def _file(name: str, suffix: str):
+    if name not in AVAILABLE:
+        hint = (" lopt_ext ships hidden_size=4 weights meta-trained on its offline task family as "
+                "'small_fc_lopt_h4'; PyLO's hidden_size=32 small_fc_lopt weights can be imported with "
+                "lopt_ext.checkpoint.import_pylo(path).") if name.startswith("small_fc_lopt") else ""
+        raise KeyError(f"no pretrained optimizer named {name!r}; available: {list(AVAILABLE)}.{hint}")
+    return resources.files(__name__).joinpath(name + suffix)
+
+
+def info(name: str = "small_fc_lopt_h4") -> Dict[str, Any]:
+    """The provenance JSON of a pretrained entry."""
+    return json.loads(_file(name, ".json").read_text())
+
+
+def load(name: str = "small_fc_lopt_h4"):
+    """(SmallFcLOpt, theta) of a shipped pretrained learned optimizer; no network access."""
+    from lopt_ext import checkpoint
+    with resources.as_file(_file(name, ".safetensors")) as path:
+        return checkpoint.load_theta(str(path))

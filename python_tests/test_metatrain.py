@@ -1,0 +1,243 @@
+"""PES meta-training: estimator vs a hand-written per-member loop, failure handling,
+bit-for-bit resume, evaluation helpers, pretrained weights."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lopt_ext import checkpoint
+from lopt_ext.metatrain import MetaTrainConfig, MetaTrainer, train
+from lopt_ext.metatrain import evaluate as ev
+
+TASK = "logreg_d16_n512_b32_seed0"   # cheapest to compile
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(**kw):
+    base = dict(num_tasks=1, pairs=2, unroll=2, min_horizon=4, max_horizon=4, sigma=0.05,
+                task_names=(TASK,), outer_steps=4, warmup_steps=1)
+    base.update(kw)
+    return MetaTrainConfig(**base)
+
+
+def _member(tree, m):
+    return jax.tree_util.tree_map(lambda x: x[m], tree)
+
+
+def _manual_unroll(trainer, task, theta_flat, params, state, data_key, start):
+    """One member, plain Python loop over steps, reference implementation."""
+    tx = trainer.lopt.transform(trainer.unravel(theta_flat), impl="reference")
+    losses = []
+    for i in range(trainer.cfg.unroll):
+        batch = task.sample_batch(jax.random.fold_in(data_key, start + i))
+        loss, g = jax.value_and_grad(task.loss)(params, batch)
+        u, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, u)
+        losses.append(float(loss))
+    norm = np.minimum(np.asarray(losses) / task.loss_scale, trainer.cfg.loss_clip)
+    return params, float(norm.mean())
+
+
+@pytest.mark.parametrize("impl", ["fused", pytest.param("reference", marks=pytest.mark.slow)])
+def test_pes_step_matches_hand_written_estimator(impl):
+    cfg = _cfg(impl=impl)
+    tr = MetaTrainer(cfg)
+    ms = tr.init()
+    slot = ms.slots[0]
+    task = tr.slot_task(slot)
+    P, D = cfg.pairs, tr.dim
+    fn = tr._slot_step_fn(task, impl)
+    accum = slot.accum
+    params, state = slot.params, slot.opt_state
+    total_eps = np.zeros((P, D))
+    for call, key in enumerate([jax.random.PRNGKey(7), jax.random.PRNGKey(8)]):
+        start = call * cfg.unroll
+        out = fn(ms.theta_flat, params, state, accum, slot.data_keys, jnp.int32(start), key)
+        eps = cfg.sigma * np.asarray(jax.random.normal(jax.random.split(key)[0], (P, D), jnp.float32))
+        total_eps += eps
+        losses, new_params = [], []
+        for m in range(2 * P):
+            sign = 1.0 if m < P else -1.0
+            theta_m = ms.theta_flat + sign * jnp.asarray(eps[m % P])
+            p, l = _manual_unroll(tr, task, theta_m, _member(params, m), _member(state, m),
+                                  slot.data_keys[m % P], start)
+            losses.append(l)
+            new_params.append(p)
+        losses = np.asarray(losses)
+        # PES: the direction is the accumulated perturbation of the trajectory so far
+        expected = np.einsum("p,pd->d", losses[:P] - losses[P:], total_eps) / (2 * cfg.sigma ** 2 * P)
+        params, state, accum, _, grad, stats = out
+        np.testing.assert_allclose(np.asarray(accum), total_eps, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(float(stats["meta_loss"]), losses.mean(), rtol=1e-5)
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(np.asarray(grad), expected, rtol=2e-2, atol=2e-2 * scale)
+        for m in range(2 * P):
+            for a, b in zip(jax.tree_util.tree_leaves(_member(params, m)), jax.tree_util.tree_leaves(new_params[m])):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        assert int(stats["failed"]) == 0
+
+
+def test_es_estimator_uses_only_this_truncation():
+    cfg = _cfg(estimator="es")
+    tr = MetaTrainer(cfg)
+    ms = tr.init()
+    s = ms.slots[0]
+    fn = tr._slot_step_fn(tr.slot_task(s), "fused")
+    params, state, accum, *_ = fn(ms.theta_flat, s.params, s.opt_state, s.accum, s.data_keys, jnp.int32(0),
+                                  jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(np.asarray(accum), 0.0)
+    for x in jax.tree_util.tree_leaves(params):  # both members continue from the positive one
+        np.testing.assert_array_equal(np.asarray(x[: cfg.pairs]), np.asarray(x[cfg.pairs:]))
+
+
+def test_divergent_member_is_clipped_counted_and_reset():
+    cfg = _cfg()
+    tr = MetaTrainer(cfg)
+    ms = tr.init()
+    s = ms.slots[0]
+    fn = tr._slot_step_fn(tr.slot_task(s), "fused")
+    # pair 0's positive member starts from NaN parameters
+    bad = jax.tree_util.tree_map(lambda x: x.at[0].set(jnp.nan), s.params)
+    accum = jnp.ones_like(s.accum)
+    params, state, accum, keys, grad, stats = fn(ms.theta_flat, bad, s.opt_state, accum, s.data_keys,
+                                                 jnp.int32(0), jax.random.PRNGKey(2))
+    assert int(stats["failed"]) == 1
+    assert np.all(np.isfinite(np.asarray(grad)))
+    assert float(stats["meta_loss"]) <= cfg.loss_clip
+    P = cfg.pairs
+    for x in jax.tree_util.tree_leaves(params):
+        assert np.all(np.isfinite(np.asarray(x)))
+        np.testing.assert_array_equal(np.asarray(x[0]), np.asarray(x[P]))  # the pair restarted together
+    np.testing.assert_array_equal(np.asarray(accum[0]), 0.0)
+    assert np.all(np.asarray(accum[1]) != 0.0)
+    assert int(state.iteration[0]) == 0 and int(state.iteration[1]) == cfg.unroll
+    # the outer update stays finite
+    theta, _, _ = tr._outer_update(ms.theta_flat, ms.outer_opt_state, grad)
+    assert np.all(np.isfinite(np.asarray(theta)))
+
+
+def _log_without_time(path):
+    with open(path) as f:
+        rows = [json.loads(l) for l in f if l.strip()]
+    for r in rows:
+        r.pop("wall_time_s")
+    return rows
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    cfg = _cfg(num_tasks=2, task_names=(TASK, "quadratic_d32_c2_n0.1_seed0"), min_horizon=3, max_horizon=6)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.run(cfg, a, checkpoint_every=2, progress=False, time_inner=False)
+    train.run(cfg, b, checkpoint_every=3, stop_at=3, progress=False, time_inner=False)
+    assert open(os.path.join(b, "latest")).read() == "step_000003"
+    train.run(None, b, resume=True, checkpoint_every=2, progress=False, time_inner=False)
+    ta = checkpoint.load_theta(os.path.join(a, "theta.safetensors"))[1]
+    tb = checkpoint.load_theta(os.path.join(b, "theta.safetensors"))[1]
+    for x, y in zip(jax.tree_util.tree_leaves(ta), jax.tree_util.tree_leaves(tb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    sa, _ = checkpoint.read_safetensors(os.path.join(a, "step_000004", "state.safetensors"))
+    sb, _ = checkpoint.read_safetensors(os.path.join(b, "step_000004", "state.safetensors"))
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+    assert _log_without_time(os.path.join(a, "log.jsonl")) == _log_without_time(os.path.join(b, "log.jsonl"))
+    # checkpoint layout: complete directories only, the newest recorded in `latest`
+    names = sorted(os.listdir(a))
+    assert not [n for n in names if n.startswith(".tmp")]
+    assert {"latest", "log.jsonl", "theta.safetensors", "provenance.json"} <= set(names)
+    meta = json.load(open(os.path.join(a, "step_000004", "meta.json")))
+    assert meta["step"] == 4 and meta["config"]["task_names"] == list(cfg.task_names)
+    lopt, _ = checkpoint.load_theta(os.path.join(a, "step_000004", "theta.safetensors"))
+    assert lopt.hidden_size == cfg.hidden_size
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="estimator"):
+        MetaTrainConfig(estimator="sgd")
+    with pytest.raises(ValueError, match="unroll"):
+        MetaTrainConfig(unroll=50, min_horizon=20)
+    with pytest.raises(ValueError, match="objective"):
+        MetaTrainConfig(objective="mse")
+
+
+def test_init_theta_starts_from_a_file(tmp_path):
+    from lopt_ext import SmallFcLOpt
+    from jax.flatten_util import ravel_pytree
+    lopt = SmallFcLOpt()
+    theta = lopt.init_theta(jax.random.PRNGKey(42))
+    path = str(tmp_path / "t.safetensors")
+    checkpoint.save_theta(path, theta, lopt)
+    tr = MetaTrainer(_cfg(init_theta=path))
+    np.testing.assert_array_equal(np.asarray(tr.init().theta_flat), np.asarray(ravel_pytree(theta)[0]))
+
+
+def test_steps_to_reach_and_adam_curves_match_numpy_adam():
+    assert ev.steps_to_reach([3.0, 2.0, 1.0, 0.5], 1.0, 10) == 20
+    assert ev.steps_to_reach([3.0, 2.0], 1.0, 10) is None
+    assert ev.steps_to_stay([3.0, 0.5, 2.0, 0.9, 0.8], 1.0, 10) == 30
+    assert ev.steps_to_stay([3.0, 0.5, 2.0], 1.0, 10) is None
+    from lopt_ext import tasks
+    task = tasks.get_task("quadratic_d32_c2_n0.1_seed100")
+    lr, steps, every = 0.05, 20, 10
+    curves, _ = ev.run_curves(task, ev.adam_tx, [lr], [0], steps, every)
+    params, key = ev._init_run(task, 0)
+    x = np.asarray(params["x"], np.float64)
+    m = np.zeros_like(x)
+    v = np.zeros_like(x)
+    expected = [float(task.train_loss(params))]
+    for i in range(steps):
+        g = np.asarray(jax.grad(task.loss)({"x": jnp.asarray(x, jnp.float32)},
+                                        task.sample_batch(jax.random.fold_in(key, i)))["x"], np.float64)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        x = x - lr * (m / (1 - 0.9 ** (i + 1))) / (np.sqrt(v / (1 - 0.999 ** (i + 1))) + 1e-8)
+        if (i + 1) % every == 0:
+            expected.append(float(task.train_loss({"x": jnp.asarray(x, jnp.float32)})))
+    np.testing.assert_allclose(curves[0, 0], expected, rtol=1e-3)
+
+
+def test_plot_metaloss(tmp_path):
+    from lopt_ext.metatrain import demo
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": i + 1, "meta_loss": 1.0 / (i + 1)}) + "\n" for i in range(30)))
+    out = demo.plot_metaloss(str(log), str(tmp_path / "m.png"), window=10)
+    assert os.path.getsize(tmp_path / "m.png") > 1000
+    assert out["steps"] == 30 and out["first_avg"] > out["last_avg"]
+
+
+def test_pretrained_ships_and_loads_offline():
+    from lopt_ext import pretrained
+    lopt, theta = pretrained.load("small_fc_lopt_h4")
+    assert lopt.hidden_size == 4
+    info = pretrained.info("small_fc_lopt_h4")
+    for k in ("command", "config", "outer_steps", "wall_time_s", "final_meta_loss_avg50"):
+        assert k in info, k
+    tx = lopt.transform(theta)
+    params = {"w": jnp.ones((4, 3))}
+    u, _ = tx.update({"w": jnp.full((4, 3), 0.5)}, tx.init(params), params)
+    assert np.all(np.isfinite(np.asarray(u["w"])))
+    with pytest.raises(KeyError, match="import_pylo"):
+        pretrained.load("small_fc_lopt")
+
+
+@pytest.mark.slow
+def test_cli_meta_train_resume_and_plot(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = str(tmp_path / "run")
+    args = [sys.executable, "-m", "lopt_ext", "meta-train", "--out", out, "--outer-steps", "3", "--num-tasks", "1",
+            "--pairs", "1", "--unroll", "2", "--min-horizon", "2", "--max-horizon", "4", "--task-names", TASK,
+            "--checkpoint-every", "1", "--time-budget", "0", "--no-progress", "--no-time-inner"]
+    subprocess.run(args, check=True, env=env, cwd=ROOT)
+    assert open(os.path.join(out, "latest")).read() == "step_000001"
+    subprocess.run([sys.executable, "-m", "lopt_ext", "meta-train", "--out", out, "--resume", "--no-progress",
+                    "--no-time-inner"], check=True, env=env, cwd=ROOT)
+    assert json.load(open(os.path.join(out, "provenance.json")))["outer_steps"] == 3
+    subprocess.run([sys.executable, "-m", "lopt_ext", "plot", out, "--png", str(tmp_path / "p.png")],
+                   check=True, env=env, cwd=ROOT)
+    assert os.path.exists(tmp_path / "p.png")

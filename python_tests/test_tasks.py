@@ -1,0 +1,131 @@
+"""The offline task family: every task works, splits are disjoint, losses match hand formulas."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopt_ext import tasks
+from lopt_ext.tasks import data, family
+
+ALL = [n for s in tasks.SPLITS for n in tasks.list_tasks(s)]
+FAST = ["mlp_digits_16_relu_b128_s2", "conv_digits_4x8_b32",
+        "quadratic_d32_c2_n0.1_seed0", "logreg_d16_n512_b32_seed0"]  # the char LMs run with -m slow
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in ALL])
+def test_task_contract(name):
+    task = tasks.get_task(name)
+    params = task.init(jax.random.PRNGKey(0))
+    b1 = task.sample_batch(jax.random.PRNGKey(1))
+    b2 = task.sample_batch(jax.random.PRNGKey(1))
+    for x, y in zip(jax.tree_util.tree_leaves(b1), jax.tree_util.tree_leaves(b2)):
+        np.testing.assert_array_equal(x, y)  # the stream is a pure function of the key
+    loss = task.loss(params, b1)
+    assert loss.shape == () and np.isfinite(loss)
+    grads = jax.grad(task.loss)(params, b1)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+    assert np.isfinite(task.train_loss(params)) and np.isfinite(task.eval_loss(params))
+    assert task.loss_scale > 0
+    assert task.num_params() == sum(x.size for x in jax.tree_util.tree_leaves(params))
+    # the initial loss is of the order of the normaliser used by meta-training
+    assert 0.1 < float(task.train_loss(params)) / task.loss_scale < 10
+
+
+def test_splits_disjoint_and_documented():
+    train, test, out = (set(tasks.list_tasks(s)) for s in ("train", "test", "outside"))
+    assert not train & test and not train & out and not test & out
+    assert len(train) == len(family.TRAIN_SPECS) and len(test) == len(family.TEST_SPECS)
+    # held-out architectures: no MLP/conv/RNN shape of the test split occurs in training
+    arch = lambda s: {k: v for k, v in vars(s).items() if k != "seed"}
+    train_arch = [(type(s), arch(s)) for s in family.TRAIN_SPECS if not hasattr(s, "seed")]
+    for s in family.TEST_SPECS:
+        if hasattr(s, "seed"):
+            assert s.seed not in {t.seed for t in family.TRAIN_SPECS if type(t) is type(s)}
+        else:
+            assert (type(s), arch(s)) not in train_arch
+    kinds = {type(s).__name__ for s in family.TRAIN_SPECS}
+    assert kinds == {"MLPSpec", "ConvSpec", "CharLMSpec", "QuadraticSpec", "LogRegSpec"}
+
+
+def test_sampler_deterministic_and_in_split():
+    s = tasks.TaskSampler("train")
+    draw = lambda: [t.name for t in (lambda r: [s.sample(r) for _ in range(20)])(np.random.default_rng(4))]
+    a, b = draw(), draw()
+    assert a == b
+    assert set(a) <= set(tasks.list_tasks("train"))
+    with pytest.raises(ValueError, match="split"):
+        tasks.TaskSampler("nope")
+
+
+def test_digits_split():
+    x_tr, y_tr, x_te, y_te = data.digits()
+    assert x_tr.shape == (1438, 8, 8, 1) and x_te.shape == (359, 8, 8, 1)
+    assert x_tr.min() >= 0 and x_tr.max() <= 1
+    # no test image equals a training image slot (index-disjoint split of 1797 images)
+    assert len(y_tr) + len(y_te) == 1797
+
+
+def test_text_corpus_offline():
+    tr, te, vocab = data.text_corpus()
+    assert len(tr) > 20000 and len(te) > 2000
+    assert all(32 <= ord(c) < 127 or c == "\n" for c in vocab)
+    assert tr.max() < len(vocab)
+
+
+def test_mlp_loss_matches_numpy():
+    task = tasks.get_task("mlp_digits_32x16_tanh_b128_s0.5")
+    p = task.init(jax.random.PRNGKey(2))
+    x, y = task.sample_batch(jax.random.PRNGKey(5))
+    h = np.asarray(x, np.float64)
+    for i in range(3):
+        h = h @ np.asarray(p[f"layer_{i}"]["w"], np.float64) + np.asarray(p[f"layer_{i}"]["b"], np.float64)
+        if i < 2:
+            h = np.tanh(h)
+    h = h - h.max(1, keepdims=True)
+    logp = h - np.log(np.exp(h).sum(1, keepdims=True))
+    expected = -np.mean(logp[np.arange(len(y)), np.asarray(y)])
+    np.testing.assert_allclose(float(task.loss(p, (x, y))), expected, rtol=1e-5)
+
+
+def test_quadratic_and_logreg_match_formulas():
+    spec = family.QuadraticSpec(32, 2.0, 0.1, 0)
+    task = family.make_task(spec)
+    rng = np.random.RandomState(0)
+    h = 10.0 ** rng.uniform(0, 2.0, 32)
+    c = rng.normal(size=32)
+    x = np.linspace(-1, 1, 32)
+    np.testing.assert_allclose(float(task.eval_loss({"x": jnp.asarray(x, jnp.float32)})),
+                               0.5 * np.sum(h * (x - c) ** 2), rtol=1e-5)
+    noise = task.sample_batch(jax.random.PRNGKey(0))
+    np.testing.assert_allclose(float(task.loss({"x": jnp.asarray(x, jnp.float32)}, noise)),
+                               0.5 * np.sum(h * (x - c) ** 2) + np.dot(np.asarray(noise), x), rtol=1e-5)
+
+    lr = tasks.get_task("logreg_d16_n512_b32_seed0")
+    p = {"w": jnp.linspace(-1, 1, 16), "b": jnp.float32(0.3)}
+    xb, yb = lr.sample_batch(jax.random.PRNGKey(3))
+    z = np.asarray(xb, np.float64) @ np.linspace(-1, 1, 16) + 0.3
+    yb = np.asarray(yb, np.float64)
+    expected = np.mean(-yb * np.log(1 / (1 + np.exp(-z))) - (1 - yb) * np.log(1 - 1 / (1 + np.exp(-z))))
+    np.testing.assert_allclose(float(lr.loss(p, (xb, yb))), expected, rtol=1e-5)
+
+
+def test_family_tasks_are_learnable_with_adam():
+    import optax
+    task = tasks.get_task("conv_digits_4x8_b32")
+    params = task.init(jax.random.PRNGKey(0))
+    tx = optax.adam(1e-2)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, i):
+        g = jax.grad(task.loss)(params, task.sample_batch(jax.random.PRNGKey(i)))
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    before = float(task.train_loss(params))
+    for i in range(150):
+        params, state = step(params, state, i)
+    assert float(task.train_loss(params)) < 0.7 * before
+    assert math.isclose(task.loss_scale, math.log(10))
