@@ -44,10 +44,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lopt_ext.config import SmallFcLOpt, factored_dims
 from lopt_ext.state import SmallFcLOptState, init_state
-from lopt_ext.update import IMPLS, check_inputs, check_lopt, check_theta
+from lopt_ext.update import (IMPLS, STATE_FIELDS, assemble, check_inputs, check_lopt, check_theta,
+                              count_bad_grads)
 
 P = PartitionSpec
-_STATE_FIELDS = ("m", "rms", "v_row", "v_col", "v_full")
 STATS = ("kernel", "jnp")
 
 
@@ -344,7 +344,7 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
     check_theta(lopt, theta)
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     g_leaves = treedef.flatten_up_to(grads)
-    fields = [treedef.flatten_up_to(getattr(state, f)) for f in _STATE_FIELDS]
+    fields = [treedef.flatten_up_to(getattr(state, f)) for f in STATE_FIELDS]
     specs = _flatten_specs(params, param_specs)
     ents = [_entries(s, jnp.ndim(p), "param_specs") for s, p in zip(specs, p_leaves)]
     f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
@@ -403,23 +403,12 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
 
     finite = jnp.bool_(True)
     if skip_nonfinite and live:
-        bad = sum(jnp.sum(~jnp.isfinite(f32(g_leaves[i]))).astype(jnp.int32) for i in live)
+        bad = count_bad_grads([g_leaves[i] for i in live])
         finite = _psum(bad, all_names) == 0  # every device takes the same branch
         results = lax.cond(finite, step, skip, None)
     else:
         results = step(None)
-
-    outs = [jnp.zeros_like(p) if write_delta else p for p in p_leaves]
-    new_fields = [list(f) for f in fields]
-    for i, r in zip(live, results):
-        outs[i] = r[0].astype(jnp.result_type(p_leaves[i]))
-        for f, value in zip(new_fields, r[1:]):
-            f[i] = value
-    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    applied = finite.astype(jnp.int32)
-    new_state = SmallFcLOptState(iteration=state.iteration + applied, skipped=state.skipped + (1 - applied),
-                                 **{n: unflat(f) for n, f in zip(_STATE_FIELDS, new_fields)})
-    return unflat(outs), new_state
+    return assemble(treedef, p_leaves, fields, live, results, finite, state, write_delta)
 
 
 def _apply_reference(lopt, theta, iteration, item, write_delta):

@@ -13,7 +13,7 @@ from lopt_ext.config import SmallFcLOpt
 from lopt_ext.state import SmallFcLOptState, leaf_state_shapes
 
 IMPLS = ("fused", "reference")
-_STATE_FIELDS = ("m", "rms", "v_row", "v_col", "v_full")
+STATE_FIELDS = ("m", "rms", "v_row", "v_col", "v_full")
 # skip_nonfinite skips a step unless every |g| <= this: sqrt(float32 max), so that g^2
 # (rms and the factored accumulators) cannot overflow to inf either.
 GRAD_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
@@ -106,7 +106,7 @@ def check_inputs(lopt: SmallFcLOpt, theta, state, params, grads, grads_name="gra
     if not isinstance(state, SmallFcLOptState):
         raise TypeError(f"state must be a SmallFcLOptState (from tx.init or init_state), got {type(state).__name__}")
     fields = []
-    for fi, field in enumerate(_STATE_FIELDS):
+    for fi, field in enumerate(STATE_FIELDS):
         try:
             leaves = treedef.flatten_up_to(getattr(state, field))
         except (ValueError, TypeError) as e:
@@ -160,12 +160,27 @@ def apply_step(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grads,
 
     finite = jnp.bool_(True)
     if skip_nonfinite and leaves:
-        # NaN compares False, so NaN, +-Inf and |g| > GRAD_LIMIT all skip the step.
-        finite = jnp.all(jnp.stack([jnp.all(jnp.abs(leaf[1]) <= GRAD_LIMIT) for leaf in leaves]))
+        finite = count_bad_grads([leaf[1] for leaf in leaves]) == 0
         results = lax.cond(finite, step, skip, None)
     else:
         results = step(None)
+    return assemble(treedef, p_leaves, fields, live, results, finite, state, write_delta)
 
+
+def count_bad_grads(grads) -> jax.Array:
+    """Entries that make skip_nonfinite skip a step: NaN, +-Inf and |g| > GRAD_LIMIT (NaN
+    compares False)."""
+    return sum(jnp.sum(~(jnp.abs(jnp.asarray(g, jnp.float32)) <= GRAD_LIMIT)).astype(jnp.int32)
+               for g in grads)
+
+
+def assemble(treedef, p_leaves, fields, live, results, applied, state, write_delta):
+    """(tree of outputs, new state) from the per-live-leaf step results.
+
+    results[k] = (out, m, rms, v_row, v_col, v_full) for leaf live[k]; leaves not in live
+    keep their state and get zero updates (or their params); applied: whether the step
+    counted (False when skip_nonfinite skipped it).
+    """
     outs = [jnp.zeros_like(p) if write_delta else p for p in p_leaves]
     new_fields = [list(f) for f in fields]
     for i, res in zip(live, results):
@@ -173,11 +188,11 @@ def apply_step(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grads,
         for f, value in zip(new_fields, res[1:]):
             f[i] = value
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    applied = finite.astype(jnp.int32)
+    applied = jnp.asarray(applied).astype(jnp.int32)
     new_state = SmallFcLOptState(
         iteration=state.iteration + applied,
         skipped=state.skipped + (1 - applied),
-        **{name: unflat(f) for name, f in zip(_STATE_FIELDS, new_fields)})
+        **{name: unflat(f) for name, f in zip(STATE_FIELDS, new_fields)})
     return unflat(outs), new_state
 
 
