@@ -64,12 +64,19 @@ def atomic_save_safetensors(path: str, tensors: Dict[str, Any], metadata: Option
 
 
 def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a truncated or corrupted file raises
+    CheckpointMismatchError naming the path (never a crash or partial data)."""
     from safetensors import safe_open
     tensors = {}
-    with safe_open(path, framework="np") as f:
-        metadata = f.metadata() or {}
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
+    try:
+        with safe_open(path, framework="np") as f:
+            metadata = f.metadata() or {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointMismatchError(f"{path}: not a complete safetensors file ({type(e).__name__}: {e})") from e
     return tensors, metadata
 
 
