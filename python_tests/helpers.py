@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 SHAPES = [(), (1,), (7,), (5, 3), (3, 5), (10, 10), (4, 3, 2), (2, 1, 6), (1, 1), (13, 17)]
 
@@ -60,3 +61,23 @@ def random_theta(cfg, seed):
     for i in range(cfg.hidden_layers + 1):
         nn[f"b{i}"] = 0.1 * jax.random.normal(k[3 + i % 4], nn[f"b{i}"].shape)
     return theta
+
+
+def trajectory(cfg, theta, params, steps, impl, seed=0, fetch=lambda x: x):
+    """`steps` jitted optax steps of `impl` with params-dependent gradients; returns the
+    per-step (params, updates, state), each passed through `fetch`."""
+    tx = cfg.transform(theta, impl=impl)
+
+    @jax.jit
+    def step(params, state, i):
+        grads = make_grads(params, seed)  # traced: depends on params
+        noise = jax.tree.map(lambda g: g * jnp.cos(i.astype(jnp.float32)), grads)
+        updates, state = tx.update(noise, state, params)
+        return optax.apply_updates(params, updates), state, updates
+
+    state = tx.init(params)
+    history = []
+    for i in range(steps):
+        params, state, updates = step(params, state, jnp.int32(i))
+        history.append(fetch((params, updates, state)))
+    return history

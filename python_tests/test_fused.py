@@ -6,32 +6,16 @@ import optax
 import pytest
 
 import lopt_ext
-from helpers import random_theta, SHAPES, assert_trajectories_agree, make_grads, make_params, max_violation
+from helpers import random_theta, trajectory, SHAPES, assert_trajectories_agree, make_grads, make_params, max_violation
 
 
 
 
-def _trajectory(cfg, theta, params, steps, impl, seed=0):
-    tx = cfg.transform(theta, impl=impl)
-
-    @jax.jit
-    def step(params, state, i):
-        grads = make_grads(params, seed)  # traced: depends on params
-        noise = jax.tree.map(lambda g: g * jnp.cos(i.astype(jnp.float32)), grads)
-        updates, state = tx.update(noise, state, params)
-        return optax.apply_updates(params, updates), state, updates
-
-    state = tx.init(params)
-    history = []
-    for i in range(steps):
-        params, state, updates = step(params, state, jnp.int32(i))
-        history.append((params, updates, state))
-    return history
 
 
 def _compare(cfg, theta, params, steps):
-    fused = _trajectory(cfg, theta, params, steps, "fused")
-    ref = _trajectory(cfg, theta, params, steps, "reference")
+    fused = trajectory(cfg, theta, params, steps, "fused")
+    ref = trajectory(cfg, theta, params, steps, "reference")
     assert_trajectories_agree([h[0] for h in fused], [h[0] for h in ref], "params")
     assert_trajectories_agree([h[2] for h in fused], [h[2] for h in ref], "state")
     assert int(fused[-1][2].iteration) == steps

@@ -18,7 +18,7 @@ import pytest
 
 import lopt_ext
 from lopt_ext import _ffi
-from helpers import random_theta, SHAPES, assert_trajectories_agree, make_grads, make_params
+from helpers import random_theta, trajectory, SHAPES, assert_trajectories_agree, make_grads, make_params
 
 TF32_ATOL = 2e-3
 TF32_RTOL = 5e-3
@@ -58,24 +58,10 @@ def _on(device, tree):
 
 
 def _trajectory(cfg, theta, params, steps, impl, device):
-    """Like test_fused's, but pinned to one device (the reference runs on the CPU)."""
+    """helpers.trajectory pinned to one device (the reference runs on the CPU)."""
     with jax.default_device(device):
         theta, params = _on(device, (theta, params))
-        tx = cfg.transform(theta, impl=impl)
-
-        @jax.jit
-        def step(params, state, i):
-            grads = make_grads(params, 0)
-            noise = jax.tree.map(lambda g: g * jnp.cos(i.astype(jnp.float32)), grads)
-            updates, state = tx.update(noise, state, params)
-            return optax.apply_updates(params, updates), state, updates
-
-        state = tx.init(params)
-        history = []
-        for i in range(steps):
-            params, state, updates = step(params, state, jnp.int32(i))
-            history.append(jax.device_get((params, updates, state)))
-        return history
+        return trajectory(cfg, theta, params, steps, impl, fetch=jax.device_get)
 
 
 def _compare_trajectory(cfg, theta, params, steps):

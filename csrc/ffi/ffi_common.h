@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lopt_config.h"
@@ -34,6 +35,20 @@ struct TensorBuffers {
   std::vector<ffi::AnyBuffer> ins;
   std::vector<ffi::Result<ffi::AnyBuffer>> outs;
 };
+
+// Appends the attributes every call takes (the configuration) to a binding whose
+// context and operands are already declared; see lopt_ext/_ffi.py::_config_attrs.
+template <typename Binding>
+auto WithConfigAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("hidden_size")
+      .template Attr<int64_t>("hidden_layers")
+      .template Attr<int64_t>("dm")
+      .template Attr<int64_t>("dr")
+      .template Attr<int64_t>("da")
+      .template Attr<float>("exp_mult")
+      .template Attr<float>("step_mult");
+}
 
 // Start of population member b of an operand shaped [population..., per-member].
 template <typename T, typename Buffer>

@@ -191,18 +191,11 @@ ffi::Error PartialSumsqCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Rem
 
 // Operands and attributes shared by the calls (see ffi_common.h for the order).
 auto BaseBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::AnyBuffer>()  // packed meta-parameters
-      .RemainingArgs()
-      .RemainingRets()
-      .Attr<int64_t>("hidden_size")
-      .Attr<int64_t>("hidden_layers")
-      .Attr<int64_t>("dm")
-      .Attr<int64_t>("dr")
-      .Attr<int64_t>("da")
-      .Attr<float>("exp_mult")
-      .Attr<float>("step_mult");
+  return WithConfigAttrs(ffi::Ffi::Bind()
+                             .Ctx<ffi::ThreadPool>()
+                             .Arg<ffi::AnyBuffer>()  // packed meta-parameters
+                             .RemainingArgs()
+                             .RemainingRets());
 }
 
 // "precision" selects the CUDA MLP path; the shared call site passes it here too.

@@ -72,19 +72,12 @@ ffi::Error FusedUpdateCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCuda, FusedUpdateCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::AnyBuffer>()  // packed meta-parameters
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<int64_t>("hidden_size")
-                                  .Attr<int64_t>("hidden_layers")
-                                  .Attr<int64_t>("dm")
-                                  .Attr<int64_t>("dr")
-                                  .Attr<int64_t>("da")
-                                  .Attr<float>("exp_mult")
-                                  .Attr<float>("step_mult")
+                              WithConfigAttrs(ffi::Ffi::Bind()
+                                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                                  .Ctx<ffi::ScratchAllocator>()
+                                                  .Arg<ffi::AnyBuffer>()  // packed meta-parameters
+                                                  .RemainingArgs()
+                                                  .RemainingRets())
                                   .Attr<bool>("write_delta")
                                   .Attr<int64_t>("precision"));
 
