@@ -98,4 +98,25 @@ inline void FactoredDims(const int64_t* dims, int rank, int* d1, int* d0) {
   *d1 = second;
 }
 
+// A factored tensor viewed as (A, N1, B, N2, C): N1 and N2 are the two factored
+// axes in memory order, A/B/C the products of the axes before, between and after
+// them. A "line" is one (a, i, b): W = N2 * C contiguous elements. Line-indexed
+// entries drop the later factored axis, so they are v_row when d0 is that axis.
+struct FactoredView {
+  int64_t A = 1, N1 = 1, B = 1, N2 = 1, C = 1;
+  bool line_is_row = false;
+};
+
+inline FactoredView MakeFactoredView(const int64_t* dims, int rank, int d1, int d0) {
+  const int p = d0 < d1 ? d0 : d1, q = d0 < d1 ? d1 : d0;
+  FactoredView v;
+  for (int i = 0; i < p; ++i) v.A *= dims[i];
+  for (int i = p + 1; i < q; ++i) v.B *= dims[i];
+  for (int i = q + 1; i < rank; ++i) v.C *= dims[i];
+  v.N1 = dims[p];
+  v.N2 = dims[q];
+  v.line_is_row = d0 == q;
+  return v;
+}
+
 }  // namespace lopt

@@ -116,16 +116,10 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
   } else {
     FactoredDims(a.shape.data(), rank, &d1, &d0);
   }
-  const int p_ax = d0 < d1 ? d0 : d1, q_ax = d0 < d1 ? d1 : d0;
-  P.A = P.B = P.C = 1;
-  for (int i = 0; i < p_ax; ++i) P.A *= a.shape[i];
-  for (int i = p_ax + 1; i < q_ax; ++i) P.B *= a.shape[i];
-  for (int i = q_ax + 1; i < rank; ++i) P.C *= a.shape[i];
-  P.N1 = a.shape[p_ax];
-  P.N2 = a.shape[q_ax];
+  const FactoredView view = MakeFactoredView(a.shape.data(), rank, d1, d0);
+  P.A = view.A, P.N1 = view.N1, P.B = view.B, P.N2 = view.N2, P.C = view.C;
   P.W = P.N2 * P.C;
-  // Line-indexed entries drop the later factored axis q; v_row drops d0.
-  w.line_is_row = (d0 == q_ax);
+  w.line_is_row = view.line_is_row;
   w.n_line = P.A * P.N1 * P.B * P.C;
   w.n_cross = P.A * P.B * P.W;
   w.n_group = P.A * P.B * P.C;

@@ -983,14 +983,10 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
     if (j.factored) {
       int d1 = 0, d0 = 0;
       FactoredDims(a.shape.data(), rank, &d1, &d0);
-      const int p_ax = std::min(d0, d1), q_ax = std::max(d0, d1);
-      for (int k = 0; k < p_ax; ++k) j.A *= a.shape[k];
-      for (int k = p_ax + 1; k < q_ax; ++k) j.B *= a.shape[k];
-      for (int k = q_ax + 1; k < rank; ++k) j.C *= a.shape[k];
-      j.N1 = a.shape[p_ax];
-      j.N2 = a.shape[q_ax];
+      const FactoredView view = MakeFactoredView(a.shape.data(), rank, d1, d0);
+      j.A = view.A, j.N1 = view.N1, j.B = view.B, j.N2 = view.N2, j.C = view.C;
       j.W = j.N2 * j.C;
-      j.line_is_row = d0 == q_ax;
+      j.line_is_row = view.line_is_row;
       j.simple = j.A == 1 && j.B == 1 && j.C == 1;
       j.n_line = j.A * j.N1 * j.B * j.C;
       j.n_cross = j.A * j.B * j.W;
