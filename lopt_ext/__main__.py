@@ -1,35 +1,206 @@
-"""Command line: python -m lopt_ext {demo, meta-train, evaluate, plot} ...
+"""Command line of lopt_ext: python -m lopt_ext COMMAND [options]; `--help` lists the commands.
 
-  demo        train a task-family model with the pretrained learned optimizer (fused and
-              reference) and with tuned Adam; loss table, step times, memory, PNG
-  meta-train  PES meta-training of small_fc_lopt on the offline task family (checkpoints, --resume)
-  evaluate    pretrained (or any theta) vs Adam with a learning-rate sweep on held-out tasks
-  plot        meta-loss vs outer step (PNG) from a meta-train log.jsonl
+Each command's one-line description lives in the parser below (argparse prints it in the
+command list and as the command's own description), so it is written once.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
+import os
 import shlex
 import sys
+import time
+
+PROG = "python -m lopt_ext"
+TASKS_HINT = f"`{PROG} tasks` lists them"
+
+
+# ----------------------------------------------------------------------------- parser machinery
+# Reusable by every command: a formatter that shows defaults without "(default: None)" noise,
+# and argparse types whose errors read "error: argument --steps: must be a positive integer ...".
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" unless the help already says what the default means or there is
+    nothing to show (None, False of a flag, "", an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if ("%(default)" in text or "default:" in text or d is None or d is False or d is argparse.SUPPRESS
+                or (isinstance(d, (str, list, tuple)) and len(d) == 0)):
+            return text
+        return super()._get_help_string(action)
+
+
+class _RawDescriptionFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _number(text: str, kind, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text, float, "a positive number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number (> 0), got {value:g}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _number(text, float, "a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value:g}")
+    return value
+
+
+def _task_name(text: str) -> str:
+    """A task name of any split; the error names a few and points at `tasks` for the rest."""
+    from lopt_ext import tasks
+    names = tasks.list_tasks()
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown task {text!r} ({TASKS_HINT}; e.g. {', '.join(names[:2])})")
+    return text
+
+
+def _output_file(text: str) -> str:
+    """A file to write: its directory must already exist (checked before anything runs)."""
+    parent = os.path.dirname(os.path.abspath(text))
+    if not text or os.path.isdir(text) or not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: not a file path in an existing directory")
+    return text
+
+
+def _pretrained_names():
+    from lopt_ext import pretrained
+    return pretrained.list_pretrained()
+
+
+def _splits():
+    from lopt_ext import tasks
+    return list(tasks.SPLITS)
+
+
+class _VersionAction(argparse.Action):
+    """--version: the package version and which compiled kernel modules are installed."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())  # stdout, as argparse's own "version" action
+        parser.exit()
+
+
+def version_text() -> str:
+    import importlib.util
+    import lopt_ext
+    text = f"lopt_ext {lopt_ext.__version__}"
+    try:
+        from importlib import metadata
+        installed = metadata.version("lopt_ext")
+        if installed != lopt_ext.__version__:
+            text += f" (installed distribution: {installed})"
+    except Exception:  # not installed (a bare source checkout)
+        text += " (not installed)"
+    built = [name for name, mod in (("CPU", "lopt_ext._lopt_cpu"), ("CUDA", "lopt_ext._lopt_cuda"))
+             if importlib.util.find_spec(mod) is not None]
+    return text + f"; compiled kernels: {', '.join(built) if built else 'none'}"
+
+
+# ----------------------------------------------------------------------------- meta-train
+# Help and parse-time validation for each MetaTrainConfig field: {field: (help, argparse kwargs)}.
+# A field added to MetaTrainConfig later still gets an option (typed like its default).
+def _metatrain_fields():
+    from lopt_ext.update import IMPLS
+    return {
+        "hidden_size": ("hidden width H of the learned optimizer's MLP", dict(type=_positive_int)),
+        "hidden_layers": ("hidden layers of the learned optimizer's MLP", dict(type=_positive_int)),
+        "num_tasks": ("task slots in the population, each a task drawn from the split", dict(type=_positive_int)),
+        "pairs": ("antithetic perturbation pairs per task slot (2*PAIRS members run vmapped)",
+                  dict(type=_positive_int)),
+        "unroll": ("inner steps per truncation (one outer step)", dict(type=_positive_int)),
+        "min_horizon": ("shortest inner trajectory, in inner steps (multiple of --unroll)", dict(type=_positive_int)),
+        "max_horizon": ("longest inner trajectory, in inner steps", dict(type=_positive_int)),
+        "sigma": ("standard deviation of the theta perturbations", dict(type=_positive_float)),
+        "outer_lr": ("peak learning rate of the outer Adam (warmup, then cosine decay)", dict(type=_positive_float)),
+        "outer_steps": ("outer (meta-gradient) steps in total", dict(type=_positive_int)),
+        "warmup_steps": ("linear warmup of the outer learning rate, in outer steps", dict(type=_nonnegative_int)),
+        "final_lr_fraction": ("outer learning rate at the last step, as a fraction of --outer-lr",
+                              dict(type=_nonnegative_float)),
+        "grad_clip": ("global-norm clip of the meta-gradient", dict(type=_positive_float)),
+        "loss_clip": ("clip of each inner step's normalised loss (bounds diverging members)",
+                      dict(type=_positive_float)),
+        "estimator": ("meta-gradient estimator: pes (persistent ES, accumulates the perturbations over "
+                      "the trajectory) or es (truncated ES, per unroll)", dict(choices=["pes", "es"])),
+        "impl": ("inner-step implementation: the fused kernel or the pure-JAX reference",
+                 dict(choices=list(IMPLS))),
+        "split": ("task split to meta-train on (ignored with --task-names)", dict(choices=_splits())),
+        "objective": ("per-inner-step meta-objective: loss/scale (normalized) or log(loss/scale) (log)",
+                      dict(choices=["normalized", "log"])),
+        "seed": ("seed of the initial theta, the task draws and the perturbations", dict(type=_nonnegative_int)),
+    }
 
 
 def _add_metatrain(sub):
     from lopt_ext.metatrain import MetaTrainConfig
-    p = sub.add_parser("meta-train", help="PES meta-training on the offline task family")
-    p.add_argument("--out", required=True, help="output / checkpoint directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--time-budget", type=float, default=None, help="stop (with a checkpoint) after this many seconds")
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("meta-train", help="PES meta-training of small_fc_lopt on the offline task family "
+                                          "(atomic checkpoints; --resume continues bit for bit)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output and checkpoint directory (created)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=50, metavar="N",
+                   help="write a checkpoint every N outer steps")
+    p.add_argument("--time-budget", type=_nonnegative_float, default=None, metavar="SECONDS",
+                   help="stop (with a checkpoint) after this many seconds (default: no limit)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-time-inner", action="store_true", help="skip the fused vs reference timing at the end")
+    known = _metatrain_fields()
     for f in dataclasses.fields(MetaTrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "task_names":
-            p.add_argument(flag, nargs="*", default=None, help="meta-train on these task names instead of --split")
+            p.add_argument(flag, nargs="+", type=_task_name, default=None, metavar="TASK",
+                           help=f"meta-train on these tasks instead of --split ({TASKS_HINT}) "
+                                "(default: the tasks of --split)")
+        elif f.name == "init_theta":
+            p.add_argument(flag, default=None, metavar="PATH",
+                           help="theta .safetensors to start from (default: a random theta, "
+                                "SmallFcLOpt.init_theta seeded by --seed)")
         else:
-            p.add_argument(flag, type=type(f.default), default=None, help=f"(default {f.default})")
+            text, kwargs = known.get(f.name, (f"MetaTrainConfig.{f.name}", dict(type=type(f.default))))
+            if "choices" in kwargs:
+                kwargs = dict(kwargs, metavar="{" + ",".join(kwargs["choices"]) + "}")
+            # default=None marks "not given" (so --resume alone keeps the checkpoint's config)
+            p.add_argument(flag, default=None, help=f"{text} (default: {f.default})", **kwargs)
+    p.set_defaults(_parser=p)
     return p
 
 
@@ -37,7 +208,12 @@ def cmd_metatrain(args):
     from lopt_ext.metatrain import MetaTrainConfig, train
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(MetaTrainConfig)
                  if getattr(args, f.name) is not None}
-    cfg = None if (args.resume and not overrides) else MetaTrainConfig(**overrides)
+    try:  # cross-field checks (e.g. unroll <= min_horizon <= max_horizon) before anything is written
+        cfg = None if (args.resume and not overrides) else MetaTrainConfig(**overrides)
+        if cfg is not None:
+            cfg.lopt()
+    except (TypeError, ValueError) as e:
+        args._parser.error(str(e))
     if cfg is None:
         ckpt_dir = train.latest_checkpoint(args.out)
         if ckpt_dir is None:
@@ -49,13 +225,22 @@ def cmd_metatrain(args):
     print(json.dumps({k: v for k, v in summary.items() if k != "provenance"}, indent=1))
 
 
+# ----------------------------------------------------------------------------- demo, evaluate, plot, tasks
+
+DEMO_TASK = "mlp_digits_48_relu_b64_s1"
+
+
 def _add_others(sub):
-    p = sub.add_parser("demo", help="pretrained learned optimizer vs tuned Adam on one task (minutes)")
-    p.add_argument("--task", default="mlp_digits_48_relu_b64_s1", help="a task name (see `tasks`)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--png", default="demo.png")
-    p.add_argument("--pretrained", default="small_fc_lopt_h4")
+    p = sub.add_parser("demo", help="the pretrained learned optimizer (fused and reference) vs Adam tuned by an "
+                                    "lr sweep on one task: losses, step times, state memory (under a minute)")
+    p.add_argument("--task", type=_task_name, default=DEMO_TASK, metavar="TASK",
+                   help=f"task to train ({TASKS_HINT})")
+    p.add_argument("--steps", type=_positive_int, default=1000, metavar="N", help="training steps per run")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the initial params and batches")
+    p.add_argument("--png", type=_output_file, default=None, metavar="PATH",
+                   help="also plot training loss vs step to this PNG (default: no picture is written)")
+    p.add_argument("--pretrained", default="small_fc_lopt_h4", choices=_pretrained_names(),
+                   help="shipped learned optimizer to use")
 
     p = sub.add_parser("evaluate", help="learned optimizer vs Adam (lr sweep) on held-out tasks")
     p.add_argument("--theta", default=None, help="theta .safetensors (default: the shipped pretrained one)")
@@ -71,17 +256,22 @@ def _add_others(sub):
     p.add_argument("--png", default="evaluation.png")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
 
-    p = sub.add_parser("plot", help="meta-loss vs outer step PNG from a meta-train log")
-    p.add_argument("log", help="OUT/log.jsonl of a meta-train run (or the OUT directory)")
-    p.add_argument("--png", default="metaloss.png")
-    p.add_argument("--window", type=int, default=50)
+    p = sub.add_parser("plot", help="meta-loss vs outer step (PNG) from a meta-train log.jsonl")
+    p.add_argument("log", help="OUT/log.jsonl of a meta-train run, or the OUT directory")
+    p.add_argument("--png", type=_output_file, default=None, metavar="PATH",
+                   help="PNG to write (default: metaloss.png next to the log)")
+    p.add_argument("--window", type=_positive_int, default=50, metavar="N",
+                   help="moving-average window, in outer steps")
 
-    sub.add_parser("tasks", help="list the task family by split")
+    p = sub.add_parser("tasks", help="list the offline task family, one 'split name' per line")
+    p.add_argument("--split", default=None, choices=_splits(), help="only this split (default: every split)")
 
 
 def cmd_demo(args):
     from lopt_ext.metatrain import demo
+    t0 = time.perf_counter()
     demo.run_demo(args.task, steps=args.steps, seed=args.seed, png=args.png, pretrained_name=args.pretrained)
+    print(f"demo took {time.perf_counter() - t0:.1f} s")
 
 
 def cmd_evaluate(args):
@@ -112,27 +302,41 @@ def cmd_evaluate(args):
 
 
 def cmd_plot(args):
-    import os
     from lopt_ext.metatrain import demo
     log = os.path.join(args.log, "log.jsonl") if os.path.isdir(args.log) else args.log
-    print(json.dumps(demo.plot_metaloss(log, args.png, args.window)))
-    print(f"wrote {args.png}")
+    png = args.png or os.path.join(os.path.dirname(os.path.abspath(log)), "metaloss.png")
+    print(json.dumps(demo.plot_metaloss(log, png, args.window)))
+    print(f"wrote {png}")
 
 
 def cmd_tasks(args):
     from lopt_ext import tasks
     for split in tasks.SPLITS:
-        for name in tasks.list_tasks(split):
-            print(f"{split:8s} {name}")
+        if args.split in (None, split):
+            for name in tasks.list_tasks(split):
+                print(f"{split:8s} {name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, formatter_class=_RawDescriptionFormatter, description=(
+        "lopt_ext: the small_fc_lopt learned optimizer as fused XLA kernels for JAX.\n"
+        "Commands: demo, tasks, meta-train, evaluate, plot (described below);\n"
+        f"`{PROG} COMMAND --help` shows a command's options and defaults."))
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the lopt_ext version and the compiled kernels installed, and exit")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND",
+                                parser_class=_Parser)
+    _add_others(sub)
+    _add_metatrain(sub)
+    # one description per command: the list entry is also the command's own --help description
+    for name, action in sub.choices.items():
+        if action.description is None:
+            action.description = next(a.help for a in sub._choices_actions if a.dest == name)
+    return parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m lopt_ext", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_metatrain(sub)
-    _add_others(sub)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     handlers = {"meta-train": cmd_metatrain, "demo": cmd_demo, "evaluate": cmd_evaluate, "plot": cmd_plot,
                 "tasks": cmd_tasks}
     return handlers[args.command](args)
