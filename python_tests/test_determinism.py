@@ -1,8 +1,8 @@
 """Determinism: bit-identical outputs across runs, processes and thread counts; every
 instruction-set build of the CPU loops agrees with the reference.
 
-Thread counts: fresh processes with XLA's intra-op pool restricted by CPU affinity
-(taskset / sched_setaffinity: 1 CPU, 2 CPUs, all) and with
+Thread counts: fresh interpreters (started without fork) with XLA's intra-op pool restricted by
+CPU affinity (the child's sched_setaffinity before it imports jax: 1 CPU, 2 CPUs, all) and with
 XLA_FLAGS=--xla_cpu_multi_thread_eigen=false. csrc/tests/lopt_kernel_test.cc checks
 1/2/3/8 threads and a reversed task order directly on the kernel.
 """
@@ -29,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # settings that differ between threads would show up here).
 _SCRIPT = textwrap.dedent("""
     import hashlib, json, os, sys
+    if os.environ.get("LOPT_TEST_CPUS"):  # before jax starts: XLA sizes its thread pool from the affinity
+        os.sched_setaffinity(0, {{int(c) for c in os.environ["LOPT_TEST_CPUS"].split(",")}})
     sys.path.insert(0, {root!r})
     sys.path.insert(0, os.path.join({root!r}, "python_tests"))
     import jax, jax.numpy as jnp, numpy as np
@@ -63,9 +65,11 @@ def _run(env_extra=None, cpus=None):
     env = dict(os.environ)
     env.pop("LOPT_CPU_ISA", None)
     env.update(env_extra or {})
-    preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus is not None else None
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, preexec_fn=preexec, capture_output=True,
-                         text=True, timeout=300)
+    if cpus is not None:
+        env["LOPT_TEST_CPUS"] = ",".join(str(c) for c in sorted(cpus))
+    # No preexec_fn: it would make subprocess fork() this process, whose JAX threads are running
+    # (JAX warns that this can deadlock); the child restricts its own affinity instead.
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
