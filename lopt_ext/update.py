@@ -198,6 +198,12 @@ def assemble(treedef, p_leaves, fields, live, results, applied, state, write_del
 
 def fused_update(lopt: SmallFcLOpt, theta, state, params, grads, *, impl: str = "fused",
                  skip_nonfinite: bool = False):
-    """(new_params, new_state) for one step of the learned optimizer on a whole pytree."""
+    """(new_params, new_state) for one step of the learned optimizer on a whole pytree.
+
+    Argument order: ``params`` comes BEFORE ``grads`` here, while optax's
+    ``tx.update(grads, state, params)`` takes the gradients first. Swapped arguments of equal
+    shapes cannot be detected and run silently, so pass both by keyword:
+    ``fused_update(lopt, theta, state, params=params, grads=grads)``.
+    """
     return apply_step(lopt, theta, state, params, grads, impl=impl, write_delta=False,
                       skip_nonfinite=skip_nonfinite)

@@ -36,7 +36,11 @@ def opt_label(opt: str, hidden: Optional[int]) -> str:
 
 def load(path: str):
     with open(path) as f:
-        data = json.load(f)
+        return parse(json.load(f))
+
+
+def parse(data):
+    """(data, run metadata, ceilings, one row per timed benchmark) of a pytest-benchmark JSON."""
     mi = data.get("machine_info", {})
     meta = mi.get("lopt_bench", {})
     ceilings = meta.get("ceilings") or {}
@@ -132,6 +136,20 @@ def section_machine(meta, ceilings) -> str:
 
 def fmt_load(x) -> str:
     return "/".join(f"{v:.2f}" for v in x) if x else "?"
+
+
+def summary_line(meta, ceilings) -> str:
+    """One sentence naming the run behind a table: commit, machine, load, measured ceilings."""
+    commit = (meta.get("git_commit") or "?")[:7] + (" (uncommitted changes)" if meta.get("git_dirty") else "")
+    parts = [f"commit {commit}", f"{meta.get('cores', '?')}-core {meta.get('cpu_model', '?')}",
+             f"fused kernels' ISA {meta.get('cpu_isa', '?')}"]
+    if meta.get("loadavg_start"):
+        parts.append(f"load average {meta['loadavg_start'][0]:.1f} at the start")
+    text = ", ".join(parts)
+    if ceilings.get("sgemm_gflops"):
+        text += (f"; sgemm ceiling {ceilings['sgemm_gflops']:.1f} GFLOP/s, bandwidth "
+                 f"{ceilings['bandwidth_gbs']:.1f} GB/s")
+    return text
 
 
 def section_times(rows) -> str:
