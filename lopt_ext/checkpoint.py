@@ -31,8 +31,13 @@ from lopt_ext.config import SmallFcLOpt
 
 CONFIG_KEY = "lopt_ext.config"
 INFO_KEY = "lopt_ext.info"
-_LOPT_FIELDS = ("hidden_size", "hidden_layers", "exp_mult", "step_mult", "initial_momentum_decays",
-                "initial_rms_decays", "initial_adafactor_decays")
+KIND_KEY = "kind"  # the configuration class, when it is not SmallFcLOpt
+
+
+def _lopt_classes():
+    from lopt_ext.mlp_lopt import MLPLOpt
+    from lopt_ext.scaled import ScaledSmallFcLOpt
+    return {cls.__name__: cls for cls in (SmallFcLOpt, ScaledSmallFcLOpt, MLPLOpt)}
 
 
 class CheckpointMismatchError(ValueError):
@@ -81,14 +86,26 @@ def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
 
 
 def lopt_to_json(lopt: SmallFcLOpt) -> Dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k in _LOPT_FIELDS for v in [getattr(lopt, k)]}
+    import dataclasses
+    out = {f.name: (list(v) if isinstance(v, tuple) else v)
+           for f in dataclasses.fields(lopt) for v in [getattr(lopt, f.name)]}
+    if type(lopt) is not SmallFcLOpt:
+        out[KIND_KEY] = type(lopt).__name__
+    return out
 
 
 def lopt_from_json(d: Dict[str, Any]) -> SmallFcLOpt:
-    unknown = set(d) - set(_LOPT_FIELDS)
+    import dataclasses
+    d = dict(d)
+    kind = d.pop(KIND_KEY, "SmallFcLOpt")
+    classes = _lopt_classes()
+    if kind not in classes:
+        raise ValueError(f"unknown learned optimizer kind {kind!r} in config; known: {sorted(classes)}")
+    cls = classes[kind]
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise ValueError(f"unknown SmallFcLOpt fields in config: {sorted(unknown)}")
-    return SmallFcLOpt(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+        raise ValueError(f"unknown {kind} fields in config: {sorted(unknown)}")
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
 def flatten_theta(theta) -> Dict[str, np.ndarray]:
@@ -109,6 +126,18 @@ def _expected_flat(lopt: SmallFcLOpt) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(v) for k, v in flatten_theta_shapes(lopt.theta_shapes()).items()}
 
 
+def _expected_paths(shapes, prefix=()):
+    """{"/"-joined name: key path} of a theta shape tree (keys may hold "/" themselves, as
+    haiku's "mlp/~/linear_0" does, so names are not split back)."""
+    out = {}
+    for k, v in shapes.items():
+        if isinstance(v, dict):
+            out.update(_expected_paths(v, prefix + (k,)))
+        else:
+            out["/".join(prefix + (k,))] = prefix + (k,)
+    return out
+
+
 def flatten_theta_shapes(shapes, prefix=""):
     out = {}
     for k, v in shapes.items():
@@ -124,6 +153,7 @@ def unflatten_theta(flat: Dict[str, Any], lopt: SmallFcLOpt, source: str = "file
     """theta from "/"-joined names; every key and shape checked against ``lopt``."""
     import jax.numpy as jnp
     expected = _expected_flat(lopt)
+    paths = _expected_paths(lopt.theta_shapes())
     missing = [k for k in expected if k not in flat]
     extra = [k for k in flat if k not in expected]
     if missing:
@@ -140,7 +170,7 @@ def unflatten_theta(flat: Dict[str, Any], lopt: SmallFcLOpt, source: str = "file
         if not np.issubdtype(value.dtype, np.floating):
             raise CheckpointMismatchError(f"{source}: key {name!r} has dtype {value.dtype}, expected floating point")
         node = theta
-        parts = name.split("/")
+        parts = paths[name]
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = jnp.asarray(value, jnp.float32)

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lopt_ext.base import LearnedOptimizer
+
 # tanh(iteration / t - 1) for these timescales: the un-normalised step features.
 STEP_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
 MAX_DECAYS = 16
@@ -23,7 +25,7 @@ def num_normalized_features(dm: int, dr: int, da: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class SmallFcLOpt:
+class SmallFcLOpt(LearnedOptimizer):
     """AdafacMLPLOpt / small_fc_lopt configuration, with the reference's keyword names.
 
     ``SmallFcLOpt(hidden_size=32)`` is PyLO's ``small_fc_lopt``; the defaults are
@@ -136,10 +138,40 @@ class SmallFcLOpt:
                 to_decay(self.initial_rms_decays, theta["rms_decays"]),
                 to_decay(self.initial_adafactor_decays, theta["adafactor_decays"]))
 
-    def transform(self, theta: Theta, impl: str = "fused", skip_nonfinite: bool = False):
-        """An optax GradientTransformation applying this learned optimizer with ``theta``."""
-        from lopt_ext import optax_api
-        return optax_api.transform(self, theta, impl=impl, skip_nonfinite=skip_nonfinite)
+    # ----- the LearnedOptimizer protocol (lopt_ext.base)
+    state_fields = ("m", "rms", "v_row", "v_col", "v_full")
+
+    @property
+    def state_type(self):
+        from lopt_ext.state import SmallFcLOptState
+        return SmallFcLOptState
+
+    def leaf_state_shapes(self, shape):
+        """Shapes of (m, rms, v_row, v_col, v_full) for a parameter of ``shape``; unused slots
+        are (0,)."""
+        shape = tuple(int(d) for d in shape)
+        dm, dr, da = self.num_decays
+        dims = factored_dims(shape)
+        if dims is None:
+            v_row = v_col = EMPTY_SHAPE
+            v_full = shape + (da,)
+        else:
+            d1, d0 = dims
+            v_row = tuple(np.delete(shape, d0).tolist()) + (da,)
+            v_col = tuple(np.delete(shape, d1).tolist()) + (da,)
+            v_full = EMPTY_SHAPE
+        return shape + (dm,), shape + (dr,), v_row, v_col, v_full
+
+    def reference_leaves(self, theta: Theta, iteration, leaves):
+        from lopt_ext import reference
+        return reference.step_leaves(self, theta, iteration, leaves)
+
+    def fused_leaves(self, theta: Theta, iteration, leaves, *, write_delta: bool):
+        from lopt_ext import _ffi
+        return _ffi.step_leaves(self, theta, iteration, leaves, write_delta=write_delta)
+
+
+EMPTY_SHAPE = (0,)
 
 
 def step_features(iteration) -> jax.Array:

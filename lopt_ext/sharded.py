@@ -340,7 +340,7 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
         grads = jax.tree_util.tree_map(lambda x: lax.pmean(x, tuple(grad_mean_axes)), grads)
     # shapes were checked on the global arrays (sharded_update); local shards may order
     # their axes by size differently, so only the tree structure is checked here
-    check_lopt(lopt)
+    _check_supported(lopt)
     check_theta(lopt, theta)
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     g_leaves = treedef.flatten_up_to(grads)
@@ -408,7 +408,7 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
         results = lax.cond(finite, step, skip, None)
     else:
         results = step(None)
-    return assemble(treedef, p_leaves, fields, live, results, finite, state, write_delta)
+    return assemble(lopt, treedef, p_leaves, fields, live, results, finite, state, write_delta)
 
 
 def _apply_reference(lopt, theta, iteration, item, write_delta):
@@ -475,7 +475,7 @@ def sharded_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, gr
     jax.jit. Mesh axes that shard no parameter are replicated axes (data parallelism): the
     gradients passed here are global arrays, already averaged.
     """
-    check_lopt(lopt)
+    _check_supported(lopt)
     check_theta(lopt, theta)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -494,6 +494,15 @@ def sharded_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, gr
     return fn(*args)
 
 
+def _check_supported(lopt) -> None:
+    check_lopt(lopt)
+    if not isinstance(lopt, SmallFcLOpt):
+        raise NotImplementedError(f"{type(lopt).__name__}: the sharded path supports small_fc_lopt only")
+    if type(lopt).step_scales is not SmallFcLOpt.step_scales:
+        raise NotImplementedError(f"{type(lopt).__name__}: the sharded path supports the plain small_fc_lopt "
+                                  "rule only (no per-tensor step scale yet)")
+
+
 def sharded_transform(lopt: SmallFcLOpt, theta, *, mesh, param_specs, impl: str = "fused",
                       skip_nonfinite: bool = False, stats: str = "kernel"):
     """optax GradientTransformation running ``sharded_update`` (updates = -step).
@@ -501,7 +510,7 @@ def sharded_transform(lopt: SmallFcLOpt, theta, *, mesh, param_specs, impl: str 
     init places the state in its sharded layout; param_specs must describe the params
     passed to init/update (a tree of PartitionSpecs or a single spec).
     """
-    check_lopt(lopt)
+    _check_supported(lopt)
     check_theta(lopt, theta)
 
     def init_fn(params):

@@ -1,13 +1,12 @@
-"""Optimizer state of small_fc_lopt, shared by the fused and the reference paths."""
+"""Optimizer states, shared by the fused and the reference paths of every learned optimizer."""
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lopt_ext.config import SmallFcLOpt, factored_dims
+from lopt_ext.base import LearnedOptimizer
 
 
 class SmallFcLOptState(NamedTuple):
@@ -27,28 +26,15 @@ class SmallFcLOptState(NamedTuple):
     v_full: Any
 
 
-EMPTY_SHAPE = (0,)
+def check_lopt(lopt) -> None:
+    if not isinstance(lopt, LearnedOptimizer):
+        raise TypeError(f"lopt must be a lopt_ext learned optimizer (SmallFcLOpt, ScaledSmallFcLOpt, MLPLOpt), "
+                        f"got {type(lopt).__name__}")
 
 
-def leaf_state_shapes(lopt: SmallFcLOpt, shape):
-    """Shapes of (m, rms, v_row, v_col, v_full) for a parameter of ``shape``."""
-    shape = tuple(shape)
-    dm, dr, da = lopt.num_decays
-    dims = factored_dims(shape)
-    if dims is None:
-        v_row = v_col = EMPTY_SHAPE
-        v_full = shape + (da,)
-    else:
-        d1, d0 = dims
-        v_row = tuple(np.delete(shape, d0)) + (da,)
-        v_col = tuple(np.delete(shape, d1)) + (da,)
-        v_full = EMPTY_SHAPE
-    return shape + (dm,), shape + (dr,), v_row, v_col, v_full
-
-
-def init_state(lopt: SmallFcLOpt, params) -> SmallFcLOptState:
-    if not isinstance(lopt, SmallFcLOpt):
-        raise TypeError(f"lopt must be a lopt_ext.SmallFcLOpt, got {type(lopt).__name__}")
+def init_state(lopt: LearnedOptimizer, params):
+    """The zero state of ``lopt`` for ``params`` (float32, whatever the parameter dtype)."""
+    check_lopt(lopt)
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in paths]
     for path, leaf in paths:
@@ -59,9 +45,9 @@ def init_state(lopt: SmallFcLOpt, params) -> SmallFcLOptState:
             raise TypeError(f"{name} must be an array, got {type(leaf).__name__} ({e})") from None
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"{name} must be floating point, got {dtype}")
-    per_field = [[], [], [], [], []]
+    per_field = [[] for _ in lopt.state_fields]
     for leaf in leaves:
-        for field, shp in zip(per_field, leaf_state_shapes(lopt, jnp.shape(leaf))):
+        for field, shp in zip(per_field, lopt.leaf_state_shapes(jnp.shape(leaf))):
             field.append(jnp.zeros(tuple(int(d) for d in shp), jnp.float32))
-    trees = [jax.tree_util.tree_unflatten(treedef, f) for f in per_field]
-    return SmallFcLOptState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), *trees)
+    trees = {name: jax.tree_util.tree_unflatten(treedef, f) for name, f in zip(lopt.state_fields, per_field)}
+    return lopt.state_type(iteration=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), **trees)

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lopt_ext import reference
+from lopt_ext.base import LearnedOptimizer
 from lopt_ext.config import SmallFcLOpt
-from lopt_ext.state import SmallFcLOptState, leaf_state_shapes
+from lopt_ext.state import check_lopt  # noqa: F401  (re-exported: the one lopt check)
 
 IMPLS = ("fused", "reference")
-STATE_FIELDS = ("m", "rms", "v_row", "v_col", "v_full")
+STATE_FIELDS = SmallFcLOpt.state_fields  # small_fc_lopt's state fields (the sharded path's)
 # skip_nonfinite skips a step unless every |g| <= this: sqrt(float32 max), so that g^2
 # (rms and the factored accumulators) cannot overflow to inf either.
 GRAD_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
@@ -54,13 +54,8 @@ def check_theta_finite(theta) -> None:
                              "every output would be NaN")
 
 
-def check_lopt(lopt) -> None:
-    if not isinstance(lopt, SmallFcLOpt):
-        raise TypeError(f"lopt must be a lopt_ext.SmallFcLOpt, got {type(lopt).__name__}")
-
-
-def check_theta(lopt: SmallFcLOpt, theta) -> None:
-    """theta must have exactly the AdafacMLPLOpt layout of this configuration."""
+def check_theta(lopt: LearnedOptimizer, theta) -> None:
+    """theta must have exactly the layout of this configuration (the reference's)."""
 
     def walk(expected, got, path):
         if isinstance(expected, dict):
@@ -86,7 +81,7 @@ def _leaf_names(tree):
     return [jax.tree_util.keystr(p) or "<root>" for p, _ in paths]
 
 
-def check_inputs(lopt: SmallFcLOpt, theta, state, params, grads, grads_name="grads"):
+def check_inputs(lopt: LearnedOptimizer, theta, state, params, grads, grads_name="grads"):
     """Validates everything before any kernel runs; returns flattened leaves."""
     check_lopt(lopt)
     check_theta(lopt, theta)
@@ -103,10 +98,11 @@ def check_inputs(lopt: SmallFcLOpt, theta, state, params, grads, grads_name="gra
             raise TypeError(f"{grads_name}{name} must be floating point, got {jnp.result_type(g)}")
         if jnp.shape(g) != jnp.shape(p):
             raise ValueError(f"{grads_name}{name} has shape {jnp.shape(g)}, params{name} has {jnp.shape(p)}")
-    if not isinstance(state, SmallFcLOptState):
-        raise TypeError(f"state must be a SmallFcLOptState (from tx.init or init_state), got {type(state).__name__}")
+    state_type = lopt.state_type
+    if not isinstance(state, state_type):
+        raise TypeError(f"state must be a {state_type.__name__} (from tx.init or init_state), got {type(state).__name__}")
     fields = []
-    for fi, field in enumerate(STATE_FIELDS):
+    for fi, field in enumerate(lopt.state_fields):
         try:
             leaves = treedef.flatten_up_to(getattr(state, field))
         except (ValueError, TypeError) as e:
@@ -115,7 +111,7 @@ def check_inputs(lopt: SmallFcLOpt, theta, state, params, grads, grads_name="gra
             if _dtype(leaf, f"state.{field}{name}") != jnp.float32:
                 raise TypeError(f"state.{field}{name} must be float32 (as init_state makes it), "
                                 f"got {jnp.result_type(leaf)}")
-            want = leaf_state_shapes(lopt, jnp.shape(p))[fi]
+            want = lopt.leaf_state_shapes(jnp.shape(p))[fi]
             if tuple(jnp.shape(leaf)) != tuple(want):
                 raise ValueError(f"state.{field}{name} has shape {tuple(jnp.shape(leaf))}; params{name} of shape "
                                  f"{jnp.shape(p)} with {lopt} needs {tuple(want)} (a state from another model or config?)")
@@ -129,7 +125,7 @@ def check_inputs(lopt: SmallFcLOpt, theta, state, params, grads, grads_name="gra
     return treedef, p_leaves, g_leaves, fields
 
 
-def apply_step(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grads, *, impl: str,
+def apply_step(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str,
                write_delta: bool, skip_nonfinite: bool = False, grads_name: str = "grads"):
     """One step. Returns (tree of new params, or of updates when write_delta; new state).
 
@@ -149,11 +145,20 @@ def apply_step(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grads,
     def step(_):
         if not leaves:
             return []
+        scales = lopt.step_scales(theta, state.iteration, leaves)
         if impl == "fused":
-            from lopt_ext import _ffi
-            return _ffi.step_leaves(lopt, theta, state.iteration, leaves, write_delta=write_delta)
-        res = reference.step_leaves(lopt, theta, state.iteration, leaves)
-        return [((-s) if write_delta else (leaf[0] - s), *rest) for (s, *rest), leaf in zip(res, leaves)]
+            if scales is None:
+                return lopt.fused_leaves(theta, state.iteration, leaves, write_delta=write_delta)
+            res = lopt.fused_leaves(theta, state.iteration, leaves, write_delta=True)
+            steps = [-out for out, *_ in res]
+            rests = [rest for _, *rest in res]
+        else:
+            res = lopt.reference_leaves(theta, state.iteration, leaves)
+            steps = [s for s, *_ in res]
+            rests = [rest for _, *rest in res]
+        if scales is not None:
+            steps = [s * c for s, c in zip(steps, scales)]
+        return [((-s) if write_delta else (leaf[0] - s), *rest) for s, rest, leaf in zip(steps, rests, leaves)]
 
     def skip(_):  # the identity step: zero updates (or the same params), same state
         return [((jnp.zeros_like(leaf[0]) if write_delta else leaf[0]), *leaf[2:]) for leaf in leaves]
@@ -164,7 +169,7 @@ def apply_step(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grads,
         results = lax.cond(finite, step, skip, None)
     else:
         results = step(None)
-    return assemble(treedef, p_leaves, fields, live, results, finite, state, write_delta)
+    return assemble(lopt, treedef, p_leaves, fields, live, results, finite, state, write_delta)
 
 
 def count_bad_grads(grads) -> jax.Array:
@@ -174,10 +179,10 @@ def count_bad_grads(grads) -> jax.Array:
                for g in grads)
 
 
-def assemble(treedef, p_leaves, fields, live, results, applied, state, write_delta):
+def assemble(lopt, treedef, p_leaves, fields, live, results, applied, state, write_delta):
     """(tree of outputs, new state) from the per-live-leaf step results.
 
-    results[k] = (out, m, rms, v_row, v_col, v_full) for leaf live[k]; leaves not in live
+    results[k] = (out, *new state fields) for leaf live[k]; leaves not in live
     keep their state and get zero updates (or their params); applied: whether the step
     counted (False when skip_nonfinite skipped it).
     """
@@ -189,14 +194,14 @@ def assemble(treedef, p_leaves, fields, live, results, applied, state, write_del
             f[i] = value
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     applied = jnp.asarray(applied).astype(jnp.int32)
-    new_state = SmallFcLOptState(
+    new_state = lopt.state_type(
         iteration=state.iteration + applied,
         skipped=state.skipped + (1 - applied),
-        **{name: unflat(f) for name, f in zip(STATE_FIELDS, new_fields)})
+        **{name: unflat(f) for name, f in zip(lopt.state_fields, new_fields)})
     return unflat(outs), new_state
 
 
-def fused_update(lopt: SmallFcLOpt, theta, state, params, grads, *, impl: str = "fused",
+def fused_update(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str = "fused",
                  skip_nonfinite: bool = False):
     """(new_params, new_state) for one step of the learned optimizer on a whole pytree.
 

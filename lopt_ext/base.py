@@ -1,0 +1,50 @@
+"""What every learned optimizer of lopt_ext provides, so that one set of machinery serves all.
+
+A learned optimizer is a frozen dataclass (the reference's keyword names) that inherits from
+``LearnedOptimizer`` and defines:
+- ``theta_shapes()`` / ``init_theta(key)``: its meta-parameters, in the reference's layout;
+- ``state_type`` (a NamedTuple with ``iteration``, ``skipped`` and one tree per name in
+  ``state_fields``) and ``leaf_state_shapes(shape)``: the float32 state of one parameter;
+- ``reference_leaves(theta, iteration, leaves)``: the pure-JAX rule, per leaf
+  (p, g, *state fields) -> (step, *new state fields), p_new = p - step;
+- ``fused_leaves(theta, iteration, leaves, write_delta)``: the same through its compiled
+  kernel, per leaf -> (p_new or -step, *new state fields);
+- optionally ``step_scales``: per-tensor multipliers of the step (see lopt_ext.scaled).
+Input validation, state initialisation, the skip rule, dtype handling and the optax wrapper
+(lopt_ext.update, lopt_ext.state, lopt_ext.optax_api) are written once against this.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+
+class LearnedOptimizer:
+    state_fields: Tuple[str, ...] = ()
+
+    @property
+    def state_type(self):
+        raise NotImplementedError
+
+    def theta_shapes(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def init_theta(self, key):
+        raise NotImplementedError
+
+    def leaf_state_shapes(self, shape) -> Tuple[Tuple[int, ...], ...]:
+        raise NotImplementedError
+
+    def reference_leaves(self, theta, iteration, leaves) -> List[tuple]:
+        raise NotImplementedError
+
+    def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool) -> List[tuple]:
+        raise NotImplementedError(f"{type(self).__name__} has no fused kernel: use impl='reference'")
+
+    def step_scales(self, theta, iteration, leaves):
+        """Per-tensor multipliers of the step (None: the plain rule)."""
+        return None
+
+    def transform(self, theta, impl: str = "fused", skip_nonfinite: bool = False):
+        """An optax GradientTransformation applying this learned optimizer with ``theta``."""
+        from lopt_ext import optax_api
+        return optax_api.transform(self, theta, impl=impl, skip_nonfinite=skip_nonfinite)

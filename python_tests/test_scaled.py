@@ -1,0 +1,147 @@
+"""ScaledSmallFcLOpt: small_fc_lopt times a learned per-tensor step scale."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lopt_ext
+from lopt_ext import ScaledSmallFcLOpt, SmallFcLOpt, checkpoint
+from lopt_ext.config import STEP_TIMESCALES
+
+SHAPES = {"w": (6, 4), "b": (4,), "s": (), "t": (3, 2, 5)}
+
+
+def _tree(key, scale=1.0):
+    keys = jax.random.split(key, len(SHAPES))
+    return {k: scale * jax.random.normal(kk, shp, jnp.float32) for (k, shp), kk in zip(SHAPES.items(), keys)}
+
+
+def _random_scale_theta(lopt, key):
+    theta = lopt.init_theta(key)
+    n, h = lopt.num_scale_inputs, lopt.scale_hidden
+    k1, k2 = jax.random.split(jax.random.fold_in(key, 7))
+    theta["tensor_scale"]["w_lin"] = 0.5 * jax.random.normal(k1, (n,))
+    theta["tensor_scale"]["w2"] = 0.5 * jax.random.normal(k2, (h,))
+    theta["tensor_scale"]["b"] = jnp.asarray([0.3])
+    return theta
+
+
+def test_fresh_theta_is_exactly_small_fc_lopt():
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    theta = lopt.init_theta(jax.random.PRNGKey(0))
+    base = SmallFcLOpt(hidden_size=4)
+    base_theta = {k: v for k, v in theta.items() if k != "tensor_scale"}
+    params, grads = _tree(jax.random.PRNGKey(1)), _tree(jax.random.PRNGKey(2), 0.1)
+    for impl in ("fused", "reference"):
+        a, sa = lopt_ext.fused_update(lopt, theta, lopt_ext.init_state(lopt, params), params=params, grads=grads, impl=impl)
+        b, sb = lopt_ext.fused_update(base, base_theta, lopt_ext.init_state(base, params), params=params, grads=grads,
+                                      impl=impl)
+        for k in SHAPES:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def _numpy_scale(lopt, theta, iteration, p, g, m, rms):
+    """Independent float64 transcription of the scale rule in the module docstring."""
+    p, g, m, rms = (np.asarray(x, np.float64) for x in (p, g, m, rms))
+    mom_b, rms_b, _ = (np.asarray(x, np.float64) for x in lopt.decays(theta))
+    c = np.clip(rms_b, 0, 1)
+    dm = m.shape[-1]
+    g1 = g.reshape(-1, 1)
+    m_new = m.reshape(-1, dm) * mom_b + (1 - mom_b) * g1
+    rms_new = rms.reshape(-1, rms.shape[-1]) * c + (1 - c) * g1 ** 2
+    snr = np.clip(0.5 * np.log((m_new ** 2).mean(0) + 1e-30) - 0.5 * np.log(rms_new.mean() + 1e-30), -10, 3)
+    u = np.concatenate([[0.5 * np.log((p ** 2).mean() + 1e-6) / 3], snr / 3, [np.log(max(p.size, 1)) / 10],
+                        np.tanh(iteration / np.asarray(STEP_TIMESCALES, np.float64) - 1)])
+    t = {k: np.asarray(v, np.float64) for k, v in theta["tensor_scale"].items()}
+    z = u @ t["w_lin"] + t["b"][0] + np.maximum(u @ t["w1"] + t["b1"], 0) @ t["w2"]
+    return np.exp(4 * np.tanh(z / 4))
+
+
+def test_scale_matches_an_independent_transcription():
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(3))
+    for it in (0, 7, 250):
+        for shp in SHAPES.values():
+            ks = jax.random.split(jax.random.PRNGKey(it + len(shp)), 4)
+            p, g = jax.random.normal(ks[0], shp), 0.01 * jax.random.normal(ks[1], shp)
+            m = 0.01 * jax.random.normal(ks[2], shp + (3,))
+            rms = 1e-4 * jnp.abs(jax.random.normal(ks[3], shp + (1,)))
+            got = float(lopt.tensor_scale(theta, jnp.int32(it), p, g, m, rms))
+            want = _numpy_scale(lopt, theta, it, p, g, m, rms)
+            np.testing.assert_allclose(got, want, rtol=2e-5)
+            assert np.exp(-4) <= got <= np.exp(4)
+
+
+def test_scale_is_invariant_to_the_loss_scale():
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(4))
+    p, g = jax.random.normal(jax.random.PRNGKey(5), (8, 3)), jax.random.normal(jax.random.PRNGKey(6), (8, 3))
+    m, rms = 0.1 * g[..., None] * jnp.ones(3), 0.01 * (g * g)[..., None]
+    s1 = lopt.tensor_scale(theta, jnp.int32(5), p, g, m, rms)
+    s2 = lopt.tensor_scale(theta, jnp.int32(5), p, 1e3 * g, 1e3 * m, 1e6 * rms)
+    np.testing.assert_allclose(float(s1), float(s2), rtol=1e-5)
+
+
+def test_fused_matches_reference_over_a_trajectory():
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(8))
+    params = _tree(jax.random.PRNGKey(9))
+    out = {}
+    for impl in ("fused", "reference"):
+        tx = lopt.transform(theta, impl=impl)
+        p, st = params, tx.init(params)
+        upd = jax.jit(tx.update)
+        for i in range(20):
+            g = jax.tree_util.tree_map(lambda x: 0.1 * x + 0.01 * jnp.sin(i + x), p)
+            u, st = upd(g, st, p)
+            p = jax.tree_util.tree_map(lambda a, b: a + b, p, u)
+        out[impl] = p
+    for k in SHAPES:
+        a, b = np.asarray(out["fused"][k]), np.asarray(out["reference"][k])
+        assert np.all(np.abs(a - b) <= 1e-6 * np.max(np.abs(b)) + 1e-5 * np.abs(b)), k
+
+
+def test_scaled_steps_differ_from_plain_ones_by_the_scale():
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(10))
+    base = SmallFcLOpt(hidden_size=4)
+    base_theta = {k: v for k, v in theta.items() if k != "tensor_scale"}
+    params, grads = _tree(jax.random.PRNGKey(11)), _tree(jax.random.PRNGKey(12), 0.1)
+    st = lopt_ext.init_state(lopt, params)
+    u, _ = lopt.transform(theta, impl="reference").update(grads, st, params)
+    ub, _ = base.transform(base_theta, impl="reference").update(grads, st, params)
+    for k in SHAPES:
+        s = lopt.tensor_scale(theta, jnp.int32(0), params[k], grads[k], st.m[k], st.rms[k])
+        np.testing.assert_allclose(np.asarray(u[k]), float(s) * np.asarray(ub[k]), rtol=1e-6, atol=1e-12)
+
+
+def test_checkpoint_round_trip_keeps_the_kind(tmp_path):
+    lopt = ScaledSmallFcLOpt(hidden_size=4, scale_hidden=5)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(13))
+    path = str(tmp_path / "t.safetensors")
+    checkpoint.save_theta(path, theta, lopt)
+    lopt2, theta2 = checkpoint.load_theta(path)
+    assert lopt2 == lopt and type(lopt2) is ScaledSmallFcLOpt
+    for a, b in zip(jax.tree_util.tree_leaves(theta), jax.tree_util.tree_leaves(theta2)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="tensor_scale"):
+        checkpoint.load_theta(path, SmallFcLOpt(hidden_size=4))
+
+
+def test_bad_configuration_and_theta():
+    with pytest.raises(ValueError, match="scale_hidden"):
+        ScaledSmallFcLOpt(scale_hidden=0)
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    theta = lopt.init_theta(jax.random.PRNGKey(0))
+    del theta["tensor_scale"]
+    with pytest.raises(ValueError, match="tensor_scale"):
+        lopt.transform(theta)
+
+
+def test_sharded_path_refuses_the_scaled_variant():
+    from jax.sharding import Mesh, PartitionSpec as P
+    from lopt_ext import sharded
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("d",))
+    with pytest.raises(NotImplementedError, match="per-tensor step scale"):
+        sharded.sharded_transform(lopt, lopt.init_theta(jax.random.PRNGKey(0)), mesh=mesh, param_specs=P())
