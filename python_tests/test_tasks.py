@@ -11,7 +11,9 @@ from lopt_ext.tasks import data, family
 
 ALL = [n for s in tasks.SPLITS for n in tasks.list_tasks(s)]
 FAST = ["mlp_digits_16_relu_b128_s2", "conv_digits_4x8_b32",
-        "quadratic_d32_c2_n0.1_seed0", "logreg_d16_n512_b32_seed0"]  # the char LMs run with -m slow
+        "quadratic_d32_c2_n0.1_seed0", "logreg_d16_n512_b32_seed0",
+        "mlp_wine_16_gelu_b64_s1_noise0.3", "mlp_teacher16-102_128_relu_b256_s1",
+        "mlp_breast_cancer_32_relu_b32_s1"]  # the rest (char LMs among them) run with -m slow
 
 
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in ALL])
@@ -27,6 +29,8 @@ def test_task_contract(name):
     grads = jax.grad(task.loss)(params, b1)
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
     assert np.isfinite(task.train_loss(params)) and np.isfinite(task.eval_loss(params))
+    vb = task.valid_batch(jax.random.PRNGKey(1))
+    assert np.isfinite(task.loss(params, vb))
     assert task.loss_scale > 0
     assert task.num_params() == sum(x.size for x in jax.tree_util.tree_leaves(params))
     # the initial loss is of the order of the normaliser used by meta-training
@@ -37,6 +41,17 @@ def test_splits_disjoint_and_documented():
     train, test, out = (set(tasks.list_tasks(s)) for s in ("train", "test", "outside"))
     assert not train & test and not train & out and not test & out
     assert len(train) == len(family.TRAIN_SPECS) and len(test) == len(family.TEST_SPECS)
+    # the judged held-out split: >= 12 MLPs of the family, every data set, activation and
+    # depth 1-4, with and without input noise; teachers never seen in meta-training
+    assert len(family.TEST_SPECS) >= 12 and all(isinstance(s, family.MLPSpec) for s in family.TEST_SPECS)
+    for attr, values in (("dataset", family.MLP_DATASETS), ("activation", family.MLP_ACTIVATIONS)):
+        assert {getattr(s, attr) for s in family.TEST_SPECS} == set(values)
+    assert {len(s.hidden) for s in family.TEST_SPECS} == {1, 2, 3, 4}
+    assert {s.input_noise > 0 for s in family.TEST_SPECS} == {True, False}
+    teach = lambda specs: {s.data_seed for s in specs if isinstance(s, family.MLPSpec) and s.dataset == "teacher"}
+    assert teach(family.TEST_SPECS) and not teach(family.TEST_SPECS) & teach(family.TRAIN_SPECS)
+    for s in family.TEST_SPECS + family.TRAIN_MLP_SPECS:
+        assert 16 <= min(s.hidden) and max(s.hidden) <= 256 and 16 <= s.batch_size <= 256
     # held-out architectures: no MLP/conv/RNN shape of the test split occurs in training
     arch = lambda s: {k: v for k, v in vars(s).items() if k != "seed"}
     train_arch = [(type(s), arch(s)) for s in family.TRAIN_SPECS if not hasattr(s, "seed")]
@@ -59,12 +74,33 @@ def test_sampler_deterministic_and_in_split():
         tasks.TaskSampler("nope")
 
 
-def test_digits_split():
-    x_tr, y_tr, x_te, y_te = data.digits()
-    assert x_tr.shape == (1438, 8, 8, 1) and x_te.shape == (359, 8, 8, 1)
-    assert x_tr.min() >= 0 and x_tr.max() <= 1
-    # no test image equals a training image slot (index-disjoint split of 1797 images)
-    assert len(y_tr) + len(y_te) == 1797
+def test_classification_splits():
+    for name, n, shape in (("digits", 1797, (8, 8, 1)), ("breast_cancer", 569, (30,)), ("wine", 178, (13,))):
+        d = data.classification(name)
+        sizes = [len(d[f"y_{k}"]) for k in ("train", "valid", "test")]
+        assert sum(sizes) == n and d["x_train"].shape[1:] == shape
+        assert abs(sizes[2] - 0.2 * n) <= 1 and abs(sizes[1] - 0.16 * n) <= 1
+        # index-disjoint: no row of one part equals a row of another (these sets have no duplicates)
+        rows = lambda x: {r.tobytes() for r in x.reshape(len(x), -1)}
+        assert not rows(d["x_train"]) & rows(d["x_test"]) and not rows(d["x_valid"]) & rows(d["x_test"])
+    x = data.classification("digits")["x_train"]
+    assert x.min() >= 0 and x.max() <= 1
+    x = data.classification("wine")["x_train"]
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
+
+
+def test_teacher_regression_matches_numpy():
+    task = tasks.get_task("mlp_teacher16-102_128_relu_b256_s1")
+    t = data.teacher(16, 102)
+    p = task.init(jax.random.PRNGKey(0))
+    x, y = task.sample_batch(jax.random.PRNGKey(3))
+    clean = np.tanh(np.asarray(x, np.float64) @ t["w1"] + t["b1"]) @ t["w2"]
+    assert 0 < np.std(np.asarray(y) - clean[:, 0]) < 0.2  # label noise 0.1 on fresh inputs
+    h = np.maximum(np.asarray(x, np.float64) @ np.asarray(p["layer_0"]["w"]) + np.asarray(p["layer_0"]["b"]), 0)
+    out = h @ np.asarray(p["layer_1"]["w"]) + np.asarray(p["layer_1"]["b"])
+    np.testing.assert_allclose(float(task.loss(p, (x, y))), np.mean((out[:, 0] - np.asarray(y)) ** 2), rtol=1e-4)
+    x2, _ = task.sample_batch(jax.random.PRNGKey(4))
+    assert not np.allclose(x, x2)  # fresh samples every batch
 
 
 def test_text_corpus_offline():

@@ -20,6 +20,9 @@ class Task:
     sample_batch(key) -> batch     (the batch stream: batch i uses fold_in(key, i))
     train_loss(params) -> scalar   loss on a fixed large slice of the training data
     eval_loss(params) -> scalar    held-out loss (test data never used for training)
+    sample_valid_batch(key) -> batch   a batch of validation data (never trained on, and not
+      the test data of eval_loss): what meta-training may score an optimizer on; tasks without
+      a validation split use a fresh training batch (one not used for the gradient)
     loss_scale: typical loss at initialisation; meta-training divides by it so that tasks
       with different loss ranges weigh the same ("normalised per task").
     """
@@ -32,6 +35,11 @@ class Task:
     train_loss: Callable[[Params], jax.Array]
     eval_loss: Callable[[Params], jax.Array]
     loss_scale: float = 1.0
+    sample_valid_batch: Callable[[jax.Array], Batch] | None = None
+
+    def valid_batch(self, key: jax.Array) -> Batch:
+        sampler = self.sample_valid_batch or self.sample_batch
+        return sampler(jax.random.fold_in(key, 0x5EED))
 
     def batches(self, key: jax.Array, num: int):
         """A Python iterator over ``num`` batches (the same stream scan-based code draws)."""

@@ -1,9 +1,10 @@
 """Offline data for the task family: nothing is downloaded.
 
-* digits: scikit-learn's bundled ``load_digits`` (1797 8x8 grey images, 10 classes), split
-  once with a fixed permutation into 1437 train / 360 test images.
-* breast cancer: scikit-learn's bundled ``load_breast_cancer`` (569 x 30, 2 classes),
-  standardised with train statistics; used only as an out-of-family task.
+* classification: scikit-learn's bundled ``load_digits`` (1797 8x8 grey images, 10 classes),
+  ``load_breast_cancer`` (569 x 30, 2 classes) and ``load_wine`` (178 x 13, 3 classes), each
+  split once with fixed permutations into train / valid / test (64 / 16 / 20 %).
+* teacher-student regression: a fixed random tanh network labels Gaussian inputs; training
+  batches are fresh samples, valid and test are fixed samples.
 * text: a character corpus built from docstrings of Python's standard library (always
   present with the interpreter), restricted to printable ASCII, split 90/10.
 """
@@ -22,27 +23,54 @@ def _split(n, test_fraction, seed=_SPLIT_SEED):
     return perm[n_test:], perm[:n_test]
 
 
-@functools.lru_cache(maxsize=None)
-def digits():
-    """(x_train [1438,8,8,1], y_train, x_test [359,8,8,1], y_test); pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[..., None]
-    y = d.target.astype(np.int32)
-    tr, te = _split(len(y), 0.2)
-    return x[tr], y[tr], x[te], y[te]
+CLASSIFICATION_DATASETS = ("digits", "breast_cancer", "wine")
 
 
 @functools.lru_cache(maxsize=None)
-def breast_cancer():
-    from sklearn.datasets import load_breast_cancer
-    d = load_breast_cancer()
-    x = d.data.astype(np.float32)
+def classification(name: str):
+    """Bundled scikit-learn data split train / valid / test (64 / 16 / 20 %).
+
+    Returns {"x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test", "num_classes"}.
+    digits: images [N, 8, 8, 1] with pixels scaled to [0, 1]; the tabular sets: features
+    standardised with training statistics. The test part is held out for evaluation; the
+    valid part is what meta-training may score an optimizer on.
+    """
+    from sklearn import datasets
+    loaders = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer,
+               "wine": datasets.load_wine}
+    if name not in loaders:
+        raise ValueError(f"unknown dataset {name!r}; known: {list(loaders)}")
+    d = loaders[name]()
     y = d.target.astype(np.int32)
-    tr, te = _split(len(y), 0.2)
-    mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
-    x = (x - mean) / std
-    return x[tr], y[tr], x[te], y[te]
+    if name == "digits":
+        x = (d.images.astype(np.float32) / 16.0)[..., None]
+    else:
+        x = d.data.astype(np.float32)
+    rest, te = _split(len(y), 0.2)
+    order = np.random.RandomState(_SPLIT_SEED + 1).permutation(len(rest))
+    n_valid = int(round(len(rest) * 0.2))
+    va, tr = rest[order[:n_valid]], rest[order[n_valid:]]
+    if name != "digits":
+        mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
+        x = (x - mean) / std
+    return {"x_train": x[tr], "y_train": y[tr], "x_valid": x[va], "y_valid": y[va],
+            "x_test": x[te], "y_test": y[te], "num_classes": int(y.max()) + 1}
+
+
+@functools.lru_cache(maxsize=None)
+def teacher(dim: int, seed: int, hidden: int = 32):
+    """A fixed random teacher network R^dim -> R (tanh, one hidden layer) as numpy arrays,
+    and fixed valid / test samples of 1024 inputs each; training batches are fresh draws."""
+    rng = np.random.RandomState(10_000 + seed)
+    w1 = rng.normal(size=(dim, hidden)).astype(np.float32) * np.float32(1.5 / np.sqrt(dim))
+    b1 = rng.normal(size=(hidden,)).astype(np.float32) * np.float32(0.5)
+    w2 = rng.normal(size=(hidden, 1)).astype(np.float32) * np.float32(1.0 / np.sqrt(hidden))
+    out = {"w1": w1, "b1": b1, "w2": w2}
+    for part, offset in (("valid", 1), ("test", 2)):
+        x = np.random.RandomState(20_000 + 3 * seed + offset).normal(size=(1024, dim)).astype(np.float32)
+        out[f"x_{part}"] = x
+        out[f"y_{part}"] = (np.tanh(x @ w1 + b1) @ w2)[:, 0]
+    return out
 
 
 _TEXT_MODULES = ("textwrap", "json", "collections", "functools", "itertools", "argparse",

@@ -34,11 +34,21 @@ _ACTS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "gelu": jax.nn.gelu}
 
 @dataclasses.dataclass(frozen=True)
 class MLPSpec:
+    """An MLP classifier on a bundled data set, or an MLP regressor on a teacher network.
+
+    dataset: "digits", "breast_cancer", "wine" (softmax cross-entropy) or "teacher" (mean
+    squared error against a fixed random tanh network of ``teacher_dim`` Gaussian inputs,
+    seed ``data_seed``; every batch is a fresh sample). input_noise: stddev of Gaussian noise
+    added to every training input (a data augmentation; held-out inputs stay clean).
+    """
     hidden: Tuple[int, ...] = (32,)
     activation: str = "relu"
     batch_size: int = 64
     init_scale: float = 1.0
     dataset: str = "digits"
+    input_noise: float = 0.0
+    data_seed: int = 0
+    teacher_dim: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,31 +82,88 @@ class LogRegSpec:
     seed: int = 0
 
 
-TRAIN_SPECS = (
+# The MLP family both splits draw from (the issue's "in-family" tasks): 1-4 hidden layers of
+# widths 16-256, relu/tanh/gelu, batch 16-256, digits / breast cancer / wine / teacher-student
+# regression, with and without input noise. Sizes are capped so that one task's 3000-step
+# evaluation (3 seeds, 14 Adam runs) stays within a few minutes on 2 CPU cores.
+MLP_WIDTHS = (16, 32, 64, 128, 256)
+MLP_ACTIVATIONS = ("relu", "tanh", "gelu")
+MLP_BATCHES = (16, 32, 64, 128, 256)
+MLP_DATASETS = ("digits", "breast_cancer", "wine", "teacher")
+MAX_MLP_PARAMS = 40_000
+MAX_MLP_WORK = 3_000_000  # params x batch size
+
+
+def _mlp_params(spec: MLPSpec) -> int:
+    in_dim = {"digits": 64, "breast_cancer": 30, "wine": 13}.get(spec.dataset, spec.teacher_dim)
+    out_dim = {"digits": 10, "breast_cancer": 2, "wine": 3}.get(spec.dataset, 1)
+    sizes = (in_dim,) + tuple(spec.hidden) + (out_dim,)
+    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def sample_mlp_specs(seed: int, count: int, exclude=(), init_scales=(1.0,), data_seeds=(0,)):
+    """``count`` distinct MLPSpecs of the family drawn with numpy seed ``seed``, none in ``exclude``."""
+    rng = np.random.RandomState(seed)
+    out, seen = [], set(exclude)
+    # every (data set, activation) pair in turn, so that small splits cover them evenly
+    combos = [(d, a) for d in MLP_DATASETS for a in MLP_ACTIVATIONS]
+    rng.shuffle(combos)
+    while len(out) < count:
+        dataset, activation = combos[len(out) % len(combos)]
+        depth = int(rng.randint(1, 5))
+        width = int(rng.choice(MLP_WIDTHS))
+        # mostly constant width, sometimes a funnel (halving per layer, at least 16)
+        hidden = tuple(max(16, width >> i) for i in range(depth)) if rng.rand() < 0.3 else (width,) * depth
+        spec = MLPSpec(hidden, activation, int(rng.choice(MLP_BATCHES)),
+                       float(rng.choice(init_scales)), dataset,
+                       input_noise=0.0 if dataset == "teacher" else float(rng.choice((0.0, 0.0, 0.1, 0.3))),
+                       data_seed=int(rng.choice(data_seeds)) if dataset == "teacher" else 0)
+        n = _mlp_params(spec)
+        if spec in seen or n > MAX_MLP_PARAMS or n * spec.batch_size > MAX_MLP_WORK:
+            continue
+        seen.add(spec)
+        out.append(spec)
+    return tuple(out)
+
+
+_LEGACY_TRAIN_MLPS = (
     MLPSpec((32,), "relu", 64, 1.0),
     MLPSpec((64,), "tanh", 32, 1.0),
     MLPSpec((16,), "relu", 128, 2.0),
     MLPSpec((32, 32), "relu", 64, 1.0),
     MLPSpec((32, 16), "tanh", 128, 0.5),
+)
+_LEGACY_TEST_MLPS = (
+    MLPSpec((48,), "relu", 64, 1.0),
+    MLPSpec((24, 24), "tanh", 96, 1.0),
+    MLPSpec((64, 32), "relu", 48, 1.0),
+    MLPSpec((32,), "relu", 32, 1.0, dataset="breast_cancer"),
+)
+# Held-out in-family tasks (judged by `evaluate`): teachers 100-103, init scale 1.
+TEST_MLP_SPECS = _LEGACY_TEST_MLPS + sample_mlp_specs(
+    2026, 12, exclude=_LEGACY_TRAIN_MLPS, data_seeds=(100, 101, 102, 103))
+# Meta-training MLPs: teachers 0-9, init scales 0.5-2 (an augmentation the tests do not use).
+TRAIN_MLP_SPECS = _LEGACY_TRAIN_MLPS + sample_mlp_specs(
+    7, 40, exclude=TEST_MLP_SPECS, init_scales=(0.5, 1.0, 1.0, 2.0), data_seeds=tuple(range(10)))
+
+TRAIN_SPECS = TRAIN_MLP_SPECS + (
     ConvSpec((4, 8), 32),
     CharLMSpec("rnn", 32, 16, 16),
     QuadraticSpec(32, 2.0, 0.1, 0), QuadraticSpec(32, 2.0, 0.1, 1), QuadraticSpec(32, 2.0, 0.1, 2),
     LogRegSpec(16, 512, 32, 0), LogRegSpec(16, 512, 32, 1), LogRegSpec(16, 512, 32, 2),
 )
 
-TEST_SPECS = (
-    MLPSpec((48,), "relu", 64, 1.0),
-    MLPSpec((24, 24), "tanh", 96, 1.0),
-    MLPSpec((64, 32), "relu", 48, 1.0),
+TEST_SPECS = TEST_MLP_SPECS
+
+# Harder or outside cases, reported beside the judged split: a convnet and a char RNN of unseen
+# shapes, a transformer LM (attention never appears in meta-training), held-out seeds of the
+# synthetic quadratics and logistic regressions.
+OUT_OF_FAMILY_SPECS = (
     ConvSpec((8, 16), 64),
     CharLMSpec("rnn", 48, 24, 16),
+    CharLMSpec("transformer", 32, 32, 16),
     QuadraticSpec(32, 2.0, 0.1, 100), QuadraticSpec(32, 2.0, 0.1, 101),
     LogRegSpec(16, 512, 32, 100), LogRegSpec(16, 512, 32, 101),
-)
-
-OUT_OF_FAMILY_SPECS = (
-    CharLMSpec("transformer", 32, 32, 16),
-    MLPSpec((32,), "relu", 32, 1.0, dataset="breast_cancer"),
 )
 
 SPLITS = {"train": TRAIN_SPECS, "test": TEST_SPECS, "outside": OUT_OF_FAMILY_SPECS}
@@ -104,8 +171,12 @@ SPLITS = {"train": TRAIN_SPECS, "test": TEST_SPECS, "outside": OUT_OF_FAMILY_SPE
 
 def task_name(spec) -> str:
     if isinstance(spec, MLPSpec):
-        return (f"mlp_{spec.dataset}_{'x'.join(map(str, spec.hidden))}_{spec.activation}"
-                f"_b{spec.batch_size}_s{spec.init_scale:g}")
+        data = spec.dataset
+        if data == "teacher":
+            data = f"teacher{spec.teacher_dim}-{spec.data_seed}"
+        noise = f"_noise{spec.input_noise:g}" if spec.input_noise else ""
+        return (f"mlp_{data}_{'x'.join(map(str, spec.hidden))}_{spec.activation}"
+                f"_b{spec.batch_size}_s{spec.init_scale:g}{noise}")
     if isinstance(spec, ConvSpec):
         return f"conv_digits_{'x'.join(map(str, spec.channels))}_b{spec.batch_size}"
     if isinstance(spec, CharLMSpec):
@@ -122,35 +193,71 @@ def _dense_init(key, fan_in, fan_out, scale=1.0):
     return {"w": w, "b": jnp.zeros((fan_out,), jnp.float32)}
 
 
-def _classification_task(spec, name, x_tr, y_tr, x_te, y_te, init, apply, batch_size, num_classes):
-    x_tr, y_tr, x_te, y_te = map(jnp.asarray, (x_tr, y_tr, x_te, y_te))
-    n = x_tr.shape[0]
+def _classification_task(spec, name, split, init, apply, batch_size, input_noise=0.0):
+    x_tr, y_tr, x_va, y_va, x_te, y_te = (jnp.asarray(split[k]) for k in (
+        "x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test"))
+    n, n_valid = x_tr.shape[0], x_va.shape[0]
 
     def loss(params, batch):
         x, y = batch
         return softmax_xent(apply(params, x), y)
 
     def sample_batch(key):
-        idx = jax.random.randint(key, (batch_size,), 0, n)
-        return x_tr[idx], y_tr[idx]
+        k_idx, k_noise = jax.random.split(key)
+        idx = jax.random.randint(k_idx, (batch_size,), 0, n)
+        x = x_tr[idx]
+        if input_noise:
+            x = x + input_noise * jax.random.normal(k_noise, x.shape, x.dtype)
+        return x, y_tr[idx]
+
+    def sample_valid_batch(key):
+        idx = jax.random.randint(key, (batch_size,), 0, n_valid)
+        return x_va[idx], y_va[idx]
 
     return Task(name=name, spec=spec, init=init, loss=loss, sample_batch=sample_batch,
                 train_loss=lambda p: loss(p, (x_tr, y_tr)), eval_loss=lambda p: loss(p, (x_te, y_te)),
-                loss_scale=math.log(num_classes))
+                loss_scale=math.log(split["num_classes"]), sample_valid_batch=sample_valid_batch)
+
+
+def _teacher_task(spec: MLPSpec, init, apply) -> Task:
+    t = _data.teacher(spec.teacher_dim, spec.data_seed)
+    w1, b1, w2 = (jnp.asarray(t[k]) for k in ("w1", "b1", "w2"))
+    x_va, y_va, x_te, y_te = (jnp.asarray(t[k]) for k in ("x_valid", "y_valid", "x_test", "y_test"))
+    noise = 0.1  # label noise of the training stream: the best achievable MSE is 0.01
+
+    def loss(params, batch):
+        x, y = batch
+        return jnp.mean((apply(params, x)[:, 0] - y) ** 2)
+
+    def sample_batch(key):
+        k_x, k_y = jax.random.split(key)
+        x = jax.random.normal(k_x, (spec.batch_size, spec.teacher_dim), jnp.float32)
+        y = (jnp.tanh(x @ w1 + b1) @ w2)[:, 0] + noise * jax.random.normal(k_y, (spec.batch_size,))
+        return x, y
+
+    def sample_valid_batch(key):
+        idx = jax.random.randint(key, (spec.batch_size,), 0, x_va.shape[0])
+        return x_va[idx], y_va[idx]
+
+    # the training loss is measured on the fixed validation inputs (clean labels): the stream
+    # itself is infinite and never repeats
+    return Task(name=task_name(spec), spec=spec, init=init, loss=loss, sample_batch=sample_batch,
+                train_loss=lambda p: loss(p, (x_va, y_va)), eval_loss=lambda p: loss(p, (x_te, y_te)),
+                loss_scale=float(np.mean(t["y_test"] ** 2)) + 1.0, sample_valid_batch=sample_valid_batch)
 
 
 def _mlp_task(spec: MLPSpec) -> Task:
-    if spec.dataset == "digits":
-        x_tr, y_tr, x_te, y_te = _data.digits()
-        x_tr, x_te = x_tr.reshape(len(x_tr), -1), x_te.reshape(len(x_te), -1)
-        num_classes = 10
-    elif spec.dataset == "breast_cancer":
-        x_tr, y_tr, x_te, y_te = _data.breast_cancer()
-        num_classes = 2
+    if spec.dataset == "teacher":
+        in_dim, out_dim, split = spec.teacher_dim, 1, None
+    elif spec.dataset in _data.CLASSIFICATION_DATASETS:
+        split = dict(_data.classification(spec.dataset))
+        for k in ("x_train", "x_valid", "x_test"):
+            split[k] = split[k].reshape(len(split[k]), -1)
+        in_dim, out_dim = split["x_train"].shape[1], split["num_classes"]
     else:
         raise ValueError(f"unknown dataset {spec.dataset!r}")
     act = _ACTS[spec.activation]
-    sizes = (x_tr.shape[1],) + tuple(spec.hidden) + (num_classes,)
+    sizes = (in_dim,) + tuple(spec.hidden) + (out_dim,)
 
     def init(key):
         keys = jax.random.split(key, len(sizes) - 1)
@@ -165,12 +272,13 @@ def _mlp_task(spec: MLPSpec) -> Task:
                 h = act(h)
         return h
 
-    return _classification_task(spec, task_name(spec), x_tr, y_tr, x_te, y_te, init, apply,
-                                spec.batch_size, num_classes)
+    if split is None:
+        return _teacher_task(spec, init, apply)
+    return _classification_task(spec, task_name(spec), split, init, apply, spec.batch_size,
+                                spec.input_noise)
 
 
 def _conv_task(spec: ConvSpec) -> Task:
-    x_tr, y_tr, x_te, y_te = _data.digits()
     act = _ACTS[spec.activation]
     chans = (1,) + tuple(spec.channels)
 
@@ -196,8 +304,8 @@ def _conv_task(spec: ConvSpec) -> Task:
         h = jnp.mean(h, axis=(1, 2))
         return h @ params["head"]["w"] + params["head"]["b"]
 
-    return _classification_task(spec, task_name(spec), x_tr, y_tr, x_te, y_te, init, apply,
-                                spec.batch_size, 10)
+    return _classification_task(spec, task_name(spec), _data.classification("digits"), init, apply,
+                                spec.batch_size)
 
 
 def _layer_norm(x, eps=1e-5):
@@ -293,7 +401,8 @@ def _quadratic_task(spec: QuadraticSpec) -> Task:
 
     return Task(name=task_name(spec), spec=spec, init=lambda k: {"x": jax.random.normal(k, (spec.dim,), jnp.float32)},
                 loss=loss, sample_batch=sample_batch, train_loss=clean, eval_loss=clean,
-                loss_scale=float(0.5 * jnp.sum(h * (1.0 + c ** 2))))
+                loss_scale=float(0.5 * jnp.sum(h * (1.0 + c ** 2))),
+                sample_valid_batch=lambda key: jnp.zeros((spec.dim,), jnp.float32))
 
 
 def _logreg_task(spec: LogRegSpec) -> Task:
@@ -304,6 +413,10 @@ def _logreg_task(spec: LogRegSpec) -> Task:
     y = ((x @ w_true + 0.5 * rng.normal(size=len(x))) > 0).astype(np.float32)
     x_tr, y_tr = jnp.asarray(x[:spec.num_train]), jnp.asarray(y[:spec.num_train])
     x_te, y_te = jnp.asarray(x[spec.num_train:]), jnp.asarray(y[spec.num_train:])
+    rng_valid = np.random.RandomState(spec.seed + 7919)  # same w_true, separate samples
+    x_va = rng_valid.normal(size=(n_test, spec.dim)).astype(np.float32)
+    y_va = jnp.asarray(((x_va @ w_true + 0.5 * rng_valid.normal(size=n_test)) > 0).astype(np.float32))
+    x_va = jnp.asarray(x_va)
 
     def loss(params, batch):
         xb, yb = batch
@@ -317,7 +430,9 @@ def _logreg_task(spec: LogRegSpec) -> Task:
     return Task(name=task_name(spec), spec=spec,
                 init=lambda k: {"w": 0.1 * jax.random.normal(k, (spec.dim,), jnp.float32), "b": jnp.zeros((), jnp.float32)},
                 loss=loss, sample_batch=sample_batch, train_loss=lambda p: loss(p, (x_tr, y_tr)),
-                eval_loss=lambda p: loss(p, (x_te, y_te)), loss_scale=math.log(2.0))
+                eval_loss=lambda p: loss(p, (x_te, y_te)), loss_scale=math.log(2.0),
+                sample_valid_batch=lambda key: (lambda i: (x_va[i], y_va[i]))(
+                    jax.random.randint(key, (spec.batch_size,), 0, n_test)))
 
 
 _BUILDERS = {MLPSpec: _mlp_task, ConvSpec: _conv_task, CharLMSpec: _charlm_task,
