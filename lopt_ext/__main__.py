@@ -100,6 +100,24 @@ def _output_file(text: str) -> str:
     return text
 
 
+def _input_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def _output_dir(text: str) -> str:
+    """A directory to create or reuse (checked before anything runs, created only when used)."""
+    if not text or os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"cannot write into {text!r}: it is a file")
+    parent = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {parent!r} is not writable")
+    return text
+
+
 def _pretrained_names():
     from lopt_ext import pretrained
     return pretrained.list_pretrained()
@@ -141,6 +159,7 @@ def version_text() -> str:
 # Help and parse-time validation for each MetaTrainConfig field: {field: (help, argparse kwargs)}.
 # A field added to MetaTrainConfig later still gets an option (typed like its default).
 def _metatrain_fields():
+    from lopt_ext.metatrain.pes import LOPT_KINDS, OBJECTIVES
     from lopt_ext.update import IMPLS
     return {
         "hidden_size": ("hidden width H of the learned optimizer's MLP", dict(type=_positive_int)),
@@ -165,8 +184,11 @@ def _metatrain_fields():
         "impl": ("inner-step implementation: the fused kernel or the pure-JAX reference",
                  dict(choices=list(IMPLS))),
         "split": ("task split to meta-train on (ignored with --task-names)", dict(choices=_splits())),
-        "objective": ("per-inner-step meta-objective: loss/scale (normalized) or log(loss/scale) (log)",
-                      dict(choices=["normalized", "log"])),
+        "objective": ("per-inner-step meta-objective: training-batch loss/scale (normalized), "
+                      "log(loss/scale) (log), or log(validation-batch loss/scale) after the step (valid_log)",
+                      dict(choices=list(OBJECTIVES))),
+        "lopt_kind": ("learned optimizer: small_fc_lopt, or scaled (small_fc_lopt with a learned "
+                      "per-tensor step scale, lopt_ext.ScaledSmallFcLOpt)", dict(choices=list(LOPT_KINDS))),
         "seed": ("seed of the initial theta, the task draws and the perturbations", dict(type=_nonnegative_int)),
     }
 
@@ -177,6 +199,10 @@ def _add_metatrain(sub):
                                           "(atomic checkpoints; --resume continues bit for bit)")
     p.add_argument("--out", required=True, metavar="DIR", help="output and checkpoint directory (created)")
     p.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
+    p.add_argument("--continue-from", type=_input_file, default=None, metavar="PATH",
+                   help="continue the meta-training saved in a compact resume checkpoint (e.g. "
+                        "lopt_ext/pretrained/NAME.resume.safetensors): theta, outer optimizer, schedule and "
+                        "RNG; fresh task slots; its config unless options here change it (default: start fresh)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=50, metavar="N",
                    help="write a checkpoint every N outer steps")
     p.add_argument("--time-budget", type=_nonnegative_float, default=None, metavar="SECONDS",
@@ -190,6 +216,11 @@ def _add_metatrain(sub):
             p.add_argument(flag, nargs="+", type=_task_name, default=None, metavar="TASK",
                            help=f"meta-train on these tasks instead of --split ({TASKS_HINT}) "
                                 "(default: the tasks of --split)")
+        elif f.name == "train_only":
+            p.add_argument(flag, nargs="+", default=None, metavar="ENTRY",
+                           help="meta-train only these theta entries (tree paths joined by '/', e.g. "
+                                "tensor_scale/w_lin tensor_scale/b); the rest keeps its initial value "
+                                "(default: all of theta)")
         elif f.name == "init_theta":
             p.add_argument(flag, default=None, metavar="PATH",
                            help="theta .safetensors to start from (default: a random theta, "
@@ -209,9 +240,14 @@ def cmd_metatrain(args):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(MetaTrainConfig)
                  if getattr(args, f.name) is not None}
     try:  # cross-field checks (e.g. unroll <= min_horizon <= max_horizon) before anything is written
-        cfg = None if (args.resume and not overrides) else MetaTrainConfig(**overrides)
+        if args.continue_from:
+            cfg = dataclasses.replace(train.compact_config(args.continue_from), **overrides)
+        else:
+            cfg = None if (args.resume and not overrides) else MetaTrainConfig(**overrides)
         if cfg is not None:
             cfg.lopt()
+            from lopt_ext.metatrain.pes import trainable_mask
+            trainable_mask(cfg)
     except (TypeError, ValueError) as e:
         args._parser.error(str(e))
     if cfg is None:
@@ -221,7 +257,7 @@ def cmd_metatrain(args):
     command = "python -m lopt_ext " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = train.run(cfg, args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress, command=command, time_inner=not args.no_time_inner,
-                        time_budget_s=args.time_budget)
+                        time_budget_s=args.time_budget, continue_from=args.continue_from)
     print(json.dumps({k: v for k, v in summary.items() if k != "provenance"}, indent=1))
 
 
@@ -238,23 +274,34 @@ def _add_others(sub):
     p.add_argument("--steps", type=_positive_int, default=1000, metavar="N", help="training steps per run")
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the initial params and batches")
     p.add_argument("--png", type=_output_file, default=None, metavar="PATH",
-                   help="also plot training loss vs step to this PNG (default: no picture is written)")
-    p.add_argument("--pretrained", default="small_fc_lopt_h4", choices=_pretrained_names(),
-                   help="shipped learned optimizer to use")
+                   help="also plot held-out loss vs step to this PNG (default: no picture is written)")
+    p.add_argument("--pretrained", default=None, choices=_pretrained_names(),
+                   help="shipped learned optimizer to use (default: the best one, pretrained.load())")
 
-    p = sub.add_parser("evaluate", help="learned optimizer vs Adam (lr sweep) on held-out tasks")
-    p.add_argument("--theta", default=None, help="theta .safetensors (default: the shipped pretrained one)")
-    p.add_argument("--pretrained", default="small_fc_lopt_h4")
-    p.add_argument("--tasks", nargs="*", default=None, help="task names (default: test split + outside tasks)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--every", type=int, default=10)
-    p.add_argument("--impl", default="fused", choices=["fused", "reference"])
-    p.add_argument("--adam-cache", default=None, help="JSON cache of Adam sweeps (theta-independent)")
-    p.add_argument("--adam-only", action="store_true", help="only fill the Adam cache")
-    p.add_argument("--json", default="evaluation.json")
-    p.add_argument("--png", default="evaluation.png")
-    p.add_argument("--markdown", default=None, help="also write the table to this file")
+    p = sub.add_parser("evaluate", help="a learned optimizer vs Adam tuned per task (constant and cosine lr), "
+                                        "judged on held-out loss at several horizons")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--theta", type=_input_file, default=None, metavar="PATH",
+                     help="theta .safetensors to evaluate (default: the shipped pretrained optimizer)")
+    src.add_argument("--pretrained", default=None, choices=_pretrained_names(),
+                     help="shipped learned optimizer to evaluate (default: the best one, pretrained.load())")
+    p.add_argument("--split", default="test", choices=_splits(),
+                   help="task split to evaluate on (test: the held-out in-family MLPs that are judged)")
+    p.add_argument("--tasks", nargs="+", type=_task_name, default=None, metavar="TASK",
+                   help=f"these tasks instead of --split ({TASKS_HINT})")
+    p.add_argument("--seeds", nargs="+", type=_nonnegative_int, default=[0, 1, 2], metavar="SEED",
+                   help="seeds of the initial params and batch streams")
+    p.add_argument("--horizons", nargs="+", type=_positive_int, default=[1000, 3000], metavar="STEPS",
+                   help="training horizons judged (multiples of 100; Adam is tuned for each)")
+    p.add_argument("--impl", default="fused", choices=["fused", "reference"],
+                   help="learned optimizer implementation")
+    p.add_argument("--out", type=_output_dir, default=os.path.join("runs", "evaluate"), metavar="DIR",
+                   help="writes evaluation.json, evaluation.md and evaluation.png here (created)")
+    p.add_argument("--adam-cache", type=_output_file, default=None, metavar="PATH",
+                   help="JSON cache of the tuned-Adam runs, which do not depend on theta "
+                        "(default: DIR/baselines.json)")
+    p.add_argument("--adam-only", action="store_true", help="only run (and cache) the Adam baselines")
+    p.add_argument("--no-plot", action="store_true", help="do not write evaluation.png")
 
     p = sub.add_parser("plot", help="meta-loss vs outer step (PNG) from a meta-train log.jsonl")
     p.add_argument("log", help="OUT/log.jsonl of a meta-train run, or the OUT directory")
@@ -274,31 +321,53 @@ def cmd_demo(args):
     print(f"demo took {time.perf_counter() - t0:.1f} s")
 
 
+def _rounded(obj, digits=6):
+    """A JSON tree with floats at ``digits`` significant digits (the curves are most of the file)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
 def cmd_evaluate(args):
     from lopt_ext import checkpoint, pretrained, tasks
     from lopt_ext.metatrain import evaluate as ev
-    names = args.tasks or (tasks.list_tasks("test") + tasks.list_tasks("outside"))
+    for h in args.horizons:
+        if h % ev.TRAIN_EVERY:
+            raise SystemExit(f"{PROG} evaluate: error: argument --horizons: {h} is not a multiple of "
+                             f"{ev.TRAIN_EVERY}")
+    names = args.tasks or tasks.list_tasks(args.split)
+    os.makedirs(args.out, exist_ok=True)
+    cache = args.adam_cache or os.path.join(args.out, "baselines.json")
+    horizons, seeds = tuple(sorted(set(args.horizons))), tuple(args.seeds)
     if args.adam_only:
-        ev.evaluate(names, None, None, seeds=tuple(args.seeds), steps=args.steps, every=args.every,
-                    adam_cache=args.adam_cache, adam_only=True)
+        ev.evaluate(names, None, None, seeds=seeds, horizons=horizons, adam_cache=cache, adam_only=True)
+        print(f"wrote {cache}")
         return
     if args.theta:
         lopt, theta = checkpoint.load_theta(args.theta)
+        source = args.theta
     else:
-        lopt, theta = pretrained.load(args.pretrained)
-    results = ev.evaluate(names, lopt, theta, seeds=tuple(args.seeds), steps=args.steps, every=args.every,
-                          impl=args.impl, adam_cache=args.adam_cache)
-    table = ev.format_table(results)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f)
-    if args.png:
-        ev.plot_curves(results, args.png)
-        print(f"wrote {args.png}")
+        name = args.pretrained or pretrained.default_name()
+        lopt, theta = pretrained.load(name)
+        source = f"pretrained:{name}"
+    results = ev.evaluate(names, lopt, theta, seeds=seeds, horizons=horizons, impl=args.impl, adam_cache=cache)
+    summary = ev.summarize(results, horizons)
+    report = ev.format_summary(summary) + "\n\n" + ev.format_table(results, horizons[0])
+    print(report)
+    doc = {"optimizer": source, "lopt": checkpoint.lopt_to_json(lopt), "seeds": list(seeds),
+           "horizons": list(horizons), "protocol": ev.__doc__, "summary": summary, "results": results}
+    path = os.path.join(args.out, "evaluation.json")
+    checkpoint.atomic_write_bytes(path, json.dumps(_rounded(doc)).encode())
+    with open(os.path.join(args.out, "evaluation.md"), "w") as f:
+        f.write(f"Optimizer: {source}\n\n{report}\n")
+    print(f"wrote {path} and evaluation.md")
+    if not args.no_plot:
+        ev.plot_curves(results, os.path.join(args.out, "evaluation.png"))
+        print(f"wrote {os.path.join(args.out, 'evaluation.png')}")
 
 
 def cmd_plot(args):

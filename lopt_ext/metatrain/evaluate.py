@@ -1,11 +1,22 @@
-"""Evaluation: a learned optimizer vs Adam tuned by a learning-rate sweep, on task-family tasks.
+"""Evaluation that judges a learned optimizer as a user would: held-out loss against tuned Adam.
 
-Protocol (``evaluate``): for each task, ``steps`` inner steps from ``seeds`` initialisations
-(seed s: params init key PRNGKey(s), batch stream key fold_in(PRNGKey(s), 1), the same for every
-optimiser). Adam runs every learning rate of a log grid (default 9 values, 1e-4 .. 1 in half decades) and the
-best one is picked per task on the mean final TRAINING loss (full training set). The learned
-optimiser's number of steps to reach that loss is the first recorded point (every ``every``
-steps) where its mean training-loss curve is <= Adam's best final mean; ratio = that / steps.
+Protocol (``evaluate``), per task and seed (seed s: params init key PRNGKey(s), batch stream
+fold_in(PRNGKey(s), 1), the same for every optimizer):
+- every optimizer trains for ``max(horizons)`` steps; the held-out (test) loss is recorded every
+  ``every`` steps and smoothed by a ``SMOOTH``-step trailing mean; the training loss (full
+  training set) is recorded every ``TRAIN_EVERY`` steps and reported beside it;
+- baselines: Adam with a constant learning rate and Adam with a cosine decay to 0 over the
+  horizon, each tuned per task and per horizon over the ``lrs`` grid (default 7 values,
+  1e-4 .. 1e-1 in half decades) on the mean over seeds of the final smoothed held-out loss;
+- metrics at horizon T, per task-seed, against the tuned baseline's final smoothed held-out loss
+  L_adam of the same seed:
+    steps ratio = (first step from which the learned optimizer's smoothed held-out loss stays
+                   <= L_adam up to T) / T; None (counted as infinite) if it is not below at T;
+    final ratio = learned final smoothed held-out loss / L_adam;
+    diverged    = a non-finite loss, or a final smoothed held-out loss above the initial one;
+- summary: medians over all task-seeds, the number of tasks whose mean final ratio exceeds
+  1.5, divergences.
+The baselines do not depend on theta, so they are cached (``adam_cache`` JSON).
 """
 from __future__ import annotations
 
@@ -22,7 +33,15 @@ import numpy as np
 import optax
 from jax import lax
 
-DEFAULT_LRS = tuple(float(x) for x in np.logspace(-4, 0, 9))  # 1e-4 .. 1, half decades
+from lopt_ext.metatrain.report import format_summary, format_table  # noqa: F401  (re-exported)
+
+DEFAULT_LRS = tuple(float(x) for x in np.logspace(-4, -1, 7))  # 1e-4 .. 1e-1, half decades
+HORIZONS = (1000, 3000)
+EVERY = 5          # held-out loss recorded every EVERY steps
+SMOOTH = 20        # trailing mean over this many steps
+TRAIN_EVERY = 100  # training loss (full training set) recorded every TRAIN_EVERY steps
+FAIL_RATIO = 1.5   # a task "fails" when its mean final held-out loss exceeds 1.5x the baseline's
+BASELINES = ("adam", "adam_cosine")
 
 
 def _init_run(task, seed):
@@ -30,12 +49,30 @@ def _init_run(task, seed):
     return task.init(key), jax.random.fold_in(key, 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _curve_fn(task, make_tx, steps: int, every: int):
-    """jit(vmap over members) of a training run that records train_loss every ``every`` steps.
+def adam_tx(lr):
+    return optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(lr))
 
-    make_tx(hp) -> optax transformation; hp is the per-member hyper-parameter (traced)."""
+
+@functools.lru_cache(maxsize=None)
+def cosine_adam_tx(horizon: int):
+    """lr -> Adam whose learning rate decays from lr to 0 over ``horizon`` steps (cosine)."""
+    def make(lr):
+        return optax.chain(optax.scale_by_adam(),
+                           optax.scale_by_learning_rate(optax.cosine_decay_schedule(lr, horizon)))
+    return make
+
+
+def lopt_tx_factory(lopt, theta, impl="fused"):
+    return lambda _hp: lopt.transform(theta, impl=impl)
+
+
+@functools.lru_cache(maxsize=None)
+def _curve_fn(task, make_tx, steps: int, every: int, train_every: int):
+    """jit(vmap over members) of a training run recording the held-out loss every ``every``
+    steps and the training loss every ``train_every`` steps. make_tx(hp) -> optax
+    transformation; hp is the member's (traced) hyper-parameter."""
     n_chunks = steps // every
+    ratio = train_every // every
 
     def run(hp, seed_key, params):
         tx = make_tx(hp)
@@ -44,112 +81,187 @@ def _curve_fn(task, make_tx, steps: int, every: int):
         def step(carry, i):
             params, state = carry
             batch = task.sample_batch(jax.random.fold_in(seed_key, i))
-            loss, grads = jax.value_and_grad(task.loss)(params, batch)
+            grads = jax.grad(task.loss)(params, batch)
             updates, state = tx.update(grads, state, params)
-            return (optax.apply_updates(params, updates), state), loss
+            return (optax.apply_updates(params, updates), state), None
 
         def chunk(carry, c):
             carry, _ = lax.scan(step, carry, c * every + jnp.arange(every))
-            return carry, task.train_loss(carry[0])
+            held_out = task.eval_loss(carry[0])
+            train = lax.cond((c + 1) % ratio == 0, task.train_loss, lambda p: jnp.float32(jnp.nan), carry[0])
+            return carry, (held_out, train)
 
-        (params, _), curve = lax.scan(chunk, (params, state), jnp.arange(n_chunks))
-        curve = jnp.concatenate([jnp.full((1,), jnp.nan, curve.dtype), curve])  # slot 0: init loss, filled by caller
-        return curve, task.eval_loss(params)
+        (params, _), (held_out, train) = lax.scan(chunk, (params, state), jnp.arange(n_chunks))
+        return held_out, train
 
     return jax.jit(jax.vmap(run))
 
 
-def run_curves(task, make_tx, hps, seeds, steps=1000, every=10):
-    """(curves [len(hps), len(seeds), steps//every + 1], final eval losses [len(hps), len(seeds)])."""
+def run_curves(task, make_tx, hps, seeds, steps=1000, every=EVERY, train_every=TRAIN_EVERY):
+    """Held-out curves [len(hps), len(seeds), steps//every + 1] and training-loss curves
+    [len(hps), len(seeds), steps//train_every + 1]; index 0 is the initial loss."""
+    if steps % every or train_every % every or steps % train_every:
+        raise ValueError(f"steps ({steps}) must be a multiple of train_every ({train_every}), "
+                         f"itself a multiple of every ({every})")
     hps = jnp.asarray(hps, jnp.float32)
     H, S = hps.shape[0], len(seeds)
     inits = [_init_run(task, s) for s in seeds]
     params = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[p for p, _ in inits])
     keys = jnp.stack([k for _, k in inits])
-    init_loss = jax.vmap(task.train_loss)(params)
+    init_eval = np.asarray(jax.vmap(task.eval_loss)(params))
+    init_train = np.asarray(jax.vmap(task.train_loss)(params))
     rep = lambda x: jnp.broadcast_to(x[None], (H,) + x.shape).reshape((H * S,) + x.shape[1:])
-    fn = _curve_fn(task, make_tx, steps, every)
-    curves, evals = fn(jnp.repeat(hps, S), rep(keys), jax.tree_util.tree_map(rep, params))
-    curves = np.array(curves).reshape(H, S, -1)
-    curves[:, :, 0] = np.asarray(init_loss)[None, :]
-    return curves, np.asarray(evals).reshape(H, S)
+    fn = _curve_fn(task, make_tx, steps, every, train_every)
+    held_out, train = fn(jnp.repeat(hps, S), rep(keys), jax.tree_util.tree_map(rep, params))
+    held_out = np.asarray(held_out, np.float64).reshape(H, S, -1)
+    train = np.asarray(train, np.float64).reshape(H, S, -1)[:, :, train_every // every - 1::train_every // every]
+    held_out = np.concatenate([np.broadcast_to(init_eval[None, :, None], (H, S, 1)), held_out], axis=2)
+    train = np.concatenate([np.broadcast_to(init_train[None, :, None], (H, S, 1)), train], axis=2)
+    return held_out, train
 
 
-def adam_tx(lr):
-    return optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(lr))
+def smooth(curve, every=EVERY, window=SMOOTH):
+    """Trailing mean over the last ``window`` steps (window // every recorded points); the
+    initial point (index 0) is kept as is. Non-finite values stay non-finite."""
+    curve = np.asarray(curve, np.float64)
+    k = max(1, window // every)
+    out = curve.copy()
+    for i in range(1, curve.shape[-1]):
+        lo = max(1, i - k + 1)
+        out[..., i] = curve[..., lo:i + 1].mean(axis=-1)
+    return out
 
 
-def lopt_tx_factory(lopt, theta, impl="fused"):
-    return lambda _hp: lopt.transform(theta, impl=impl)
+def steps_to_stay(curve, target, every, horizon):
+    """First step from which ``curve`` (recorded every ``every`` steps) stays <= target up to
+    ``horizon``; None when it is above the target at the horizon."""
+    c = np.asarray(curve)[: horizon // every + 1]
+    above = np.nonzero(~(c <= target))[0]
+    if above.size == 0:
+        return 0
+    last = int(above[-1]) + 1
+    return None if last >= len(c) else last * every
 
 
-def steps_to_reach(curve_mean, target, every):
-    """First recorded step where the curve is <= target (None if never)."""
-    hit = np.nonzero(np.asarray(curve_mean) <= target)[0]
-    return None if hit.size == 0 else int(hit[0]) * every
+def _finite_or_none(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
-def adam_sweep(task, seeds=(0, 1, 2), steps=1000, every=10, lrs=DEFAULT_LRS, cache: Optional[str] = None):
-    """Adam over the learning-rate grid; independent of theta, so it can be cached in a JSON file."""
-    key = json.dumps([task.name, list(seeds), steps, every, [float(x) for x in lrs]])
+def _cache_key(name, task, seeds, horizon, every, lrs):
+    return json.dumps([name, task.name, list(seeds), horizon, every, SMOOTH, [float(x) for x in lrs]])
+
+
+def baseline_sweep(task, name, seeds, horizon, every=EVERY, lrs=DEFAULT_LRS, cache: Optional[str] = None,
+                   horizons=HORIZONS):
+    """A baseline tuned for ``horizon`` over the learning-rate grid, on the mean over seeds of
+    the final smoothed held-out loss. name "adam": constant learning rate (one run of the
+    longest horizon serves every horizon, each tuned on its prefix); "adam_cosine": cosine
+    decay to 0 over ``horizon``. Independent of theta, so it can be cached in a JSON file."""
+    if name not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {name!r}")
     store = {}
     if cache and os.path.exists(cache):
         with open(cache) as f:
             store = json.load(f)
-        if key in store:
-            return store[key]
+    key = _cache_key(name, task, seeds, horizon, every, lrs)
+    if key in store:
+        return store[key]
     t0 = time.perf_counter()
-    curves, evals = run_curves(task, adam_tx, lrs, seeds, steps, every)
-    finals = np.nan_to_num(curves[:, :, -1].mean(1), nan=np.inf)
-    best = int(np.argmin(finals))
-    out = {"adam_lrs": [float(x) for x in lrs], "adam_best_lr": float(lrs[best]),
-           "adam_final_train_by_lr": [float(x) if np.isfinite(x) else None for x in finals],
-           "adam_final_train": float(finals[best]), "adam_final_train_std": float(curves[best, :, -1].std()),
-           "adam_final_eval": float(evals[best].mean()), "adam_curve": curves[best].tolist(),
-           "adam_time_s": time.perf_counter() - t0}
+    if name == "adam":
+        horizons = tuple(horizons) + (horizon,)
+        steps = max(horizons)
+        served = sorted({h for h in horizons if h % TRAIN_EVERY == 0} | {horizon})
+        held_out, train = run_curves(task, adam_tx, lrs, seeds, steps, every)
+    else:
+        served = [horizon]
+        held_out, train = run_curves(task, cosine_adam_tx(horizon), lrs, seeds, horizon, every)
+    elapsed = time.perf_counter() - t0
+    for h in served:
+        ho, tr = held_out[:, :, : h // every + 1], train[:, :, : h // TRAIN_EVERY + 1]
+        final = smooth(ho, every)[:, :, -1]
+        finals = np.where(np.isfinite(final), final, np.inf).mean(1)
+        best = int(np.argmin(finals))
+        store[_cache_key(name, task, seeds, h, every, lrs)] = {
+            "name": name, "horizon": h, "lrs": [float(x) for x in lrs], "best_lr": float(lrs[best]),
+            "final_by_lr": [_finite_or_none(x) for x in finals],
+            "curve": ho[best].tolist(), "train_curve": tr[best].tolist(), "time_s": elapsed}
     if cache:
-        if os.path.exists(cache):
-            with open(cache) as f:
-                store = json.load(f)
-        store[key] = out
         from lopt_ext.checkpoint import atomic_write_bytes
+        if os.path.exists(cache):  # merge with entries written meanwhile
+            with open(cache) as f:
+                store = dict(json.load(f), **store)
         atomic_write_bytes(cache, json.dumps(store).encode())
+    return store[key]
+
+
+def compare(lopt_curve, base_curve, horizon, every=EVERY):
+    """Per-seed metrics of a learned optimizer's held-out curves [S, n] against a baseline's."""
+    lo, ba = smooth(lopt_curve, every), smooth(base_curve, every)
+    n = horizon // every
+    out = []
+    for s in range(lo.shape[0]):
+        target = ba[s, n]
+        final = lo[s, n]
+        diverged = bool(not np.all(np.isfinite(lo[s, :n + 1])) or not final <= lo[s, 0])
+        reach = steps_to_stay(lo[s], target, every, horizon)
+        out.append({"baseline_final": _finite_or_none(target), "lopt_final": _finite_or_none(final),
+                    "steps_to_stay": reach, "steps_ratio": None if reach is None else reach / horizon,
+                    "final_ratio": _finite_or_none(final / target) if np.isfinite(final) and target > 0 else None,
+                    "diverged": diverged})
     return out
 
 
-def steps_to_stay(curve_mean, target, every):
-    """First recorded step from which the curve stays <= target to the end (None if never)."""
-    above = np.nonzero(~(np.asarray(curve_mean) <= target))[0]
-    if above.size == 0:
-        return 0
-    last = int(above[-1]) + 1
-    return None if last >= len(curve_mean) else last * every
-
-
-def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), steps=1000, every=10, lrs=DEFAULT_LRS,
+def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=EVERY, lrs=DEFAULT_LRS,
                   impl="fused", adam_cache: Optional[str] = None) -> Dict[str, Any]:
-    adam = adam_sweep(task, seeds, steps, every, lrs, cache=adam_cache)
-    target = adam["adam_final_train"]
-    t1 = time.perf_counter()
-    l_curves, l_evals = run_curves(task, lopt_tx_factory(lopt, theta, impl), [0.0], seeds, steps, every)
-    t2 = time.perf_counter()
-    l_mean = l_curves[0].mean(0)
-    reach = steps_to_reach(l_mean, target, every)
-    adam_reach = steps_to_reach(np.mean(adam["adam_curve"], 0), target, every)
-    res = {"task": task.name, "steps": steps, "seeds": list(seeds), "every": every}
-    res.update({k: v for k, v in adam.items() if k != "adam_curve"})
-    res.update({
-        "lopt_final_train": float(l_mean[-1]), "lopt_final_train_std": float(l_curves[0, :, -1].std()),
-        "lopt_final_eval": float(l_evals[0].mean()),
-        "lopt_steps_to_adam_final": reach, "adam_steps_to_own_final": adam_reach,
-        "lopt_steps_to_stay_below_adam_final": steps_to_stay(l_mean, target, every),
-        "ratio": (reach / steps) if reach is not None else None,
-        "curves": {"adam_best": adam["adam_curve"], "lopt": l_curves[0].tolist()},
-        "lopt_time_s": t2 - t1})
+    steps = max(horizons)
+    t0 = time.perf_counter()
+    l_held, l_train = run_curves(task, lopt_tx_factory(lopt, theta, impl), [0.0], list(seeds), steps, every)
+    res = {"task": task.name, "seeds": list(seeds), "every": every, "smooth": SMOOTH, "horizons": list(horizons),
+           "lopt_time_s": time.perf_counter() - t0, "lopt_curve": l_held[0].tolist(),
+           "lopt_train_curve": l_train[0].tolist(), "by_horizon": {}}
+    for T in horizons:
+        entry = {"lopt_final_train": _finite_or_none(np.nanmean(l_train[0, :, T // TRAIN_EVERY]))}
+        for name in BASELINES:
+            base = baseline_sweep(task, name, seeds, T, every, lrs, adam_cache, horizons)
+            per_seed = compare(l_held[0], np.asarray(base["curve"]), T, every)
+            finals_l = [p["lopt_final"] for p in per_seed]
+            finals_b = [p["baseline_final"] for p in per_seed]
+            mean_ratio = (float(np.mean(finals_l)) / float(np.mean(finals_b))
+                          if None not in finals_l and None not in finals_b else None)
+            entry[name] = {"best_lr": base["best_lr"], "per_seed": per_seed, "mean_final_ratio": mean_ratio,
+                           "baseline_final_train": _finite_or_none(np.nanmean(np.asarray(base["train_curve"])[:, -1])),
+                           "baseline_curve": base["curve"]}
+        res["by_horizon"][str(T)] = entry
     return res
 
 
-def evaluate(task_names: Sequence[str], lopt, theta, seeds=(0, 1, 2), steps=1000, every=10,
+def summarize(results, horizons=HORIZONS) -> Dict[str, Any]:
+    """Medians over task-seeds, failing tasks and divergences, per horizon and baseline."""
+    out = {}
+    for T in horizons:
+        for name in BASELINES:
+            ratios, finals, diverged, fails, n = [], [], 0, [], 0
+            for r in results:
+                e = r["by_horizon"][str(T)][name]
+                for p in e["per_seed"]:
+                    n += 1
+                    ratios.append(np.inf if p["steps_ratio"] is None else p["steps_ratio"])
+                    finals.append(np.inf if p["final_ratio"] is None else p["final_ratio"])
+                    diverged += int(p["diverged"])
+                if e["mean_final_ratio"] is None or e["mean_final_ratio"] > FAIL_RATIO:
+                    fails.append(r["task"])
+            med = float(np.median(ratios)) if ratios else None
+            out[f"{name}@{T}"] = {
+                "task_seeds": n, "tasks": len(results),
+                "median_steps_ratio": med if med is not None and math.isfinite(med) else None,
+                "median_final_ratio": _finite_or_none(np.median(finals)) if finals else None,
+                "reached_and_stayed": int(sum(np.isfinite(ratios))),
+                "tasks_worse_than_1.5x": fails, "diverged_task_seeds": diverged}
+    return out
+
+
+def evaluate(task_names: Sequence[str], lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=EVERY,
              lrs=DEFAULT_LRS, impl="fused", progress=True, adam_cache: Optional[str] = None,
              adam_only: bool = False) -> List[Dict[str, Any]]:
     from lopt_ext.tasks import family
@@ -161,54 +273,43 @@ def evaluate(task_names: Sequence[str], lopt, theta, seeds=(0, 1, 2), steps=1000
     for name in it:
         task = family.get_task(name)
         if adam_only:
-            adam_sweep(task, seeds, steps, every, lrs, cache=adam_cache)
+            for T in horizons:
+                for b in BASELINES:
+                    baseline_sweep(task, b, seeds, T, every, lrs, adam_cache, horizons)
             continue
-        res = evaluate_task(task, lopt, theta, seeds, steps, every, lrs, impl, adam_cache)
+        res = evaluate_task(task, lopt, theta, seeds, horizons, every, lrs, impl, adam_cache)
         res["split"] = next(s for s in family.SPLITS if name in family.list_tasks(s))
         results.append(res)
     return results
 
 
-def format_table(results) -> str:
-    lines = ["| task | split | Adam best lr | Adam final train | LOpt final train | Adam eval | LOpt eval "
-             "| LOpt steps to Adam's final (first touch) | ratio | LOpt stays below from |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        reach = r["lopt_steps_to_adam_final"]
-        lines.append(
-            f"| {r['task']} | {r.get('split', '')} | {r['adam_best_lr']:.2g} | {r['adam_final_train']:.4g} "
-            f"| {r['lopt_final_train']:.4g} | {r['adam_final_eval']:.4g} | {r['lopt_final_eval']:.4g} "
-            f"| {reach if reach is not None else 'not reached in ' + str(r['steps'])} "
-            f"| {('%.2fx' % r['ratio']) if r['ratio'] is not None else '> 1x'} "
-            f"| {_fmt_steps(r.get('lopt_steps_to_stay_below_adam_final'), r['steps'])} |")
-    return "\n".join(lines)
-
-
-def _fmt_steps(value, steps):
-    return "never" if value is None else str(value)
-
-
-def plot_curves(results, path, title="learned optimizer vs tuned Adam"):
+def plot_curves(results, path, horizon=None, title="learned optimizer vs tuned Adam (held-out loss)"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = len(results)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.0 * rows), squeeze=False)
     for ax, r in zip(axes.ravel(), results):
-        x = np.arange(len(r["curves"]["lopt"][0])) * r["every"]
-        for key, label, color in (("adam_best", f"Adam lr={r['adam_best_lr']:.2g}", "C0"),
-                                  ("lopt", "learned (pretrained)", "C3")):
-            c = np.asarray(r["curves"][key], np.float64)
-            ax.plot(x, np.nanmean(c, 0), color=color, label=label)
-            ax.fill_between(x, np.nanmin(c, 0), np.nanmax(c, 0), color=color, alpha=0.2)
-        ax.axhline(r["adam_final_train"], color="C0", ls=":", lw=0.8)
+        T = horizon or max(r["horizons"])
+        e = r["by_horizon"][str(T)]
+        every = r["every"]
+        series = [("lopt", np.asarray(r["lopt_curve"]), "learned", "C3"),
+                  ("adam", np.asarray(e["adam"]["baseline_curve"]), f"Adam lr={e['adam']['best_lr']:.2g}", "C0"),
+                  ("adam_cosine", np.asarray(e["adam_cosine"]["baseline_curve"]),
+                   f"Adam cosine lr={e['adam_cosine']['best_lr']:.2g}", "C2")]
+        for _, c, label, color in series:
+            c = smooth(c[:, : T // every + 1], every)
+            x = np.arange(c.shape[1]) * every
+            ax.plot(x, np.nanmean(c, 0), color=color, label=label, lw=1)
+            ax.fill_between(x, np.nanmin(c, 0), np.nanmax(c, 0), color=color, alpha=0.15)
         ax.set_yscale("log")
-        ax.set_title(f"{r['task']} ({r.get('split', '')})", fontsize=8)
-        ax.set_xlabel("inner step")
-        ax.set_ylabel("train loss")
-        ax.legend(fontsize=7)
+        ax.set_title(f"{r['task']} ({r.get('split', '')})", fontsize=7)
+        ax.set_xlabel("step", fontsize=7)
+        ax.set_ylabel("held-out loss", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=6)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     fig.suptitle(title)

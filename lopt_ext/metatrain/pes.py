@@ -34,8 +34,13 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from lopt_ext.config import SmallFcLOpt
+from lopt_ext.scaled import ScaledSmallFcLOpt
 from lopt_ext.state import init_state
 from lopt_ext.tasks import family
+
+
+OBJECTIVES = ("normalized", "log", "valid_log")
+LOPT_KINDS = {"small_fc_lopt": SmallFcLOpt, "scaled": ScaledSmallFcLOpt}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +63,26 @@ class MetaTrainConfig:
     impl: str = "fused"           # inner-step implementation: "fused" or "reference"
     split: str = "train"
     task_names: Tuple[str, ...] = ()   # if set: meta-train on these tasks (by name) instead of the split
-    objective: str = "normalized"      # per-step value: loss/scale ("normalized") or log(loss/scale) ("log")
+    # per-step value: training-batch loss/scale ("normalized"), log(loss/scale) ("log"), or
+    # log(validation-batch loss/scale) after the step ("valid_log": held-out data, late progress
+    # counts as much as early progress)
+    objective: str = "normalized"
     init_theta: str = ""               # start from this theta .safetensors instead of a random init
+    lopt_kind: str = "small_fc_lopt"   # "small_fc_lopt" or "scaled" (ScaledSmallFcLOpt)
+    # meta-train only these entries of theta ("/"-joined tree paths, e.g. tensor_scale/w_lin);
+    # the rest stays at its initial value. Empty: all of theta.
+    train_only: Tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "task_names", tuple(self.task_names))
+        object.__setattr__(self, "train_only", tuple(self.train_only))
         if self.estimator not in ("pes", "es"):
             raise ValueError(f"estimator must be 'pes' or 'es', got {self.estimator!r}")
-        if self.objective not in ("normalized", "log"):
-            raise ValueError(f"objective must be 'normalized' or 'log', got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.lopt_kind not in LOPT_KINDS:
+            raise ValueError(f"lopt_kind must be one of {tuple(LOPT_KINDS)}, got {self.lopt_kind!r}")
         if self.impl not in ("fused", "reference"):
             raise ValueError(f"impl must be 'fused' or 'reference', got {self.impl!r}")
         if self.min_horizon < self.unroll or self.max_horizon < self.min_horizon:
@@ -77,7 +92,7 @@ class MetaTrainConfig:
                 raise ValueError(f"{name} must be >= 1")
 
     def lopt(self) -> SmallFcLOpt:
-        return SmallFcLOpt(hidden_size=self.hidden_size, hidden_layers=self.hidden_layers)
+        return LOPT_KINDS[self.lopt_kind](hidden_size=self.hidden_size, hidden_layers=self.hidden_layers)
 
     def to_json(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,11 +149,10 @@ class MetaTrainer:
         seed = self.cfg.seed if seed is None else seed
         key = jax.random.PRNGKey(seed)
         key, k_theta = jax.random.split(key)
+        theta = self.lopt.init_theta(k_theta)
         if self.cfg.init_theta:
-            from lopt_ext.checkpoint import load_theta
-            theta_flat, _ = ravel_pytree(load_theta(self.cfg.init_theta, self.lopt)[1])
-        else:
-            theta_flat, _ = ravel_pytree(self.lopt.init_theta(k_theta))
+            theta = warm_start_theta(self.cfg.init_theta, self.lopt, theta)
+        theta_flat, _ = ravel_pytree(theta)
         slots = []
         for _ in range(self.cfg.num_tasks):
             key, k = jax.random.split(key)
@@ -178,7 +192,9 @@ class MetaTrainer:
         """One outer step in place on ``ms``; returns float stats."""
         key, k_step = jax.random.split(ms.key)
         slot_keys = jax.random.split(k_step, 2 * len(ms.slots))
-        grads, losses, failed = [], [], 0
+        # every slot is dispatched before anything is read back: no host round trip until
+        # the outer update has been queued
+        grads, losses, failed = [], [], []
         for i, slot in enumerate(ms.slots):
             fn = self._slot_step_fn(self.slot_task(slot), self.cfg.impl)
             (slot.params, slot.opt_state, slot.accum, slot.data_keys, grad, stats) = fn(
@@ -186,7 +202,7 @@ class MetaTrainer:
                 jnp.int32(slot.step), slot_keys[2 * i])
             grads.append(grad)
             losses.append(stats["meta_loss"])
-            failed += int(stats["failed"])
+            failed.append(stats["failed"])
             slot.step += self.cfg.unroll
             if slot.step >= slot.horizon:
                 ms.slots[i] = self._new_slot(slot_keys[2 * i + 1])
@@ -194,8 +210,9 @@ class MetaTrainer:
         ms.theta_flat, ms.outer_opt_state, gnorm = self._outer_update(ms.theta_flat, ms.outer_opt_state, grad)
         ms.key = key
         ms.step += 1
-        return {"step": ms.step, "meta_loss": float(np.mean([float(x) for x in losses])),
-                "grad_norm": float(gnorm), "failed": failed,
+        losses, failed = np.asarray(jnp.stack(losses)), np.asarray(jnp.stack(failed))
+        return {"step": ms.step, "meta_loss": float(np.mean(losses)),
+                "grad_norm": float(gnorm), "failed": int(np.sum(failed)),
                 "tasks": [family.task_name(self.specs[s.spec_index]) for s in ms.slots]}
 
     def theta(self, ms: MetaState):
@@ -247,6 +264,7 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
     _, unravel = ravel_pytree(lopt.init_theta(jax.random.PRNGKey(0)))
     P, K = cfg.pairs, cfg.unroll
     init_pairs = _init_pairs_cached(cfg, task)
+    mask = trainable_mask(cfg)
     scale = float(task.loss_scale)
 
     def member_unroll(theta_flat, params, state, data_key, start):
@@ -254,10 +272,13 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
 
         def body(carry, i):
             params, state = carry
-            batch = task.sample_batch(jax.random.fold_in(data_key, start + i))
-            loss, grads = jax.value_and_grad(task.loss)(params, batch)
+            key = jax.random.fold_in(data_key, start + i)
+            loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
             updates, state = tx.update(grads, state, params)
-            return (optax.apply_updates(params, updates), state), loss
+            params = optax.apply_updates(params, updates)
+            if cfg.objective == "valid_log":  # held-out batch, scored after the step
+                loss = task.loss(params, task.valid_batch(key))
+            return (params, state), loss
 
         (params, state), losses = lax.scan(body, (params, state), jnp.arange(K))
         return params, state, losses
@@ -267,6 +288,8 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
     def slot_step(theta_flat, params, state, accum, data_keys, start, key):
         k_eps, k_reset = jax.random.split(key)
         eps = cfg.sigma * jax.random.normal(k_eps, (P, theta_flat.size), jnp.float32)
+        if mask is not None:  # perturb (and so estimate gradients for) the trained entries only
+            eps = eps * mask
         thetas = theta_flat[None] + jnp.concatenate([eps, -eps])
         keys2 = jnp.concatenate([data_keys, data_keys])
         params, state, losses = population_unroll(thetas, params, state, keys2, start)
@@ -276,7 +299,7 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
         member_failed = ~(jnp.all(jnp.isfinite(norm), axis=1) & finite_params)
         value = jnp.clip(jnp.nan_to_num(norm, nan=cfg.loss_clip, posinf=cfg.loss_clip, neginf=cfg.loss_clip),
                          None, cfg.loss_clip)
-        if cfg.objective == "log":  # late, small losses weigh as much as early ones
+        if cfg.objective in ("log", "valid_log"):  # late, small losses weigh as much as early ones
             value = jnp.log(jnp.maximum(value, 1e-6))
         worst = cfg.loss_clip if cfg.objective == "normalized" else float(np.log(cfg.loss_clip))
         member_loss = jnp.where(member_failed, worst, jnp.mean(value, axis=1))
@@ -308,6 +331,36 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
         return params, state, accum, data_keys, grad, stats
 
     return jax.jit(slot_step)
+
+
+def trainable_mask(cfg: MetaTrainConfig):
+    """None (all of theta is meta-trained), or a float32 0/1 vector over the flat theta
+    marking the entries named by cfg.train_only."""
+    if not cfg.train_only:
+        return None
+    lopt = cfg.lopt()
+    theta = lopt.init_theta(jax.random.PRNGKey(0))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(theta)
+    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in paths]
+    unknown = [n for n in cfg.train_only if n not in names]
+    if unknown:
+        raise ValueError(f"train_only: {unknown} not in theta of {lopt}; entries: {names}")
+    leaves = [jnp.full(x.shape, float(n in cfg.train_only), jnp.float32) for n, (_, x) in zip(names, paths)]
+    return ravel_pytree(jax.tree_util.tree_unflatten(treedef, leaves))[0]
+
+
+def warm_start_theta(path: str, lopt: SmallFcLOpt, theta):
+    """theta with every entry the file at ``path`` holds: a file of the same configuration
+    replaces all of it; a plain small_fc_lopt file of the same sizes gives a scaled variant its
+    per-element part (its per-tensor scale keeps the fresh init, s = 1)."""
+    from lopt_ext.checkpoint import CheckpointMismatchError, load_theta
+    stored, _ = load_theta(path)
+    if type(stored) is type(lopt):
+        return load_theta(path, lopt)[1]
+    base = SmallFcLOpt(**{f.name: getattr(lopt, f.name) for f in dataclasses.fields(SmallFcLOpt)})
+    if type(stored) is not SmallFcLOpt or stored != base:
+        raise CheckpointMismatchError(f"{path}: holds {stored}, which cannot start {lopt}")
+    return dict(theta, **load_theta(path, base)[1])
 
 
 def _norm(tree):

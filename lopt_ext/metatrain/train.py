@@ -57,7 +57,7 @@ def _dict_to_tree(prefix, flat, template, source):
 
 
 def save_checkpoint(out_dir: str, trainer: MetaTrainer, ms: MetaState, wall_time_s: float,
-                    provenance: Dict[str, Any], keep: int = 2) -> str:
+                    provenance: Dict[str, Any], keep: int = 2, budget_before: Optional[Dict[str, Any]] = None) -> str:
     name = f"step_{ms.step:06d}"
     final = os.path.join(out_dir, name)
     tmp = os.path.join(out_dir, f".tmp-{name}-{os.getpid()}")
@@ -77,6 +77,8 @@ def save_checkpoint(out_dir: str, trainer: MetaTrainer, ms: MetaState, wall_time
             "slots": [{"spec_index": s.spec_index, "step": s.step, "horizon": s.horizon,
                        "task": family.task_name(trainer.specs[s.spec_index])} for s in ms.slots],
             "wall_time_s": wall_time_s, "provenance": provenance}
+    if budget_before is not None:
+        meta["budget_before"] = budget_before
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
         f.flush()
@@ -125,6 +127,70 @@ def load_checkpoint(path: str, trainer: Optional[MetaTrainer] = None):
     return trainer, ms, meta
 
 
+COMPACT_FORMAT = "lopt_ext.compact-resume-1"
+
+
+def save_compact(path: str, trainer: MetaTrainer, ms: MetaState, budget: Dict[str, Any],
+                 provenance: Dict[str, Any]) -> None:
+    """A compact resume checkpoint (a few KB): theta, the outer optimizer's state, the outer
+    step (the schedule position), the PRNG key and the budget spent so far. Unlike a full
+    checkpoint it holds no inner task states: a run continued from it draws fresh task slots,
+    so it continues the meta-training (not the exact trajectory) and can be committed."""
+    arrays = _leaves_to_dict("outer", ms.outer_opt_state)
+    arrays["theta/flat"] = np.asarray(ms.theta_flat)
+    arrays["rng/key"] = np.asarray(jax.random.key_data(ms.key) if jnp.issubdtype(ms.key.dtype, jax.dtypes.prng_key)
+                                   else ms.key)
+    meta = {"format": COMPACT_FORMAT, "step": ms.step, "config": trainer.cfg.to_json(), "budget": budget,
+            "provenance": provenance}
+    ckpt.atomic_save_safetensors(path, arrays, {"lopt_ext.compact": json.dumps(meta)})
+
+
+def _read_compact(path: str):
+    flat, metadata = ckpt.read_safetensors(path)
+    if "lopt_ext.compact" not in metadata:
+        raise ckpt.CheckpointMismatchError(f"{path}: not a compact resume checkpoint (no 'lopt_ext.compact' metadata)")
+    meta = json.loads(metadata["lopt_ext.compact"])
+    if meta.get("format") != COMPACT_FORMAT:
+        raise ckpt.CheckpointMismatchError(f"{path}: unknown compact checkpoint format {meta.get('format')!r}")
+    return flat, meta
+
+
+def compact_config(path: str) -> MetaTrainConfig:
+    """The configuration a compact resume checkpoint was made with."""
+    return MetaTrainConfig(**_read_compact(path)[1]["config"])
+
+
+def load_compact(path: str, cfg: Optional[MetaTrainConfig] = None):
+    """(trainer, MetaState with fresh slots, meta) from ``save_compact``'s file. ``cfg`` may
+    change outer_steps (to extend the schedule) and nothing else that shapes theta or the
+    estimator; None keeps the stored configuration."""
+    flat, meta = _read_compact(path)
+    stored = MetaTrainConfig(**meta["config"])
+    if cfg is None:
+        cfg = stored
+    else:
+        fixed = ("hidden_size", "hidden_layers", "lopt_kind", "num_tasks", "pairs", "estimator")
+        diff = [k for k in fixed if getattr(cfg, k) != getattr(stored, k)]
+        if diff:
+            raise ckpt.CheckpointMismatchError(f"{path}: was made with {', '.join(f'{k}={getattr(stored, k)!r}' for k in diff)}; "
+                                               "a continued run must keep them")
+    trainer = MetaTrainer(cfg)
+    theta_flat = jnp.asarray(flat["theta/flat"])
+    if theta_flat.shape != (trainer.dim,):
+        raise ckpt.CheckpointMismatchError(f"{path}: theta has {theta_flat.shape[0]} values, {trainer.lopt} needs {trainer.dim}")
+    outer = _dict_to_tree("outer", flat, trainer.outer_opt.init(theta_flat), path)
+    key = jnp.asarray(flat["rng/key"])
+    slots = []
+    for _ in range(cfg.num_tasks):
+        key, k = jax.random.split(key)
+        slots.append(trainer._new_slot(k))
+    return trainer, MetaState(meta["step"], theta_flat, outer, slots, key), meta
+
+
+def _cpu_hours(wall_s: float) -> float:
+    return wall_s * (os.cpu_count() or 1) / 3600.0
+
+
 def _provenance(command):
     import lopt_ext
     return {"command": command or " ".join(sys.argv), "lopt_ext": lopt_ext.__version__, "jax": jax.__version__,
@@ -134,18 +200,33 @@ def _provenance(command):
 
 def run(cfg: MetaTrainConfig, out_dir: str, resume: bool = False, checkpoint_every: int = 50,
         stop_at: Optional[int] = None, progress: bool = True, command: Optional[str] = None,
-        time_inner: bool = True, time_budget_s: Optional[float] = None) -> Dict[str, Any]:
-    """Meta-trains to cfg.outer_steps (or ``stop_at``); returns the summary written to provenance.json."""
+        time_inner: bool = True, time_budget_s: Optional[float] = None,
+        continue_from: Optional[str] = None) -> Dict[str, Any]:
+    """Meta-trains to cfg.outer_steps (or ``stop_at``); returns the summary written to provenance.json.
+
+    continue_from: a compact resume checkpoint (``save_compact``) to continue: theta, outer
+    optimizer state, schedule position and RNG come from it, task slots are drawn anew, and
+    the budget it records is added to this run's. OUT/resume.safetensors is written at the end.
+    """
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "log.jsonl")
     wall0 = 0.0
     prov = _provenance(command)
+    budget_before = {"wall_s": 0.0, "cpu_hours": 0.0, "outer_steps": 0, "runs": []}
     last = latest_checkpoint(out_dir) if resume else None
-    if last:
+    if continue_from and last is None:
+        trainer, ms, meta = load_compact(continue_from, cfg)
+        cfg = trainer.cfg
+        budget_before = meta["budget"]
+        prov = dict(prov, continued_from=continue_from)
+        if os.path.exists(log_path):
+            os.unlink(log_path)
+    elif last:
         trainer, ms, meta = load_checkpoint(last, MetaTrainer(cfg) if cfg is not None else None)
         cfg = trainer.cfg
         wall0 = meta["wall_time_s"]
         prov = dict(meta["provenance"], resumed_with=prov["command"])
+        budget_before = meta.get("budget_before", budget_before)
         lines = []
         if os.path.exists(log_path):
             with open(log_path) as f:
@@ -185,7 +266,8 @@ def run(cfg: MetaTrainConfig, out_dir: str, resume: bool = False, checkpoint_eve
             out_of_time = time_budget_s is not None and now - t_start > time_budget_s
             if ms.step % checkpoint_every == 0 or ms.step == end or out_of_time:
                 log.flush()
-                save_checkpoint(out_dir, trainer, ms, wall0 + time.perf_counter() - t_start, prov)
+                save_checkpoint(out_dir, trainer, ms, wall0 + time.perf_counter() - t_start, prov,
+                                budget_before=budget_before)
             if out_of_time:
                 print(f"meta-train: time budget reached at outer step {ms.step}; resume with --resume",
                       file=sys.stderr)
@@ -202,6 +284,12 @@ def run(cfg: MetaTrainConfig, out_dir: str, resume: bool = False, checkpoint_eve
     if time_inner:
         summary["inner_step_timing"] = trainer.time_inner_step(ms)
     summary["completed"] = ms.step >= cfg.outer_steps
+    # the budget of every run that led here (continued runs add up)
+    summary["budget"] = {
+        "wall_s": budget_before["wall_s"] + wall, "cpu_hours": budget_before["cpu_hours"] + _cpu_hours(wall),
+        "outer_steps": ms.step, "cpu_count": os.cpu_count(),
+        "runs": budget_before["runs"] + [{"command": prov["command"], "wall_s": wall, "outer_steps_end": ms.step}]}
+    save_compact(os.path.join(out_dir, "resume.safetensors"), trainer, ms, summary["budget"], prov)
     ckpt.save_theta(os.path.join(out_dir, "theta.safetensors"), trainer.theta(ms), trainer.lopt,
                     info={k: summary[k] for k in ("outer_steps", "wall_time_s", "final_meta_loss_avg50",
                                                   "completed")})

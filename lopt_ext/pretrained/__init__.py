@@ -1,11 +1,11 @@
-"""Pretrained small_fc_lopt meta-parameters shipped with the package (loaded offline).
+"""Pretrained learned optimizers shipped with the package (loaded offline).
 
     from lopt_ext import pretrained
-    lopt, theta = pretrained.load("small_fc_lopt_h4")
+    lopt, theta = pretrained.load()       # the best shipped one (DEFAULT)
     tx = lopt.transform(theta)            # optax GradientTransformation (fused kernel)
 
 Each entry is NAME.safetensors (theta, lopt_ext.checkpoint format, config in its metadata) plus
-NAME.json (provenance: command, config, outer steps, wall time, final meta-loss, evaluation).
+NAME.json (provenance: command, config, outer steps, budget, meta-loss, evaluation summary).
 """
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from importlib import resources
 from typing import Any, Dict, List
 
 AVAILABLE = ("small_fc_lopt_h4",)
+# What load() returns without a name: the entry with the best held-out evaluation.
+DEFAULT = "small_fc_lopt_h4"
+
+
+def default_name() -> str:
+    return DEFAULT
 
 
 def list_pretrained() -> List[str]:
@@ -29,13 +35,14 @@ def _file(name: str, suffix: str):
     return resources.files(__name__).joinpath(name + suffix)
 
 
-def info(name: str = "small_fc_lopt_h4") -> Dict[str, Any]:
+def info(name: str = DEFAULT) -> Dict[str, Any]:
     """The provenance JSON of a pretrained entry."""
     return json.loads(_file(name, ".json").read_text())
 
 
-def load(name: str = "small_fc_lopt_h4"):
-    """(SmallFcLOpt, theta) of a shipped pretrained learned optimizer; no network access."""
+def load(name: str = DEFAULT):
+    """(learned optimizer config, theta) of a shipped pretrained optimizer; no network access.
+    Without a name: the best shipped one (``DEFAULT``)."""
     from lopt_ext import checkpoint
     with resources.as_file(_file(name, ".safetensors")) as path:
         return checkpoint.load_theta(str(path))
