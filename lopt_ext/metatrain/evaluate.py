@@ -112,7 +112,7 @@ def run_curves(task, make_tx, hps, seeds, steps=1000, every=EVERY, train_every=T
     init_train = np.asarray(jax.vmap(task.train_loss)(params))
     rep = lambda x: jnp.broadcast_to(x[None], (H,) + x.shape).reshape((H * S,) + x.shape[1:])
     fn = _curve_fn(task, make_tx, steps, every, train_every)
-    held_out, train = fn(jnp.repeat(hps, S), rep(keys), jax.tree_util.tree_map(rep, params))
+    held_out, train = fn(jnp.repeat(hps, S, axis=0), rep(keys), jax.tree_util.tree_map(rep, params))
     held_out = np.asarray(held_out, np.float64).reshape(H, S, -1)
     train = np.asarray(train, np.float64).reshape(H, S, -1)[:, :, train_every // every - 1::train_every // every]
     held_out = np.concatenate([np.broadcast_to(init_eval[None, :, None], (H, S, 1)), held_out], axis=2)
