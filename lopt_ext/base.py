@@ -17,9 +17,32 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
+import numpy as np
+
+
+MAX_HIDDEN = 256
+MAX_HIDDEN_LAYERS = 16
+
 
 class LearnedOptimizer:
     state_fields: Tuple[str, ...] = ()
+
+    def _check_mlp_fields(self) -> None:
+        """hidden_size / hidden_layers ints in range, exp_mult / step_mult finite floats: the
+        per-parameter MLP every learned optimizer here has."""
+        cls = type(self).__name__
+        for name, upper in (("hidden_size", MAX_HIDDEN), ("hidden_layers", MAX_HIDDEN_LAYERS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= upper:
+                raise ValueError(f"{cls}: {name} must be an int in [1, {upper}], got {value!r}")
+        for name in ("exp_mult", "step_mult"):
+            value = getattr(self, name)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"{cls}: {name} must be a float, got {value!r}") from None
+            if not np.isfinite(value):
+                raise ValueError(f"{cls}: {name} must be finite, got {value!r}")
 
     @property
     def state_type(self):

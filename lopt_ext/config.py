@@ -13,8 +13,6 @@ from lopt_ext.base import LearnedOptimizer
 # tanh(iteration / t - 1) for these timescales: the un-normalised step features.
 STEP_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
 MAX_DECAYS = 16
-MAX_HIDDEN = 256
-MAX_HIDDEN_LAYERS = 16
 
 Theta = Dict[str, Any]
 
@@ -53,10 +51,7 @@ class SmallFcLOpt(LearnedOptimizer):
             # log(1 - beta0) must be finite: NaN, >= 1 or -inf would make every step NaN.
             if not all(np.isfinite(v) and 0.0 <= v < 1.0 for v in value):
                 raise ValueError(f"SmallFcLOpt: {name} must lie in [0, 1), got {value!r}")
-        for name, upper in (("hidden_size", MAX_HIDDEN), ("hidden_layers", MAX_HIDDEN_LAYERS)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= upper:
-                raise ValueError(f"SmallFcLOpt: {name} must be an int in [1, {upper}], got {value!r}")
+        self._check_mlp_fields()
         dm, dr, da = self.num_decays
         if da != dm:
             raise ValueError(
@@ -65,14 +60,6 @@ class SmallFcLOpt(LearnedOptimizer):
         if dr not in (1, dm):
             raise ValueError(
                 f"SmallFcLOpt: initial_rms_decays must have 1 or {dm} (momentum count) values, got {dr}")
-        for name in ("exp_mult", "step_mult"):
-            value = getattr(self, name)
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise TypeError(f"SmallFcLOpt: {name} must be a float, got {value!r}") from None
-            if not np.isfinite(value):
-                raise ValueError(f"SmallFcLOpt: {name} must be finite, got {value!r}")
 
     @property
     def num_decays(self) -> Tuple[int, int, int]:

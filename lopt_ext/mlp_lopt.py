@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from lopt_ext.base import LearnedOptimizer
-from lopt_ext.config import MAX_HIDDEN, MAX_HIDDEN_LAYERS, step_features
+from lopt_ext.config import step_features
 
 MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 NUM_NORMALIZED = 2 + len(MOMENTUM_DECAYS)       # g, p, m[6]
@@ -47,18 +47,7 @@ class MLPLOpt(LearnedOptimizer):
     step_mult: float = 0.001
 
     def __post_init__(self):
-        for name, upper in (("hidden_size", MAX_HIDDEN), ("hidden_layers", MAX_HIDDEN_LAYERS)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= upper:
-                raise ValueError(f"MLPLOpt: {name} must be an int in [1, {upper}], got {value!r}")
-        for name in ("exp_mult", "step_mult"):
-            value = getattr(self, name)
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise TypeError(f"MLPLOpt: {name} must be a float, got {value!r}") from None
-            if not np.isfinite(value):
-                raise ValueError(f"MLPLOpt: {name} must be finite, got {value!r}")
+        self._check_mlp_fields()
 
     # ----- theta
     def layer_shapes(self):
