@@ -250,6 +250,26 @@ def test_pretrained_ships_and_loads_offline():
         pretrained.load("small_fc_lopt")
 
 
+def test_default_pretrained_has_provenance_evaluation_and_resume_checkpoint():
+    from importlib import resources
+    from lopt_ext import ScaledSmallFcLOpt, pretrained
+    name = pretrained.default_name()
+    assert name in pretrained.list_pretrained()
+    lopt, theta = pretrained.load()
+    assert isinstance(lopt, ScaledSmallFcLOpt) and lopt == pretrained.load(name)[0]
+    info = pretrained.info()
+    assert info["budget"]["cpu_hours"] > 0 and info["command"]
+    # the evaluation summary recorded with the entry is the committed evaluation of this theta
+    doc = json.load(open(os.path.join(os.path.dirname(__file__), "..", info["evaluation"]["file"])))
+    assert doc["optimizer"] == f"pretrained:{name}" and doc["summary"] == info["evaluation"]["summary"]
+    with resources.as_file(resources.files("lopt_ext.pretrained").joinpath(info["resume_checkpoint"])) as path:
+        flat, meta = train._read_compact(str(path))
+        assert train.compact_config(str(path)).lopt() == lopt
+    from jax.flatten_util import ravel_pytree
+    np.testing.assert_array_equal(flat["theta/flat"], np.asarray(ravel_pytree(theta)[0]))
+    assert meta["budget"] == info["budget"]
+
+
 @pytest.mark.slow
 def test_cli_meta_train_resume_and_plot(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -12,7 +12,7 @@ from lopt_ext.tasks import data, family
 ALL = [n for s in tasks.SPLITS for n in tasks.list_tasks(s)]
 FAST = ["mlp_digits_16_relu_b128_s2", "conv_digits_4x8_b32",
         "quadratic_d32_c2_n0.1_seed0", "logreg_d16_n512_b32_seed0",
-        "mlp_wine_16_gelu_b64_s1_noise0.3", "mlp_teacher16-102_128_relu_b256_s1",
+        "mlp_wine_16_gelu_b64_s1_noise0.3", "mlp_teacher16-103_128_relu_b256_s1",
         "mlp_breast_cancer_32_relu_b32_s1"]  # the rest (char LMs among them) run with -m slow
 
 
@@ -90,8 +90,8 @@ def test_classification_splits():
 
 
 def test_teacher_regression_matches_numpy():
-    task = tasks.get_task("mlp_teacher16-102_128_relu_b256_s1")
-    t = data.teacher(16, 102)
+    task = tasks.get_task("mlp_teacher16-103_128_relu_b256_s1")
+    t = data.teacher(16, 103)
     p = task.init(jax.random.PRNGKey(0))
     x, y = task.sample_batch(jax.random.PRNGKey(3))
     clean = np.tanh(np.asarray(x, np.float64) @ t["w1"] + t["b1"]) @ t["w2"]

@@ -86,6 +86,22 @@ def render_h4_floor(data) -> str:
 H4_STATE_BYTES_PER_PARAM = 72
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+def _report_module():
+    """lopt_ext/metatrain/report.py loaded by path (it needs numpy only, not jax)."""
+    import importlib.util
+    path = os.path.join(ROOT, "lopt_ext", "metatrain", "report.py")
+    spec = importlib.util.spec_from_file_location("lopt_ext_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render_evaluation(doc) -> str:
+    return _report_module().render_evaluation(doc) + "\n\n![evaluation](docs/evaluation/evaluation.png)"
+
+
 # ----------------------------------------------------------------------------- registry
 
 Render = Callable[[Any], str]
@@ -94,6 +110,7 @@ REGIONS: Dict[str, Tuple[str, Render]] = {
     "benchmarks": ("docs/bench/results.json", render_benchmarks),
     "bench-targets": ("docs/bench/targets.json", render_bench_targets),
     "bench-h4-floor": ("docs/bench/results.json", render_h4_floor),
+    "evaluation": ("docs/evaluation/evaluation.json", render_evaluation),
 }
 
 _MARKER = re.compile(r"<!-- (BEGIN|END) GENERATED ([\w.-]+) -->")
