@@ -87,8 +87,9 @@ def run_demo(task_name: str = "mlp_digits_48_relu_b64_s1", steps: int = 1000, se
     print("-" * len(header))
     for r in rows:
         hit = r["steps_to_stay_at_adam_final"]
+        hit = "(the target)" if r is rows[-1] else (str(hit) if hit is not None else "never")
         print(f"{r['optimizer']:<22}{r['final_held_out']:>10.4f}{r['final_train']:>10.4f}{r['step_ms']:>9.3f}"
-              f"{r['state_bytes_per_param']:>15.1f}{(str(hit) if hit is not None else 'never'):>20}")
+              f"{r['state_bytes_per_param']:>15.1f}{hit:>20}")
     print(f"(held-out loss: {ev.SMOOTH}-step trailing mean at the last step; 'stays <= Adam from': first step "
           f"from which it stays at or below tuned Adam's final held-out loss)")
     if png:
