@@ -347,13 +347,7 @@ def cmd_evaluate(args):
         ev.evaluate(names, None, None, seeds=seeds, horizons=horizons, adam_cache=cache, adam_only=True)
         print(f"wrote {cache}")
         return
-    if args.theta:
-        lopt, theta = checkpoint.load_theta(args.theta)
-        source = args.theta
-    else:
-        name = args.pretrained or pretrained.default_name()
-        lopt, theta = pretrained.load(name)
-        source = f"pretrained:{name}"
+    lopt, theta, source = pretrained.resolve(args.theta, args.pretrained)
     results = ev.evaluate(names, lopt, theta, seeds=seeds, horizons=horizons, impl=args.impl, adam_cache=cache)
     summary = ev.summarize(results, horizons)
     report = ev.format_summary(summary) + "\n\n" + ev.format_table(results, horizons[0])

@@ -23,7 +23,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lopt_ext import checkpoint, pretrained, reference  # noqa: E402
+from lopt_ext import pretrained, reference  # noqa: E402
 from lopt_ext.config import step_features  # noqa: E402
 from lopt_ext.tasks import family  # noqa: E402
 
@@ -127,12 +127,7 @@ def main(argv=None):
     if args.steps < 1:
         ap.error("argument --steps: must be >= 1")
     task = family.get_task(args.task)
-    if args.theta:
-        lopt, theta = checkpoint.load_theta(args.theta)
-        name = args.theta
-    else:
-        name = args.pretrained or pretrained.default_name()
-        lopt, theta = pretrained.load(name)
+    lopt, theta, name = pretrained.resolve(args.theta, args.pretrained)
     rec = diagnose(task, lopt, theta, args.steps, args.seed)
     for s in (10, 100, 300, 1000, 3000):
         if s <= args.steps:

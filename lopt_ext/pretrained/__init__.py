@@ -47,3 +47,13 @@ def load(name: str = DEFAULT):
     from lopt_ext import checkpoint
     with resources.as_file(_file(name, ".safetensors")) as path:
         return checkpoint.load_theta(str(path))
+
+
+def resolve(theta_path: str | None = None, name: str | None = None):
+    """(lopt, theta, source) from a theta file when given, else from a shipped entry (default:
+    DEFAULT); source is the path or "pretrained:NAME", as evaluations record it."""
+    from lopt_ext import checkpoint
+    if theta_path:
+        return (*checkpoint.load_theta(theta_path), theta_path)
+    name = name or DEFAULT
+    return (*load(name), f"pretrained:{name}")
