@@ -56,6 +56,15 @@ def _dict_to_tree(prefix, flat, template, source):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _outer_arrays(ms: MetaState) -> Dict[str, np.ndarray]:
+    """What full and compact checkpoints both hold: outer optimizer state, theta, PRNG key."""
+    arrays = _leaves_to_dict("outer", ms.outer_opt_state)
+    arrays["rng/key"] = np.asarray(jax.random.key_data(ms.key) if jnp.issubdtype(ms.key.dtype, jax.dtypes.prng_key)
+                                   else ms.key)
+    arrays["theta/flat"] = np.asarray(ms.theta_flat)
+    return arrays
+
+
 def save_checkpoint(out_dir: str, trainer: MetaTrainer, ms: MetaState, wall_time_s: float,
                     provenance: Dict[str, Any], keep: int = 2, budget_before: Optional[Dict[str, Any]] = None) -> str:
     name = f"step_{ms.step:06d}"
@@ -66,12 +75,9 @@ def save_checkpoint(out_dir: str, trainer: MetaTrainer, ms: MetaState, wall_time
     os.makedirs(tmp)
     ckpt.save_theta(os.path.join(tmp, "theta.safetensors"), trainer.theta(ms), trainer.lopt,
                     info={"outer_step": ms.step})
-    arrays = _leaves_to_dict("outer", ms.outer_opt_state)
+    arrays = _outer_arrays(ms)
     for i, slot in enumerate(ms.slots):
         arrays.update(_leaves_to_dict(f"slot{i}", slot.arrays()))
-    arrays["rng/key"] = np.asarray(jax.random.key_data(ms.key) if jnp.issubdtype(ms.key.dtype, jax.dtypes.prng_key)
-                                   else ms.key)
-    arrays["theta/flat"] = np.asarray(ms.theta_flat)
     ckpt.atomic_save_safetensors(os.path.join(tmp, "state.safetensors"), arrays)
     meta = {"format": FORMAT_VERSION, "step": ms.step, "config": trainer.cfg.to_json(),
             "slots": [{"spec_index": s.spec_index, "step": s.step, "horizon": s.horizon,
@@ -136,10 +142,7 @@ def save_compact(path: str, trainer: MetaTrainer, ms: MetaState, budget: Dict[st
     step (the schedule position), the PRNG key and the budget spent so far. Unlike a full
     checkpoint it holds no inner task states: a run continued from it draws fresh task slots,
     so it continues the meta-training (not the exact trajectory) and can be committed."""
-    arrays = _leaves_to_dict("outer", ms.outer_opt_state)
-    arrays["theta/flat"] = np.asarray(ms.theta_flat)
-    arrays["rng/key"] = np.asarray(jax.random.key_data(ms.key) if jnp.issubdtype(ms.key.dtype, jax.dtypes.prng_key)
-                                   else ms.key)
+    arrays = _outer_arrays(ms)
     meta = {"format": COMPACT_FORMAT, "step": ms.step, "config": trainer.cfg.to_json(), "budget": budget,
             "provenance": provenance}
     ckpt.atomic_save_safetensors(path, arrays, {"lopt_ext.compact": json.dumps(meta)})
