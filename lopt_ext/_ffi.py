@@ -126,7 +126,9 @@ def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: boo
         scalar = p.ndim == 0
         if scalar:  # the kernels see a scalar as shape [1]
             p, g, m, rms, v_full = p[None], g[None], m[None], rms[None], v_full[None]
-        acc = (v_row, v_col) if p.ndim >= 2 else (v_full,)
+        factored = p.ndim >= 2 and lopt.has_adafactor
+        # no Adafactor features: no accumulator operands
+        acc = () if not lopt.has_adafactor else (v_row, v_col) if factored else (v_full,)
         ins = [p, g, m, rms, *acc]
         base_in, base_out = len(operands), len(results)
         aliases[base_in + (1 if write_delta else 0)] = base_out  # g or p buffer -> out
@@ -134,7 +136,7 @@ def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: boo
             aliases[base_in + k] = base_out + k - 1
         operands += ins
         results += [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in [p, m, rms, *acc]]
-        layout.append((scalar, p.ndim >= 2))
+        layout.append((scalar, factored))
     call = jax.ffi.ffi_call(TARGET, results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)
     outs = call(*operands, **_config_attrs(lopt), write_delta=bool(write_delta),
@@ -147,11 +149,67 @@ def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: boo
             i += 5
             per_leaf.append((out, m, rms, vr, vc, v_full))
         else:
-            out, m, rms, vf = outs[i:i + 4]
-            i += 4
+            n = 4 if lopt.has_adafactor else 3
+            out, m, rms = outs[i:i + 3]
+            vf = outs[i + 3] if n == 4 else v_full
+            i += n
             if scalar:
-                out, m, rms, vf = out[0], m[0], rms[0], vf[0]
+                out, m, rms = out[0], m[0], rms[0]
+                if n == 4:
+                    vf = vf[0]
             per_leaf.append((out, m, rms, v_row, v_col, vf))
+    return per_leaf
+
+
+def pack_mlp_theta(lopt, theta, iteration) -> jax.Array:
+    """MLPLOpt's per-member float32 buffer (csrc/kernels/lopt_config.h, MlpPackedLayout); the
+    step features are folded into the first-layer bias."""
+    from lopt_ext.mlp_lopt import MOMENTUM_DECAYS, NUM_NORMALIZED
+    decays = jnp.asarray(MOMENTUM_DECAYS, jnp.float32)
+    first = theta["mlp/~/linear_0"]
+    w0 = jnp.asarray(first["w"], jnp.float32)
+    b0 = first["b"] + jnp.matmul(step_features(iteration), w0[NUM_NORMALIZED:],
+                                 precision=jax.lax.Precision.HIGHEST)
+    parts = [decays, 1 - decays, w0[:NUM_NORMALIZED], b0]
+    for i in range(1, lopt.hidden_layers + 1):
+        layer = theta[f"mlp/~/linear_{i}"]
+        parts += [layer["w"], layer["b"]]
+    packed = jnp.concatenate([jnp.asarray(x, jnp.float32).ravel() for x in parts])
+    expected = _cpu_module().mlp_packed_size(lopt.hidden_size, lopt.hidden_layers)
+    assert packed.shape == (expected,), (packed.shape, expected)
+    return packed
+
+
+def mlp_step_leaves(lopt, theta, iteration, leaves, *, write_delta: bool):
+    """MLPLOpt through one fused custom call for all leaves (CPU only).
+
+    leaves: (p, g, m) float32 tuples, none empty. Returns per leaf (out, m), out = p_new or -step.
+    """
+    ensure_registered()
+    if jax.default_backend() != "cpu":
+        raise NotImplementedError("MLPLOpt's fused kernel runs on the CPU only; use impl='reference' "
+                                  f"on {jax.default_backend()}")
+    operands = [pack_mlp_theta(lopt, theta, iteration)]
+    results, aliases, scalars = [], {}, []
+    for p, g, m in leaves:
+        scalar = p.ndim == 0
+        if scalar:  # the kernel sees a scalar as shape [1]
+            p, g, m = p[None], g[None], m[None]
+        base_in, base_out = len(operands), len(results)
+        aliases[base_in + (1 if write_delta else 0)] = base_out  # g or p buffer -> out
+        aliases[base_in + 2] = base_out + 1
+        operands += [p, g, m]
+        results += [jax.ShapeDtypeStruct(p.shape, jnp.float32), jax.ShapeDtypeStruct(m.shape, jnp.float32)]
+        scalars.append(scalar)
+    call = jax.ffi.ffi_call("lopt_mlp_update", results, vmap_method="broadcast_all",
+                            input_output_aliases=aliases)
+    outs = call(*operands, hidden_size=np.int64(lopt.hidden_size), hidden_layers=np.int64(lopt.hidden_layers),
+                exp_mult=np.float32(lopt.exp_mult), step_mult=np.float32(lopt.step_mult),
+                write_delta=bool(write_delta))
+    per_leaf = []
+    for k, scalar in enumerate(scalars):
+        out, m = outs[2 * k], outs[2 * k + 1]
+        per_leaf.append((out[0], m[0]) if scalar else (out, m))
     return per_leaf
 
 

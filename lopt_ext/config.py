@@ -46,20 +46,28 @@ class SmallFcLOpt(LearnedOptimizer):
             except (TypeError, ValueError):
                 raise TypeError(f"SmallFcLOpt: {name} must be a sequence of floats, got {value!r}") from None
             object.__setattr__(self, name, value)
-            if not 1 <= len(value) <= MAX_DECAYS:
-                raise ValueError(f"SmallFcLOpt: {name} needs 1..{MAX_DECAYS} values, got {len(value)}")
+            # no adafactor decays: the ablation without the row/column (Adafactor) features
+            fewest = 0 if name == "initial_adafactor_decays" else 1
+            if not fewest <= len(value) <= MAX_DECAYS:
+                raise ValueError(f"SmallFcLOpt: {name} needs {fewest}..{MAX_DECAYS} values, got {len(value)}")
             # log(1 - beta0) must be finite: NaN, >= 1 or -inf would make every step NaN.
             if not all(np.isfinite(v) and 0.0 <= v < 1.0 for v in value):
                 raise ValueError(f"SmallFcLOpt: {name} must lie in [0, 1), got {value!r}")
         self._check_mlp_fields()
         dm, dr, da = self.num_decays
-        if da != dm:
+        if da not in (0, dm):
             raise ValueError(
                 f"SmallFcLOpt: initial_adafactor_decays has {da} values but initial_momentum_decays "
-                f"has {dm}; the reference broadcasts momentum against the factored terms, so they must match")
+                f"has {dm}; the reference broadcasts momentum against the factored terms, so they must match "
+                f"(or be empty: no Adafactor features)")
         if dr not in (1, dm):
             raise ValueError(
                 f"SmallFcLOpt: initial_rms_decays must have 1 or {dm} (momentum count) values, got {dr}")
+
+    @property
+    def has_adafactor(self) -> bool:
+        """False for the ablation without row/column (Adafactor) accumulators and features."""
+        return bool(self.initial_adafactor_decays)
 
     @property
     def num_decays(self) -> Tuple[int, int, int]:
@@ -139,6 +147,8 @@ class SmallFcLOpt(LearnedOptimizer):
         shape = tuple(int(d) for d in shape)
         dm, dr, da = self.num_decays
         dims = factored_dims(shape)
+        if da == 0:  # no Adafactor features: no second-moment accumulators
+            return shape + (dm,), shape + (dr,), EMPTY_SHAPE, EMPTY_SHAPE, EMPTY_SHAPE
         if dims is None:
             v_row = v_col = EMPTY_SHAPE
             v_full = shape + (da,)

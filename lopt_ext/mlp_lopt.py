@@ -1,5 +1,8 @@
 """MLPLOpt ("LOLv2"): learned_optimization's per-parameter MLP learned optimizer.
 
+impl="reference" is the pure-JAX rule below; impl="fused" runs the CPU kernel
+(csrc/kernels/lopt_mlp_cpu.cc): one pass for the feature statistics, one for the MLP.
+
 The rule (shared/spec/mlp_lopt.md; learned_optimization learned_optimizers/mlp_lopt.py):
 6 momentum accumulators with fixed decays, m <- b m + (1 - b) g (the new momenta feed the
 features); per tensor the 8 features g, p, m[0..5] are each divided by their root mean square
@@ -87,6 +90,10 @@ class MLPLOpt(LearnedOptimizer):
         """Per leaf (p, g, m) float32 -> (step, new m)."""
         feat = step_features(iteration)
         return [self._leaf_step(theta, feat, p, g, m) for p, g, m in leaves]
+
+    def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool):
+        from lopt_ext import _ffi
+        return _ffi.mlp_step_leaves(self, theta, iteration, leaves, write_delta=write_delta)
 
     def _leaf_step(self, theta, feat, p, g, m):
         shape = p.shape

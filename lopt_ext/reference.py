@@ -36,7 +36,9 @@ def leaf_features(lopt: SmallFcLOpt, decays, p, g, m, rms, v_row, v_col, v_full)
     feats = [g[..., None], p[..., None], m, rms, m * rsqrt_rms, rsqrt_rms]
     dims = factored_dims(p.shape)
     row_factor = col_factor = None
-    if dims is not None:
+    if not lopt.has_adafactor:  # the ablation without Adafactor features
+        pass
+    elif dims is not None:
         d1, d0 = dims
         v_row = fac_c * v_row + (1 - fac_c) * jnp.mean(gsq, axis=d0)[..., None]
         v_col = fac_c * v_col + (1 - fac_c) * jnp.mean(gsq, axis=d1)[..., None]

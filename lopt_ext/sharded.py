@@ -501,6 +501,9 @@ def _check_supported(lopt) -> None:
     if type(lopt).step_scales is not SmallFcLOpt.step_scales:
         raise NotImplementedError(f"{type(lopt).__name__}: the sharded path supports the plain small_fc_lopt "
                                   "rule only (no per-tensor step scale yet)")
+    if not lopt.has_adafactor:
+        raise NotImplementedError("the sharded path needs the Adafactor features (initial_adafactor_decays "
+                                  "is empty); use the unsharded fused_update or transform")
 
 
 def sharded_transform(lopt: SmallFcLOpt, theta, *, mesh, param_specs, impl: str = "fused",

@@ -361,10 +361,45 @@ def test_ffi_rejects_bad_attributes_and_operands():
         (dict(hidden_size=np.int64(8)), "packed weights"),
         (dict(dm=np.int64(2)), "decay count"),
         (dict(da=np.int64(2), dm=np.int64(2)), "packed weights"),
+        (dict(da=np.int64(0)), "packed weights"),
         (dict(operands=ops[:5]), "operand missing|accumulator"),
         (dict(operands=ops[:1] + [p, p, jnp.zeros((6, 2)), ops[4], ops[5]]), "momentum"),
         (dict(operands=ops[:1] + [p, p.astype(jnp.float16), *ops[3:]]), "float32"),
         (dict(operands=[packed[:-1], *ops[1:]]), "packed"),
+    ]
+    for kw, word in bad:
+        with pytest.raises(Exception, match=word) as info:
+            call(**kw)
+        assert "Segmentation" not in str(info.value)
+
+
+def test_mlp_lopt_ffi_call_rejects_malformed_operands():
+    """The MLPLOpt custom call checks sizes, shapes, dtypes and counts before touching memory."""
+    from lopt_ext import MLPLOpt, _ffi
+    lopt = MLPLOpt(hidden_size=4)
+    _ffi.ensure_registered()
+    packed = _ffi.pack_mlp_theta(lopt, lopt.init_theta(jax.random.PRNGKey(0)), 0)
+    p = jnp.ones((3, 2))
+    m = jnp.zeros((3, 2, 6))
+    outs = [jax.ShapeDtypeStruct(p.shape, jnp.float32), jax.ShapeDtypeStruct(m.shape, jnp.float32)]
+
+    def call(operands=(packed, p, p, m), results=outs, **attrs):
+        kw = dict(hidden_size=np.int64(4), hidden_layers=np.int64(2), exp_mult=np.float32(1e-3),
+                  step_mult=np.float32(1e-3), write_delta=False)
+        kw.update(attrs)
+        return jax.block_until_ready(jax.ffi.ffi_call("lopt_mlp_update", list(results))(*operands, **kw))
+
+    call()
+    bad = [
+        (dict(hidden_size=np.int64(0)), "hidden_size"),
+        (dict(hidden_size=np.int64(8)), "packed weights"),
+        (dict(hidden_layers=np.int64(2**40)), "hidden_layers"),
+        (dict(operands=(packed, p, p)), "per tensor"),
+        (dict(operands=(packed, p, p, jnp.zeros((3, 2, 3)))), "momentum"),
+        (dict(operands=(packed, p, p.astype(jnp.float16), m)), "grads"),
+        (dict(operands=(packed[:-1], p, p, m)), "packed weights"),
+        (dict(results=outs[:1]), "per tensor"),
+        (dict(results=[outs[1], outs[1]]), "result 0"),
     ]
     for kw, word in bad:
         with pytest.raises(Exception, match=word) as info:

@@ -47,6 +47,20 @@ def test_other_decay_configs():
     _compare(cfg, theta, make_params(SHAPES, seed=4), steps=30)
 
 
+@pytest.mark.parametrize("kind", ["small_fc_lopt_no_adafactor", "small_fc_lopt_1m1r"])
+def test_ablation_configs(kind):
+    """The tradeoffs study's feature ablations (lopt_ext.variants): no Adafactor accumulators or
+    features, and one decay of each kind."""
+    from lopt_ext.variants import KINDS
+    cfg = KINDS[kind](hidden_size=4)
+    theta = random_theta(cfg, 5)
+    _compare(cfg, theta, make_params(SHAPES + [(3, 4, 5, 2), (300, 70)], seed=6), steps=40)
+    if kind == "small_fc_lopt_no_adafactor":
+        state = lopt_ext.init_state(cfg, make_params(SHAPES, seed=1))
+        assert all(np.size(x) == 0 for f in (state.v_row, state.v_col, state.v_full)
+                   for x in jax.tree_util.tree_leaves(f))
+
+
 @pytest.mark.parametrize("hidden_size", [4, 32])
 def test_single_step_updates(hidden_size):
     """The step itself (not hidden by p's rounding), from identical inputs, non-zero state."""

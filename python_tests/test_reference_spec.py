@@ -109,6 +109,45 @@ def test_reference_matches_spec_transcription(shape):
     assert int(new_state.iteration) == 8
 
 
+@pytest.mark.parametrize("shape", [(5,), (3, 4)])
+def test_no_adafactor_reference_matches_transcription(shape):
+    """The ablation without Adafactor features: per element g, p, m[3], rms, m*rsqrt(rms+1e-6),
+    rsqrt(rms+1e-6) (10 features), nothing else, and no second-moment accumulators."""
+    cfg = lopt_ext.SmallFcLOpt(hidden_size=4, initial_adafactor_decays=(), exp_mult=0.3, step_mult=0.01)
+    assert cfg.num_features == 10 and cfg.num_inputs == 21
+    theta = cfg.init_theta(jax.random.PRNGKey(5))
+    theta["momentum_decays"] = jnp.array([0.05, -0.1, 0.02], jnp.float32)
+    theta["nn"]["~"]["b0"] = jnp.linspace(-0.2, 0.3, 4, dtype=jnp.float32)
+    rng = np.random.default_rng(1)
+    p = rng.normal(size=shape).astype(np.float32)
+    g = rng.normal(size=shape).astype(np.float32)
+    m0 = (0.1 * rng.normal(size=shape + (3,))).astype(np.float32)
+    r0 = (0.1 * np.abs(rng.normal(size=shape + (1,)))).astype(np.float32)
+    state = lopt_ext.init_state(cfg, p)._replace(m=jnp.asarray(m0), rms=jnp.asarray(r0), iteration=jnp.int32(7))
+    updates, new_state = cfg.transform(theta, impl="reference").update(jnp.asarray(g), state, jnp.asarray(p))
+    bm = spec_decay(np.array(cfg.initial_momentum_decays), np.asarray(theta["momentum_decays"], np.float64))
+    br = np.clip(spec_decay(np.array(cfg.initial_rms_decays), np.asarray(theta["rms_decays"], np.float64)), 0, 1)
+    pf, gf = p.reshape(-1).astype(np.float64), g.reshape(-1).astype(np.float64)
+    m = bm * m0.reshape(-1, 3) + (1 - bm) * gf[:, None]
+    rms = br * r0.reshape(-1, 1) + (1 - br) * gf[:, None] ** 2
+    feats = []
+    for i in range(pf.size):
+        rs = 1 / np.sqrt(rms[i] + 1e-6)
+        feats.append([gf[i], pf[i], *m[i], *rms[i], *(m[i] * rs), *rs])
+    x = np.array(feats)
+    x = x / np.sqrt(1e-5 + np.mean(x ** 2, axis=0))
+    x = np.concatenate([x, np.broadcast_to(np.tanh(7 / np.array(TIMESCALES, np.float64) - 1), (pf.size, 11))], 1)
+    nn = {k: np.asarray(v, np.float64) for k, v in theta["nn"]["~"].items()}
+    for layer in range(3):
+        x = x @ nn[f"w{layer}"] + nn[f"b{layer}"]
+        x = np.maximum(x, 0) if layer < 2 else x
+    step = x[:, 0] * np.exp(x[:, 1] * 0.3) * 0.01
+    np.testing.assert_allclose(np.asarray(updates, np.float64).reshape(-1), -step, rtol=1e-4,
+                               atol=1e-5 * np.max(np.abs(step)))
+    np.testing.assert_allclose(np.asarray(new_state.m).reshape(-1, 3), m, rtol=2e-5, atol=1e-7)
+    assert new_state.v_row.shape == new_state.v_col.shape == new_state.v_full.shape == (0,)
+
+
 def test_factored_dims_rule():
     assert lopt_ext.factored_dims((10, 10)) == (0, 1)
     assert lopt_ext.factored_dims((4, 3, 2)) == (1, 0)

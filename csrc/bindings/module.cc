@@ -9,6 +9,7 @@ namespace lopt::ffi_glue {
 extern "C" XLA_FFI_Error* LoptFusedUpdateCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* LoptFusedApplyCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* LoptPartialSumsqCpu(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* LoptMlpUpdateCpu(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace py = pybind11;
@@ -23,6 +24,7 @@ PYBIND11_MODULE(_lopt_cpu, m) {
         py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptFusedApplyCpu));
     d["lopt_partial_sumsq"] =
         py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptPartialSumsqCpu));
+    d["lopt_mlp_update"] = py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptMlpUpdateCpu));
     return d;
   });
   m.attr("NUM_STEP_FEATURES") = lopt::kNumStepFeatures;
@@ -39,6 +41,14 @@ PYBIND11_MODULE(_lopt_cpu, m) {
         return lopt::PackedLayout(c).size;
       },
       py::arg("hidden"), py::arg("layers"), py::arg("dm"), py::arg("dr"), py::arg("da"));
+  m.def(
+      "mlp_packed_size",
+      [](int hidden, int layers) {
+        lopt::MlpConfig c;
+        c.hidden = hidden, c.hidden_layers = layers;
+        return lopt::MlpPackedLayout(c).size;
+      },
+      py::arg("hidden"), py::arg("layers"));
   m.def("cpu_isa", []() { return std::string(lopt::tiles::SelectKernels().isa); },
         "Instruction set of the CPU loops that the next call will use.");
 }

@@ -85,13 +85,16 @@ inline ffi::Error CollectOperands(const Config& cfg, const ffi::AnyBuffer& packe
                                          ": parameter shape " + ShapeStr(pd) +
                                          " lacks the population axes " + ShapeStr(bdims));
     t.shape.assign(pd.begin() + nb, pd.end());
-    t.factored = t.shape.size() >= 2;
-    // Expected shapes of p g m rms (v_row v_col | v_full), population axes excluded.
+    t.factored = t.shape.size() >= 2 && cfg.da > 0;
+    // Expected shapes of p g m rms (v_row v_col | v_full | none when da == 0),
+    // population axes excluded.
     std::vector<std::vector<int64_t>> want = {t.shape, t.shape};
     auto with = [](std::vector<int64_t> s, int64_t last) { s.push_back(last); return s; };
     want.push_back(with(t.shape, cfg.dm));
     want.push_back(with(t.shape, cfg.dr));
-    if (t.factored) {
+    if (cfg.da == 0) {
+      // no Adafactor accumulators
+    } else if (t.factored) {
       int d1 = 0, d0 = 0;
       FactoredDims(t.shape.data(), static_cast<int>(t.shape.size()), &d1, &d0);
       std::vector<int64_t> row = t.shape, col = t.shape;
@@ -144,6 +147,8 @@ inline ffi::Error CollectApplyOperands(const Config& cfg, const ffi::AnyBuffer& 
                                        std::vector<TensorBuffers>* tensors,
                                        bool sums_only = false) {
   if (const char* err = ValidateConfig(cfg)) return ffi::Error::InvalidArgument(err);
+  if (cfg.da == 0)
+    return ffi::Error::InvalidArgument("external statistics need the Adafactor accumulators (da >= 1)");
   const std::vector<int64_t> pdims = Dims(packed);
   if (packed.element_type() != ffi::DataType::F32 || pdims.empty() ||
       pdims.back() != PackedLayout(cfg).size)
@@ -221,6 +226,58 @@ inline ffi::Error CollectApplyOperands(const Config& cfg, const ffi::AnyBuffer& 
   }
   if (ri != rets.size() || 2 * tensors->size() != axes.size())
     return ffi::Error::InvalidArgument("operand, result and factored-axes counts disagree");
+  return ffi::Error::Success();
+}
+
+// Operands of the MLPLOpt call: the packed weights [population..., MlpPackedLayout size],
+// then per tensor p g m ([population..., S], [..., S], [..., S, 6]); results out and m.
+inline ffi::Error CollectMlpOperands(const MlpConfig& cfg, const ffi::AnyBuffer& packed,
+                                     ffi::RemainingArgs& args, ffi::RemainingRets& rets,
+                                     int64_t* batch, std::vector<TensorBuffers>* tensors) {
+  if (const char* err = ValidateMlpConfig(cfg)) return ffi::Error::InvalidArgument(err);
+  const std::vector<int64_t> pdims = Dims(packed);
+  if (packed.element_type() != ffi::DataType::F32 || pdims.empty() ||
+      pdims.back() != MlpPackedLayout(cfg).size)
+    return ffi::Error::InvalidArgument("packed weights must be float32 [..., " +
+                                       std::to_string(MlpPackedLayout(cfg).size) + "]");
+  const size_t nb = pdims.size() - 1;
+  const std::vector<int64_t> bdims(pdims.begin(), pdims.begin() + nb);
+  *batch = 1;
+  for (int64_t d : bdims) *batch *= d;
+  if (args.size() % 3 != 0 || rets.size() * 3 != args.size() * 2)
+    return ffi::Error::InvalidArgument("expected (params, grads, momentum) per tensor and "
+                                       "(out, momentum) results");
+  for (size_t ai = 0, ri = 0; ai < args.size(); ai += 3, ri += 2) {
+    const std::string where = "tensor " + std::to_string(tensors->size());
+    TensorBuffers t;
+    auto p = args.get<ffi::AnyBuffer>(ai);
+    if (!p.has_value()) return ffi::Error::InvalidArgument(where + ": cannot decode params");
+    const std::vector<int64_t> pd = Dims(*p);
+    if (pd.size() < nb + 1 || !std::equal(bdims.begin(), bdims.end(), pd.begin()))
+      return ffi::Error::InvalidArgument(where + ": parameter shape " + ShapeStr(pd) +
+                                         " lacks the population axes " + ShapeStr(bdims));
+    t.shape.assign(pd.begin() + nb, pd.end());
+    std::vector<int64_t> m_shape = pd;
+    m_shape.push_back(kMlpDecays);
+    const std::vector<int64_t> want[3] = {pd, pd, m_shape};
+    static const char* kNames[] = {"params", "grads", "momentum"};
+    for (size_t k = 0; k < 3; ++k) {
+      auto in = args.get<ffi::AnyBuffer>(ai + k);
+      if (!in.has_value() || in->element_type() != ffi::DataType::F32 || Dims(*in) != want[k])
+        return ffi::Error::InvalidArgument(where + " " + kNames[k] + ": expected float32 " +
+                                           ShapeStr(want[k]));
+      t.ins.push_back(*in);
+    }
+    for (size_t k = 0; k < 2; ++k) {
+      auto out = rets.get<ffi::AnyBuffer>(ri + k);
+      const std::vector<int64_t>& w = want[k == 0 ? 0 : 2];
+      if (!out.has_value() || (*out)->element_type() != ffi::DataType::F32 || Dims(**out) != w)
+        return ffi::Error::InvalidArgument(where + " result " + std::to_string(k) +
+                                           ": expected float32 " + ShapeStr(w));
+      t.outs.push_back(*out);
+    }
+    tensors->push_back(std::move(t));
+  }
   return ffi::Error::Success();
 }
 

@@ -132,7 +132,7 @@ ffi::Error FusedUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Rema
                       if (t.factored) {
                         a.v_row = in(4), a.v_col = in(5);
                         a.v_row_out = out(3), a.v_col_out = out(4);
-                      } else {
+                      } else if (t.ins.size() > 4) {  // none without Adafactor features
                         a.v_full = in(4), a.v_full_out = out(3);
                       }
                     });
@@ -187,6 +187,43 @@ ffi::Error PartialSumsqCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Rem
   return ffi::Error::Success();
 }
 
+// MLPLOpt: operands packed, then (p, g, m) per tensor; results (out, m) per tensor.
+ffi::Error MlpUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::RemainingArgs args,
+                        ffi::RemainingRets rets, int64_t hidden_size, int64_t hidden_layers,
+                        float exp_mult, float step_mult, bool write_delta) {
+  MlpConfig cfg;
+  auto narrow = [](int64_t v) { return v < 0 || v > (1 << 20) ? -1 : static_cast<int>(v); };
+  cfg.hidden = narrow(hidden_size);
+  cfg.hidden_layers = narrow(hidden_layers);
+  cfg.exp_mult = exp_mult;
+  cfg.step_mult = step_mult;
+  int64_t batch = 1;
+  std::vector<TensorBuffers> bufs;
+  if (ffi::Error err = CollectMlpOperands(cfg, packed, args, rets, &batch, &bufs); err.failure())
+    return err;
+  const int64_t packed_size = MlpPackedLayout(cfg).size;
+  std::vector<MlpTensorArgs> tensors;
+  tensors.reserve(batch * bufs.size());
+  for (int64_t b = 0; b < batch; ++b) {
+    for (TensorBuffers& t : bufs) {
+      MlpTensorArgs a;
+      a.shape = t.shape;
+      a.packed = packed.typed_data<float>() + b * packed_size;
+      a.p = MemberData<const float>(t.ins[0], b, batch);
+      a.g = MemberData<const float>(t.ins[1], b, batch);
+      a.m = MemberData<const float>(t.ins[2], b, batch);
+      a.out = MemberData<float>(*t.outs[0], b, batch);
+      a.m_out = MemberData<float>(*t.outs[1], b, batch);
+      tensors.push_back(std::move(a));
+    }
+  }
+  const std::string err = CpuMlpLOptUpdate(
+      cfg, write_delta, tensors,
+      [&pool](int64_t n, const std::function<void(int64_t)>& fn) { PoolParallelFor(&pool, n, fn); });
+  if (!err.empty()) return ffi::Error::InvalidArgument(err);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Operands and attributes shared by the calls (see ffi_common.h for the order).
@@ -209,5 +246,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedApplyCpu, FusedApplyCpu,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptPartialSumsqCpu, PartialSumsqCpu,
                               BaseBinding().Attr<ffi::Span<const int64_t>>("factored_axes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptMlpUpdateCpu, MlpUpdateCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // packed meta-parameters
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("hidden_size")
+                                  .Attr<int64_t>("hidden_layers")
+                                  .Attr<float>("exp_mult")
+                                  .Attr<float>("step_mult")
+                                  .Attr<bool>("write_delta"));
 
 }  // namespace lopt::ffi_glue

@@ -24,6 +24,9 @@ ffi::Error FusedUpdateCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   cfg.step_mult = step_mult;
   if (precision != 0 && precision != 1)
     return ffi::Error::InvalidArgument("precision must be 0 (fp32) or 1 (tf32)");
+  if (cfg.da == 0)
+    return ffi::Error::InvalidArgument(
+        "the configuration without Adafactor features has no CUDA kernel (CPU only)");
   int64_t batch = 1;
   std::vector<TensorBuffers> bufs;
   if (ffi::Error err = CollectOperands(cfg, packed, args, rets, &batch, &bufs); err.failure())

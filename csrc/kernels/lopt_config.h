@@ -74,10 +74,12 @@ inline const char* ValidateConfig(const Config& c) {
   if (c.hidden < 1 || c.hidden > kMaxHidden) return "hidden_size must be in [1, 256]";
   if (c.hidden_layers < 1 || c.hidden_layers > kMaxHiddenLayers)
     return "hidden_layers must be in [1, 16]";
-  if (c.dm < 1 || c.dm > kMaxDecays || c.da < 1 || c.da > kMaxDecays || c.dr < 1 ||
+  if (c.dm < 1 || c.dm > kMaxDecays || c.da < 0 || c.da > kMaxDecays || c.dr < 1 ||
       c.dr > kMaxDecays)
-    return "each decay count must be in [1, 16]";
-  if (c.da != c.dm) return "the adafactor decay count must equal the momentum decay count";
+    return "each decay count must be in [1, 16] (adafactor: [0, 16])";
+  // da == 0: the ablation without row/column (Adafactor) accumulators and features.
+  if (c.da != c.dm && c.da != 0)
+    return "the adafactor decay count must equal the momentum decay count (or be 0)";
   if (c.dr != 1 && c.dr != c.dm) return "the rms decay count must be 1 or the momentum decay count";
   return nullptr;
 }
@@ -117,6 +119,37 @@ inline FactoredView MakeFactoredView(const int64_t* dims, int rank, int d1, int 
   v.N2 = dims[q];
   v.line_is_row = d0 == q;
   return v;
+}
+
+// ----- MLPLOpt ("LOLv2", spec: mlp_lopt.md): 6 fixed momentum decays, the features g, p
+// and the 6 new momenta each normalised by its root mean square over the tensor, the step
+// features (folded into the first-layer bias on the Python side), an MLP 19 -> H^L -> 2.
+inline constexpr int kMlpDecays = 6;
+inline constexpr int kMlpNormalized = 2 + kMlpDecays;  // g, p, m[6]
+
+struct MlpConfig {
+  int hidden = 32;
+  int hidden_layers = 2;
+  float exp_mult = 1e-3f;
+  float step_mult = 1e-3f;
+};
+
+// Packed per-member buffer: beta[6] one_minus_beta[6] w0[8][H] b0[H]
+// (w_l[H][H] b_l[H]) for l = 1 .. L-1, w_out[H][2] b_out[2].
+struct MlpPackedLayout {
+  int64_t beta, one_minus_beta, w0, b0, hidden, w_out, b_out, size;
+  explicit constexpr MlpPackedLayout(const MlpConfig& c)
+      : beta(0), one_minus_beta(kMlpDecays), w0(2 * kMlpDecays),
+        b0(w0 + int64_t{kMlpNormalized} * c.hidden), hidden(b0 + c.hidden),
+        w_out(hidden + int64_t{c.hidden_layers - 1} * (c.hidden * c.hidden + c.hidden)),
+        b_out(w_out + 2 * c.hidden), size(b_out + 2) {}
+};
+
+inline const char* ValidateMlpConfig(const MlpConfig& c) {
+  if (c.hidden < 1 || c.hidden > kMaxHidden) return "hidden_size must be in [1, 256]";
+  if (c.hidden_layers < 1 || c.hidden_layers > kMaxHiddenLayers)
+    return "hidden_layers must be in [1, 16]";
+  return nullptr;
 }
 
 }  // namespace lopt

@@ -56,7 +56,7 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
     if (numel > (int64_t{1} << 62) / d) return "tensor is too large";
     numel *= d;
   }
-  const bool factored = rank >= 2;
+  const bool factored = rank >= 2 && cfg.da > 0;  // da == 0: no accumulators at all
   if (!a.p || !a.g || !a.m || !a.rms || !a.out || !a.m_out || !a.rms_out || !a.packed)
     return "missing buffer";
   const ExternalStats& ext = a.external;
@@ -67,8 +67,8 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
     if (factored && (ext.d0 < 0 || ext.d0 >= rank || ext.d1 < 0 || ext.d1 >= rank || ext.d0 == ext.d1))
       return "external factored axes out of range";
     if (!factored && (!a.v_full || !a.v_full_out)) return "missing accumulator buffer";
-  } else if (factored ? (!a.v_row || !a.v_col || !a.v_row_out || !a.v_col_out)
-                      : (!a.v_full || !a.v_full_out)) {
+  } else if (cfg.da > 0 && (factored ? (!a.v_row || !a.v_col || !a.v_row_out || !a.v_col_out)
+                                     : (!a.v_full || !a.v_full_out))) {
     return "missing accumulator buffer";
   }
   const PackedLayout L(cfg);

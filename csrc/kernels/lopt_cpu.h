@@ -68,4 +68,23 @@ std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<Tens
 std::string CpuPartialSumsq(const Config& cfg, std::vector<TensorArgs>& tensors,
                             const std::vector<float*>& sums, const ParallelFor& parallel_for);
 
+// One parameter tensor of one population member for MLPLOpt (lopt_mlp_cpu.cc): m is
+// S + [kMlpDecays]; rank 0 is passed as shape [1]. Outputs may alias the matching inputs
+// (`out` may alias p or g).
+struct MlpTensorArgs {
+  std::vector<int64_t> shape;
+  const float* p = nullptr;
+  const float* g = nullptr;
+  const float* m = nullptr;
+  float* out = nullptr;  // new params, or the update (-step) when write_delta
+  float* m_out = nullptr;
+  const float* packed = nullptr;  // this member's MlpPackedLayout buffer
+};
+
+// One MLPLOpt step for every tensor: a statistics pass (sums of squares of the 8
+// normalised features) and an apply pass. Empty string on success, else an error
+// message; on error nothing has been written.
+std::string CpuMlpLOptUpdate(const MlpConfig& cfg, bool write_delta,
+                             std::vector<MlpTensorArgs>& tensors, const ParallelFor& parallel_for);
+
 }  // namespace lopt

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "lopt_config.h"
+
 namespace lopt::tiles {
 
 // Everything the per-element loops need for one tensor of one member.
@@ -41,6 +43,22 @@ struct TensorPlan {
   float *out, *m_out, *rms_out, *v_full_out;
 };
 
+// MLPLOpt: everything the per-element loops need for one tensor of one member.
+struct MlpPlan {
+  int hidden, layers;
+  int64_t numel;
+  const float *beta, *one_minus_beta;  // [kMlpDecays]
+  const float* w0c;                    // [kMlpNormalized][H], normalisation scales folded in
+  const float* b0;                     // [H], step features folded in
+  const float* hidden_wb;              // (layers - 1) x (w[H][H], b[H])
+  const float* w_out;                  // [H][2]
+  const float* b_out;                  // [2]
+  float exp_mult, step_mult;
+  bool write_delta;
+  const float *p, *g, *m;
+  float *out, *m_out;
+};
+
 inline constexpr int kTileLanes = 16;  // elements per tile (one AVX-512 vector of floats)
 
 struct Kernels {
@@ -52,6 +70,10 @@ struct Kernels {
   void (*stats)(const TensorPlan& plan, int64_t e0, int64_t e1, double* sumsq);
   // Writes new state and params (or the update) for elements [e0, e1).
   void (*apply)(const TensorPlan& plan, int64_t e0, int64_t e1);
+  // MLPLOpt: sums of squares of g, p and the new momenta of elements [e0, e1)
+  // (kMlpNormalized values added to sumsq), and the step with its writes.
+  void (*mlp_stats)(const MlpPlan& plan, int64_t e0, int64_t e1, double* sumsq);
+  void (*mlp_apply)(const MlpPlan& plan, int64_t e0, int64_t e1);
 };
 
 // Compact per-element feature order. Both kinds start with

@@ -918,6 +918,7 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
                             const std::vector<TensorArgs>& tensors, const ScratchFn& scratch,
                             cudaStream_t stream) {
   if (const char* err = ValidateConfig(cfg)) return err;
+  if (cfg.da == 0) return "the configuration without Adafactor features has no CUDA kernel (CPU only)";
   if (tensors.empty()) return "";
   const PackedLayout PL(cfg);
   Launch proto{};

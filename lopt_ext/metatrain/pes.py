@@ -34,13 +34,12 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from lopt_ext.config import SmallFcLOpt
-from lopt_ext.scaled import ScaledSmallFcLOpt
+from lopt_ext.variants import KINDS as LOPT_KINDS
 from lopt_ext.state import init_state
 from lopt_ext.tasks import family
 
 
 OBJECTIVES = ("normalized", "log", "valid_log")
-LOPT_KINDS = {"small_fc_lopt": SmallFcLOpt, "scaled": ScaledSmallFcLOpt}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +67,7 @@ class MetaTrainConfig:
     # counts as much as early progress)
     objective: str = "normalized"
     init_theta: str = ""               # start from this theta .safetensors instead of a random init
-    lopt_kind: str = "small_fc_lopt"   # "small_fc_lopt" or "scaled" (ScaledSmallFcLOpt)
+    lopt_kind: str = "small_fc_lopt"   # a key of lopt_ext.variants.KINDS
     # meta-train only these entries of theta ("/"-joined tree paths, e.g. tensor_scale/w_lin);
     # the rest stays at its initial value. Empty: all of theta.
     train_only: Tuple[str, ...] = ()
