@@ -398,6 +398,114 @@ void TestNonFinite() {
   }
 }
 
+// MLPLOpt: a double-precision transcription of the rule for a small tensor, bit-equal
+// results for every thread count on multi-chunk tensors, and bad arguments.
+void TestMlpLOpt() {
+  lopt::MlpConfig c;
+  c.hidden = 3, c.hidden_layers = 2, c.exp_mult = 0.5f, c.step_mult = 0.01f;
+  const lopt::MlpPackedLayout L(c);
+  std::vector<float> packed = Random(L.size, 5, -0.8f, 0.8f);
+  const float decays[lopt::kMlpDecays] = {0.1f, 0.5f, 0.9f, 0.99f, 0.999f, 0.9999f};
+  for (int k = 0; k < lopt::kMlpDecays; ++k) {
+    packed[L.beta + k] = decays[k];
+    packed[L.one_minus_beta + k] = 1.0f - decays[k];
+  }
+  const int64_t n = 5;
+  std::vector<float> p = Random(n, 6, -1, 1), g = Random(n, 7, -1, 1),
+                     m = Random(n * lopt::kMlpDecays, 8, -0.5f, 0.5f), out(n), m_out(m.size());
+  lopt::MlpTensorArgs a;
+  a.shape = {n};
+  a.p = p.data(), a.g = g.data(), a.m = m.data(), a.out = out.data(), a.m_out = m_out.data();
+  a.packed = packed.data();
+  std::vector<lopt::MlpTensorArgs> args = {a};
+  Check(lopt::CpuMlpLOptUpdate(c, false, args, Threads(1)).empty(), "mlp: call failed");
+  // The rule in double, feature by feature.
+  std::vector<double> x(n * lopt::kMlpNormalized), sumsq(lopt::kMlpNormalized, 0.0);
+  for (int64_t e = 0; e < n; ++e) {
+    x[e * 8 + 0] = g[e];
+    x[e * 8 + 1] = p[e];
+    for (int k = 0; k < 6; ++k) {
+      const double mk = double(packed[L.beta + k]) * m[e * 6 + k] + double(packed[L.one_minus_beta + k]) * g[e];
+      x[e * 8 + 2 + k] = mk;
+      Check(std::fabs(mk - m_out[e * 6 + k]) <= 1e-6 * (std::fabs(mk) + 1e-3), "mlp: momentum");
+    }
+    for (int f = 0; f < 8; ++f) sumsq[f] += x[e * 8 + f] * x[e * 8 + f];
+  }
+  const int H = c.hidden;
+  double worst = 0, largest = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    std::vector<double> h(H), h2(H);
+    for (int j = 0; j < H; ++j) {
+      double acc = packed[L.b0 + j];
+      for (int f = 0; f < 8; ++f)
+        acc += x[e * 8 + f] / std::sqrt(1e-5 + sumsq[f] / n) * packed[L.w0 + f * H + j];
+      h[j] = acc > 0 ? acc : 0;
+    }
+    for (int j = 0; j < H; ++j) {
+      double acc = packed[L.hidden + H * H + j];
+      for (int i = 0; i < H; ++i) acc += h[i] * packed[L.hidden + i * H + j];
+      h2[j] = acc > 0 ? acc : 0;
+    }
+    double d = packed[L.b_out], mag = packed[L.b_out + 1];
+    for (int i = 0; i < H; ++i) d += h2[i] * packed[L.w_out + i * 2], mag += h2[i] * packed[L.w_out + i * 2 + 1];
+    const double step = d * std::exp(mag * c.exp_mult) * c.step_mult;
+    largest = std::max(largest, std::fabs(step));
+    worst = std::max(worst, std::fabs((p[e] - step) - out[e]));
+  }
+  Check(worst <= 1e-6 * largest + 2e-7, "mlp: params within float32 round-off of the double rule, worst " +
+                                            std::to_string(worst));
+  // Thread counts and chunk boundaries: bit-equal.
+  auto run = [&](const lopt::ParallelFor& pf) {
+    std::vector<std::vector<int64_t>> shapes = {{40000}, {129, 300}, {3, 4, 5}, {1}};
+    std::vector<std::vector<float>> bufs;
+    std::vector<lopt::MlpTensorArgs> targs;
+    bufs.reserve(shapes.size() * 5);
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      int64_t numel = 1;
+      for (int64_t d : shapes[i]) numel *= d;
+      bufs.push_back(Random(numel, 20 + i, -1, 1));
+      bufs.push_back(Random(numel, 40 + i, -1, 1));
+      bufs.push_back(Random(numel * 6, 60 + i, -0.3f, 0.3f));
+      bufs.emplace_back(numel);
+      bufs.emplace_back(numel * 6);
+      lopt::MlpTensorArgs t;
+      t.shape = shapes[i];
+      const size_t b = bufs.size() - 5;
+      t.p = bufs[b].data(), t.g = bufs[b + 1].data(), t.m = bufs[b + 2].data();
+      t.out = bufs[b + 3].data(), t.m_out = bufs[b + 4].data();
+      t.packed = packed.data();
+      targs.push_back(t);
+    }
+    Check(lopt::CpuMlpLOptUpdate(c, true, targs, pf).empty(), "mlp: multi-tensor call failed");
+    return bufs;
+  };
+  const auto one = run(Threads(1)), many = run(Threads(3)), rev = run(Threads(1, true));
+  bool same = true;
+  for (size_t i = 0; i < one.size(); ++i) same = same && BitEqual(one[i], many[i]) && BitEqual(one[i], rev[i]);
+  Check(same, "mlp: results depend on the thread count or order");
+  // Bad arguments fail before anything is written.
+  std::vector<float> before = out;
+  auto expect_error = [&](lopt::MlpConfig cc, lopt::MlpTensorArgs t, const char* what) {
+    std::vector<lopt::MlpTensorArgs> v = {t};
+    Check(!lopt::CpuMlpLOptUpdate(cc, false, v, Threads(1)).empty(), std::string("mlp bad args: ") + what);
+    Check(BitEqual(before, out), std::string("mlp bad args wrote output: ") + what);
+  };
+  lopt::MlpConfig bad = c;
+  bad.hidden = 0;
+  expect_error(bad, a, "hidden 0");
+  bad = c, bad.hidden_layers = 17;
+  expect_error(bad, a, "17 layers");
+  lopt::MlpTensorArgs t = a;
+  t.shape = {};
+  expect_error(c, t, "rank 0");
+  t = a, t.shape = {5, 0};
+  expect_error(c, t, "zero dimension");
+  t = a, t.shape = {int64_t{1} << 40, int64_t{1} << 40};
+  expect_error(c, t, "too large");
+  t = a, t.m = nullptr;
+  expect_error(c, t, "missing buffer");
+}
+
 bool CpuHas(const char* isa) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   if (std::strcmp(isa, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -421,6 +529,7 @@ int main() {
               CpuHas("avx512") ? " avx512" : "");
   TestBadArguments();
   TestNonFinite();
+  TestMlpLOpt();
   std::printf("lopt_kernel_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
