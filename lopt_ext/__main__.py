@@ -187,8 +187,10 @@ def _metatrain_fields():
         "objective": ("per-inner-step meta-objective: training-batch loss/scale (normalized), "
                       "log(loss/scale) (log), or log(validation-batch loss/scale) after the step (valid_log)",
                       dict(choices=list(OBJECTIVES))),
-        "lopt_kind": ("learned optimizer: small_fc_lopt, or scaled (small_fc_lopt with a learned "
-                      "per-tensor step scale, lopt_ext.ScaledSmallFcLOpt)", dict(choices=list(LOPT_KINDS))),
+        "lopt_kind": ("learned optimizer (lopt_ext.variants.KINDS): small_fc_lopt, scaled (small_fc_lopt "
+                      "with a learned per-tensor step scale), the small_fc_lopt ablations "
+                      "small_fc_lopt_no_adafactor and small_fc_lopt_1m1r, or mlp_lopt (MLPLOpt)",
+                      dict(choices=list(LOPT_KINDS))),
         "seed": ("seed of the initial theta, the task draws and the perturbations", dict(type=_nonnegative_int)),
     }
 
@@ -380,10 +382,92 @@ def cmd_tasks(args):
                 print(f"{split:8s} {name}")
 
 
+# ----------------------------------------------------------------------------- tradeoffs
+
+def _tradeoffs_name(text: str) -> str:
+    """An optimizer of the tradeoffs study (hand-designed or lopt_ext.variants.STUDY)."""
+    from lopt_ext import tradeoffs
+    names = tradeoffs.study_names()
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown optimizer {text!r} (choose from {', '.join(names)})")
+    return text
+
+
+def _horizon(text: str) -> int:
+    from lopt_ext.metatrain.evaluate import TRAIN_EVERY
+    value = _positive_int(text)
+    if value % TRAIN_EVERY:
+        raise argparse.ArgumentTypeError(f"must be a multiple of {TRAIN_EVERY}, got {value}")
+    return value
+
+
+def _input_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
+    return text
+
+
+def _add_tradeoffs(sub):
+    from lopt_ext import tradeoffs
+    p = sub.add_parser("tradeoffs", help="memory, compute and performance of the learned optimizers "
+                                         "(fused and unfused) and of SGD, momentum, Adam and Adafactor "
+                                         "(Metz et al. 2022's study): JSON, table and Pareto plots")
+    p.add_argument("--quick", action="store_true",
+                   help="a CI-sized run (well under 2 minutes): untrained thetas, the 2 smallest held-out "
+                        "tasks, seed 0, 200 steps, timing at 1e4/1e5 parameters")
+    p.add_argument("--out", type=_output_dir, default=None, metavar="DIR",
+                   help="writes tradeoffs.json, tradeoffs.md, pareto_time.png, pareto_memory.png and (in DIR/cache) the "
+                        f"sweep caches here (default: {tradeoffs.DEFAULT_OUT}; with --quick {tradeoffs.QUICK_OUT}, "
+                        "so a quick run never overwrites the study)")
+    p.add_argument("--only", nargs="+", type=_tradeoffs_name, default=None, metavar="NAME",
+                   help="measure only these optimizers (default: all of "
+                        f"{', '.join(tradeoffs.HAND_DESIGNED)} and lopt_ext.variants.STUDY)")
+    p.add_argument("--seeds", nargs="+", type=_nonnegative_int, default=None, metavar="SEED",
+                   help="seeds of the initial params and batch streams (default: 0 1 2; with --quick 0)")
+    p.add_argument("--horizon", type=_horizon, default=None, metavar="STEPS",
+                   help="training steps judged, a multiple of 100 (default: 1000; with --quick 200)")
+    p.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
+                   help="timed calls per step-time measurement, median reported (default: 7; with --quick 3)")
+    p.add_argument("--theta-dir", type=_input_dir, default=None, metavar="DIR",
+                   help="where the learned optimizers' NAME.safetensors are read (default: docs/tradeoffs/theta "
+                        "of this checkout; not read with --quick)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(_parser=p)
+    return p
+
+
+def cmd_tradeoffs(args):
+    from lopt_ext import tradeoffs
+    theta_dir = args.theta_dir or tradeoffs.THETA_DIR
+    out = args.out or (tradeoffs.QUICK_OUT if args.quick else tradeoffs.DEFAULT_OUT)
+    names = [n for n in tradeoffs.study_names() if not args.only or n in args.only]
+    if not args.quick:  # every theta file must be there before anything runs or is written
+        missing = tradeoffs.missing_thetas(names, theta_dir)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            args._parser.error(f"missing theta file {os.path.relpath(missing[0])}{more}: meta-train the study "
+                               "variants first (or use --quick for untrained thetas)")
+        for n in names:
+            if n not in tradeoffs.HAND_DESIGNED:
+                try:
+                    tradeoffs.load_learned(n, False, theta_dir)
+                except Exception as e:  # a damaged or mismatched file: one line naming it
+                    args._parser.error(f"cannot use theta file {os.path.relpath(tradeoffs.theta_path(n, theta_dir))}: "
+                                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    command = "python -m lopt_ext " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    t0 = time.perf_counter()
+    doc = tradeoffs.run_study(out, quick=args.quick, only=args.only, seeds=args.seeds, horizon=args.horizon,
+                              repeats=args.repeats, theta_dir=theta_dir,
+                              progress=not args.no_progress and not args.quick, command=command)
+    print(tradeoffs.render_markdown(doc))
+    print(f"wrote {os.path.join(out, 'tradeoffs.json')}, tradeoffs.md, pareto_time.png and pareto_memory.png "
+          f"in {time.perf_counter() - t0:.1f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, formatter_class=_RawDescriptionFormatter, description=(
         "lopt_ext: the small_fc_lopt learned optimizer as fused XLA kernels for JAX.\n"
-        "Commands: demo, tasks, meta-train, evaluate, plot (described below);\n"
+        "Commands: demo, tasks, meta-train, evaluate, plot, tradeoffs (described below);\n"
         f"`{PROG} COMMAND --help` shows a command's options and defaults."))
     parser.add_argument("--version", action=_VersionAction,
                         help="print the lopt_ext version and the compiled kernels installed, and exit")
@@ -391,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
     _add_others(sub)
     _add_metatrain(sub)
+    _add_tradeoffs(sub)
     # one description per command: the list entry is also the command's own --help description
     for name, action in sub.choices.items():
         if action.description is None:
@@ -401,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     handlers = {"meta-train": cmd_metatrain, "demo": cmd_demo, "evaluate": cmd_evaluate, "plot": cmd_plot,
-                "tasks": cmd_tasks}
+                "tasks": cmd_tasks, "tradeoffs": cmd_tradeoffs}
     return handlers[args.command](args)
 
 

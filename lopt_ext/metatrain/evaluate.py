@@ -53,6 +53,24 @@ def adam_tx(lr):
     return optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(lr))
 
 
+def sgd_tx(lr):
+    return optax.sgd(lr)
+
+
+def sgd_momentum_tx(lr):
+    return optax.sgd(lr, momentum=0.9)
+
+
+def adafactor_tx(lr):
+    return optax.adafactor(learning_rate=lr)
+
+
+# Constant-learning-rate optimizers that baseline_sweep tunes over the grid (module-level
+# functions: the jitted curve function is cached on them).
+CONSTANT_LR = {"adam": adam_tx, "sgd": sgd_tx, "sgd_momentum": sgd_momentum_tx, "adafactor": adafactor_tx}
+SWEEPS = tuple(CONSTANT_LR) + ("adam_cosine",)
+
+
 @functools.lru_cache(maxsize=None)
 def cosine_adam_tx(horizon: int):
     """lr -> Adam whose learning rate decays from lr to 0 over ``horizon`` steps (cosine)."""
@@ -155,11 +173,12 @@ def _cache_key(name, task, seeds, horizon, every, lrs):
 def baseline_sweep(task, name, seeds, horizon, every=EVERY, lrs=DEFAULT_LRS, cache: Optional[str] = None,
                    horizons=HORIZONS):
     """A baseline tuned for ``horizon`` over the learning-rate grid, on the mean over seeds of
-    the final smoothed held-out loss. name "adam": constant learning rate (one run of the
-    longest horizon serves every horizon, each tuned on its prefix); "adam_cosine": cosine
-    decay to 0 over ``horizon``. Independent of theta, so it can be cached in a JSON file."""
-    if name not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {name!r}")
+    the final smoothed held-out loss. name "adam" (or another of CONSTANT_LR): constant learning
+    rate (one run of the longest horizon serves every horizon, each tuned on its prefix);
+    "adam_cosine": cosine decay to 0 over ``horizon``. Independent of theta, so it can be cached
+    in a JSON file."""
+    if name not in SWEEPS:
+        raise ValueError(f"baseline must be one of {SWEEPS}, got {name!r}")
     store = {}
     if cache and os.path.exists(cache):
         with open(cache) as f:
@@ -168,11 +187,11 @@ def baseline_sweep(task, name, seeds, horizon, every=EVERY, lrs=DEFAULT_LRS, cac
     if key in store:
         return store[key]
     t0 = time.perf_counter()
-    if name == "adam":
+    if name in CONSTANT_LR:
         horizons = tuple(horizons) + (horizon,)
         steps = max(horizons)
         served = sorted({h for h in horizons if h % TRAIN_EVERY == 0} | {horizon})
-        held_out, train = run_curves(task, adam_tx, lrs, seeds, steps, every)
+        held_out, train = run_curves(task, CONSTANT_LR[name], lrs, seeds, steps, every)
     else:
         served = [horizon]
         held_out, train = run_curves(task, cosine_adam_tx(horizon), lrs, seeds, horizon, every)
