@@ -116,13 +116,15 @@ def test_suite_runs_and_report_renders(tmp_path):
     env = harness.child_env()
     env.update(LOPT_BENCH_SIZES="smoke", LOPT_BENCH_RSS="none", LOPT_BENCH_CEILINGS="0")
     cmd = [sys.executable, "-m", "pytest", str(BENCH), "-q", "-p", "no:cacheprovider",
-           "-k", "tensor-2.05k-fused-H4 or model-4.1k-fused-H4",
+           "-k", "tensor-2.05k-fused-H4 or model-4.1k-fused-H4 or mlp-1.03k-x4-fused-H4 or mlp-1.03k-x4-adam",
            f"--benchmark-json={out_json}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out_json.read_text())
     names = sorted(b["name"] for b in data["benchmarks"])
-    assert names == ["model-4.1k-fused-H4", "tensor-2.05k-fused-H4"]
+    assert names == ["mlp-1.03k-x4-adam", "mlp-1.03k-x4-fused-H4", "model-4.1k-fused-H4", "tensor-2.05k-fused-H4"]
+    pop = next(b for b in data["benchmarks"] if b["name"] == "mlp-1.03k-x4-fused-H4")["extra_info"]
+    assert pop["members"] == 4 and pop["num_params"] == 1033 and pop["workload_kind"] == "population"
     meta = data["machine_info"]["lopt_bench"]
     assert meta["cpu_isa"] in ("generic", "avx2", "avx512")
     assert meta["versions"]["jax"] == jax.__version__
@@ -134,6 +136,7 @@ def test_suite_runs_and_report_renders(tmp_path):
     assert report.main([str(out_json), "--out-dir", str(tmp_path), "--targets-json", str(tmp_path / "t.json")]) == 0
     md = (tmp_path / "benchmarks.md").read_text()
     assert "| tensor-2.05k | 2.05k | 1 |" in md and "### Targets" in md
+    assert "### Small models and populations" in md and "| mlp-1.03k-x4 | 1.03k | 4 |" in md
     targets = json.loads((tmp_path / "t.json").read_text())
     assert {t["id"] for t in targets} == {"h4_temp_bytes"}  # all that these 2 cases allow
     if importlib.util.find_spec("matplotlib") is not None:

@@ -103,7 +103,7 @@ def _workloads(rows, kinds=("tensor", "model")):
     for r in rows:
         if r["workload_kind"] in kinds:
             seen[r["workload"]] = r
-    order = {"tensor": 0, "model": 1, "tensor_same_count": 2}
+    order = {"tensor": 0, "model": 1, "tensor_same_count": 2, "population": 3}
     return sorted(seen.values(), key=lambda r: (order[r["workload_kind"]], r["num_params"]))
 
 
@@ -211,6 +211,29 @@ def section_memory(rows) -> str:
     return table(header, out, "l" + "r" * (len(header) - 1))
 
 
+def section_populations(rows) -> str:
+    """Small models alone and in vmapped populations (the meta-training inner step): time per
+    member-step, and fused against the reference and Adam in the same run."""
+    pops = _workloads(rows, ("population",))
+    if not pops:
+        return ""
+    idx = _index(rows)
+    cols = [("fused", 4), ("reference", 4), ("fused", 32), ("reference", 32), ("adam", None)]
+    header = ["model", "params", "members"] + [f"{opt_label(o, h)} us/member-step" for o, h in cols] + [
+        "fused/ref H=4", "fused/adam H=4"]
+    body = []
+    for w in pops:
+        m = w.get("members", 1)
+        t = {c: (idx.get((w["workload"],) + c) or {}).get("median_s") for c in cols}
+        us = [fmt(None if t[c] is None else 1e6 * t[c] / m, ".3g") for c in cols]
+        ratio = lambda a, b: fmt(None if t[a] is None or t[b] is None else t[a] / t[b], ".2f")  # noqa: E731
+        body.append([w["workload"], fmt_count(w["num_params"]), str(m)] + us +
+                    [ratio(("fused", 4), ("reference", 4)), ratio(("fused", 4), ("adam", None))])
+    return "\n".join(["### Small models and populations", "",
+                      "One vmapped call steps every member (as the PES inner loop does); time per "
+                      "member-step = median step time / members.", "", table(header, body)])
+
+
 def check_targets(rows) -> List[Dict[str, Any]]:
     """The issue's targets, evaluated on what this run measured (sizes named in each line)."""
     idx = _index(rows)
@@ -287,6 +310,9 @@ def render_markdown(meta, ceilings, rows, png_name: Optional[str]) -> str:
              "set during the first 3 steps (VmHWM reset before them) minus the resident set before them.", "",
              section_memory(rows), "",
              "### Targets", "", section_targets(check_targets(rows)), ""]
+    pops = section_populations(rows)
+    if pops:
+        parts += [pops, ""]
     if png_name:
         parts += [f"![time per step vs parameter count]({png_name})", ""]
     return "\n".join(parts)

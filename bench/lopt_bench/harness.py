@@ -48,11 +48,14 @@ def _matrix_shape(n: int) -> Tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """kind: 'tensor' (one matrix) or 'model' (a transformer-like pytree)."""
+    """kind: 'tensor' (one matrix), 'model' (a transformer-like pytree) or 'population'
+    (a small MLP's pytree, ``members`` copies stepped by one vmapped call as in meta-training;
+    num_params counts one member)."""
     kind: str
     label: str
     shapes: Tuple[Tuple[str, Tuple[int, ...]], ...]
     group: str = ""  # pytest-benchmark group; defaults to the label
+    members: int = 1
 
     @property
     def group_name(self) -> str:
@@ -100,6 +103,16 @@ def model_workload(d_model: int, n_layers: int, vocab: int, label: Optional[str]
     return dataclasses.replace(wl, label=label or f"model-{_fmt_count(wl.num_params)}")
 
 
+def population_workload(n: int, members: int) -> Workload:
+    """An MLP 16 -> h -> h -> 1 with biases of ~n parameters (the meta-training tasks' kind of
+    model), ``members`` of them in one vmapped step."""
+    h = max(1, round(-9.5 + math.sqrt(90.25 + n - 1)))  # 16h + h^2 + 3h + 1 = n
+    shapes = (("w1", (16, h)), ("b1", (h,)), ("w2", (h, h)), ("b2", (h,)), ("w3", (h, 1)), ("b3", (1,)))
+    wl = Workload("population", "", shapes, members=members)
+    return dataclasses.replace(wl, label=f"mlp-{_fmt_count(wl.num_params)}-x{members}",
+                               group=f"population-{_fmt_count(n)}")
+
+
 def _fmt_count(n: int) -> str:
     if n >= 1000 and n == 10 ** round(math.log10(n)):
         return f"1e{round(math.log10(n))}"
@@ -115,7 +128,10 @@ SIZE_SETS = {
     "full": {"tensor": (10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7),
              "model": ((128, 4, 1000), (256, 12, 1000))},
     "small": {"tensor": (10 ** 4, 10 ** 5), "model": ((64, 2, 500),)},
-    "smoke": {"tensor": (2048,), "model": ((16, 1, 24),)},
+    "smoke": {"tensor": (2048,), "model": ((16, 1, 24),), "population": ((1000, 4),)},
+    # the meta-training inner step: small models alone and in populations (issue 11 part 4)
+    "population": {"tensor": (), "model": (), "population": tuple(
+        (n, m) for n in (10 ** 3, 10 ** 4, 10 ** 5) for m in (1, 16, 64) if n * m <= 2 * 10 ** 6)},
 }
 # The pure-JAX reference materialises ~39 features and the hidden activations per
 # parameter (hundreds of bytes each): cap the sizes it runs at, per hidden size
@@ -134,6 +150,7 @@ def workloads(size_set: Optional[str] = None) -> List[Workload]:
     sizes = SIZE_SETS[size_set or size_set_name()]
     out = [tensor_workload(n) for n in sizes["tensor"]]
     out += [model_workload(*cfg) for cfg in sizes["model"]]
+    out += [population_workload(*cfg) for cfg in sizes.get("population", ())]
     return out
 
 
@@ -165,7 +182,7 @@ def cases(size_set: Optional[str] = None) -> List[Tuple[Workload, str, Optional[
     for wl in workloads(size_set):
         for opt in OPTIMIZERS:
             for h in (HIDDEN_SIZES if opt in LOPT_OPTIMIZERS else (None,)):
-                if opt == "reference" and wl.num_params > reference_max(h):
+                if opt == "reference" and wl.num_params * wl.members > reference_max(h):
                     continue
                 out.append((wl, opt, h))
                 if wl.kind == "model" and opt == "fused":
@@ -180,10 +197,12 @@ def case_id(wl: Workload, opt: str, hidden: Optional[int]) -> str:
 # ----------------------------------------------------------------------------- steps
 
 def make_params_grads(wl: Workload, seed: int = 0):
-    """Deterministic float32 params ~N(0, 1) and grads ~N(0, 1e-2) + 0.01 * params."""
+    """Deterministic float32 params ~N(0, 1) and grads ~N(0, 1e-2) + 0.01 * params
+    (population: a leading members axis)."""
     rng = np.random.default_rng(seed)
     params, grads = {}, {}
     for name, shape in wl.shapes:
+        shape = ((wl.members,) if wl.kind == "population" else ()) + tuple(shape)
         p = rng.standard_normal(shape, dtype=np.float32)
         g = np.float32(0.01) * rng.standard_normal(shape, dtype=np.float32) + np.float32(0.01) * p
         params[name] = jnp.asarray(p)
@@ -215,8 +234,10 @@ def _tree_bytes(tree) -> int:
                    for x in jax.tree_util.tree_leaves(tree)))
 
 
-def build_step(opt: str, hidden_size: Optional[int]):
-    """(step_fn, init_fn, extra_fn): step(params, state, grads, *extra) -> (params, state)."""
+def build_step(opt: str, hidden_size: Optional[int], members: int = 0):
+    """(step_fn, init_fn, extra): step(params, state, grads, *extra) -> (params, state).
+    members > 0: the step of a population, vmapped over every argument (each member its own
+    theta, as PES perturbs it)."""
     if opt in LOPT_OPTIMIZERS:
         from lopt_ext import SmallFcLOpt, fused_update, init_state
         lopt = SmallFcLOpt(hidden_size=hidden_size, hidden_layers=HIDDEN_LAYERS)
@@ -225,7 +246,14 @@ def build_step(opt: str, hidden_size: Optional[int]):
         def step(params, state, grads, theta):
             return fused_update(lopt, theta, state, params, grads, impl=opt)
 
-        return step, (lambda params: init_state(lopt, params)), (theta,)
+        init = lambda params: init_state(lopt, params)  # noqa: E731
+        if members:
+            noise = lambda k, x: x + 0.01 * jax.random.normal(k, (members,) + x.shape)  # noqa: E731
+            leaves, tree = jax.tree_util.tree_flatten(theta)
+            keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+            theta = jax.tree_util.tree_unflatten(tree, [noise(k, x) for k, x in zip(keys, leaves)])
+            return jax.vmap(step), jax.vmap(init), (theta,)
+        return step, init, (theta,)
     import optax
     if opt == "adam":
         tx = optax.adam(1e-3)
@@ -238,11 +266,13 @@ def build_step(opt: str, hidden_size: Optional[int]):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
+    if members:
+        return jax.vmap(step), jax.vmap(tx.init), ()
     return step, tx.init, ()
 
 
 def prepare(wl: Workload, opt: str, hidden_size: Optional[int], seed: int = 0) -> Prepared:
-    step, init, extra = build_step(opt, hidden_size)
+    step, init, extra = build_step(opt, hidden_size, wl.members if wl.kind == "population" else 0)
     params, grads = make_params_grads(wl, seed)
     state = init(params)
     jitted = jax.jit(step, donate_argnums=(0, 1))
@@ -299,19 +329,20 @@ def case_info(prep: Prepared) -> Dict[str, Any]:
         "workload_shape": prep.wl.describe(),
         "num_params": n,
         "num_tensors": prep.wl.num_tensors,
+        "members": prep.wl.members,
         "optimizer": prep.optimizer,
         "hidden_size": prep.hidden_size,
         "hidden_layers": HIDDEN_LAYERS if prep.optimizer in LOPT_OPTIMIZERS else None,
         "compile_s": prep.compile_s,
         "state_bytes": prep.state_bytes,
-        "state_bytes_per_param": prep.state_bytes / n,
+        "state_bytes_per_param": prep.state_bytes / (n * prep.wl.members),
         "min_bytes_per_param": MIN_BYTES_PER_PARAM[prep.optimizer],
         "useful_flops_per_param": (useful_flops_per_param(prep.hidden_size)
                                    if prep.optimizer in LOPT_OPTIMIZERS else None),
     }
     info.update({f"xla_{k}": v for k, v in prep.memory.items()})
     if "temp_size_in_bytes" in prep.memory:
-        info["temp_bytes_per_param"] = prep.memory["temp_size_in_bytes"] / n
+        info["temp_bytes_per_param"] = prep.memory["temp_size_in_bytes"] / (n * prep.wl.members)
     return info
 
 
