@@ -285,3 +285,15 @@ def test_cli_meta_train_resume_and_plot(tmp_path):
     subprocess.run([sys.executable, "-m", "lopt_ext", "plot", out, "--png", str(tmp_path / "p.png")],
                    check=True, env=env, cwd=ROOT)
     assert os.path.exists(tmp_path / "p.png")
+
+
+def test_map_count_warning(tmp_path):
+    """Below the mapping limit a long run needs, meta-train says so in one line with the remedy."""
+    from lopt_ext.metatrain import train
+    low, high = tmp_path / "low", tmp_path / "high"
+    low.write_text("65530\n")
+    high.write_text(f"{train.MAP_COUNT_WANTED}\n")
+    msg = train.map_count_warning(str(low))
+    assert msg is not None and "65530" in msg and "sysctl -w vm.max_map_count=" in msg and "\n" not in msg
+    assert train.map_count_warning(str(high)) is None
+    assert train.map_count_warning(str(tmp_path / "missing")) is None
