@@ -51,6 +51,8 @@ def parse(data):
             continue
         info["name"] = b.get("name")
         info.update(derived(info, b["stats"]["median"], ceilings))
+        if info.get("ns_per_param") is not None and meta.get("cores"):
+            info["ns_per_param_core"] = info["ns_per_param"] * meta["cores"]  # core-time per parameter
         info["min_s"] = b["stats"]["min"]
         info["rounds"] = b["stats"].get("rounds")
         rows.append(info)
@@ -167,7 +169,8 @@ def section_times(rows) -> str:
 
 
 def section_fused(rows) -> str:
-    header = ["workload", "H", "step", "ns/param", "params/s", "GFLOP/s", "of sgemm", "GB/s", "of bandwidth",
+    header = ["workload", "H", "step", "ns/param", "ns/param/core", "params/s", "GFLOP/s", "of sgemm", "GB/s",
+              "of bandwidth",
               "reference time / fused", "fused time / adam"]
     idx = _index(rows)
     out = []
@@ -179,6 +182,7 @@ def section_fused(rows) -> str:
             ref = idx.get((w["workload"], "reference", h))
             adam = idx.get((w["workload"], "adam", None))
             out.append([w["workload"], str(h), fmt_time(r["median_s"]), fmt(r["ns_per_param"], ".3g"),
+                        fmt(r.get("ns_per_param_core"), ".3g"),
                         fmt(r["params_per_s"], ".3g"), fmt(r.get("gflop_per_s"), ".3g"),
                         fmt(r.get("frac_sgemm"), pct=True), fmt(r["gb_per_s"], ".3g"),
                         fmt(r.get("frac_bandwidth"), pct=True),
