@@ -325,17 +325,27 @@ void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
 
 }  // namespace
 
+ParallelFor ChooseParallelFor(int64_t total_elements, const ParallelFor& parallel_for) {
+  if (total_elements >= kSerialBelowElements) return parallel_for;
+  return [](int64_t n, const std::function<void(int64_t)>& fn) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+  };
+}
+
 std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<TensorArgs>& tensors,
-                           const ParallelFor& parallel_for) {
+                           const ParallelFor& pool_parallel_for) {
   if (const char* err = ValidateConfig(cfg)) return err;
   const FeatureIndex F(cfg.dm, cfg.dr, cfg.da);
   const tiles::Kernels& K = tiles::SelectKernels();
   std::vector<Work> work(tensors.size());
+  int64_t total = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     work[i].args = &tensors[i];
     std::string err = Plan(cfg, write_delta, work[i]);
     if (!err.empty()) return "tensor " + std::to_string(i) + ": " + err;
+    total += work[i].plan.numel;
   }
+  const ParallelFor parallel_for = ChooseParallelFor(total, pool_parallel_for);
   try {
     // Pass A (factored tensors).
     std::vector<std::pair<int, int64_t>> tasks;

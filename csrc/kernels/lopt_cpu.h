@@ -14,6 +14,14 @@ namespace lopt {
 // calls have finished. Results must not depend on which thread runs which i.
 using ParallelFor = std::function<void(int64_t n, const std::function<void(int64_t)>& fn)>;
 
+// Below this many elements in a call (all tensors and members together) the passes run on
+// the calling thread: waking a pool thread for each of the few short passes costs more than
+// the work (a 3.6k-parameter model's whole step is ~10 us of arithmetic).
+inline constexpr int64_t kSerialBelowElements = 32768;
+
+// parallel_for, or a plain loop on this thread when the call is that small.
+ParallelFor ChooseParallelFor(int64_t total_elements, const ParallelFor& parallel_for);
+
 // Statistics computed elsewhere, e.g. reduced across the shards of a tensor that
 // is split over devices. With them passes A and B are skipped and pass C uses:
 // for rank >= 2 tensors the new v_row/v_col and the row/column factors (shaped

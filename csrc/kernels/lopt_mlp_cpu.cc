@@ -68,14 +68,18 @@ void FoldScales(const MlpConfig& cfg, const float* packed, MlpWork& w) {
 }  // namespace
 
 std::string CpuMlpLOptUpdate(const MlpConfig& cfg, bool write_delta,
-                             std::vector<MlpTensorArgs>& tensors, const ParallelFor& parallel_for) {
+                             std::vector<MlpTensorArgs>& tensors,
+                             const ParallelFor& pool_parallel_for) {
   if (const char* err = ValidateMlpConfig(cfg)) return err;
   const tiles::Kernels& K = tiles::SelectKernels();
   std::vector<MlpWork> work(tensors.size());
+  int64_t total = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const std::string err = PlanMlp(cfg, write_delta, tensors[i], work[i]);
     if (!err.empty()) return "tensor " + std::to_string(i) + ": " + err;
+    total += work[i].plan.numel;
   }
+  const ParallelFor parallel_for = ChooseParallelFor(total, pool_parallel_for);
   try {
     std::vector<std::pair<int, int64_t>> tasks;
     for (size_t i = 0; i < work.size(); ++i) {
