@@ -408,14 +408,8 @@ def test_mlp_lopt_ffi_call_rejects_malformed_operands():
 
 
 def _available_memory_bytes():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from lopt_ext.tradeoffs import available_memory_bytes
+    return available_memory_bytes() or 0
 
 
 @pytest.mark.slow
