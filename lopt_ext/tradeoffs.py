@@ -25,8 +25,9 @@ Memory (bytes per parameter, float32 parameters)
 Compute
 - step time relative to optax.adam measured in the same run, on one square float32 matrix of
   1e6 and 1e7 parameters (1000^2, 3162^2; ``--quick``: 1e4, 1e5): the same jitted, donated
-  step, compiled ahead of time, warmed up, the median of several timed calls (each waits for its
-  result); Adam is timed before and after the others and its pooled median is the reference;
+  step, compiled ahead of time, warmed up, the median of at least 7 timed calls covering at
+  least 1 s (each waits for its result); Adam is timed before and after the others and its
+  pooled median is the reference;
 - FLOPs per parameter per step counted from the architecture (``flops_per_param``);
 - the machine: ``os.cpu_count()``, the load average before and after, and the ceilings
   measured in the same run: sgemm GFLOP/s (numpy float32 matmul, bench/lopt_bench/ceilings.py)
@@ -104,10 +105,10 @@ def settings(quick: bool, seeds: Optional[Sequence[int]] = None, horizon: Option
     """What a full or a --quick run measures (explicit values override the mode's)."""
     if quick:
         s = dict(mode="quick", seeds=[0], horizon=200, timing_sizes={"1e6": 10 ** 4, "1e7": 10 ** 5},
-                 repeats=3, sgemm_n=512, sgemm_repeats=3, stream_mib=32, num_tasks=2)
+                 repeats=3, min_timed_s=0.0, sgemm_n=512, sgemm_repeats=3, stream_mib=32, num_tasks=2)
     else:
         s = dict(mode="full", seeds=[0, 1, 2], horizon=1000, timing_sizes={"1e6": 10 ** 6, "1e7": 10 ** 7},
-                 repeats=7, sgemm_n=2048, sgemm_repeats=7, stream_mib=256, num_tasks=None)
+                 repeats=7, min_timed_s=1.0, sgemm_n=2048, sgemm_repeats=7, stream_mib=256, num_tasks=None)
     if seeds:
         s["seeds"] = sorted(set(int(x) for x in seeds))
     if horizon:
@@ -440,7 +441,10 @@ def available_memory_bytes() -> Optional[int]:
     return None
 
 
-def time_step(tx, n: int, repeats: int, seed: int = 0) -> Dict[str, Any]:
+MAX_TIMING_ROUNDS = 400
+
+
+def time_step(tx, n: int, repeats: int, seed: int = 0, min_timed_s: float = 0.0) -> Dict[str, Any]:
     """Median wall time (s) of the jitted, donated step on one float32 matrix of ~n parameters
     (r x r, r = round(sqrt(n))). Skipped (time None, with a reason) when XLA's temporaries of
     the compiled step would not fit in half the available memory."""
@@ -462,9 +466,13 @@ def time_step(tx, n: int, repeats: int, seed: int = 0) -> Dict[str, Any]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers.*")
         for _ in range(2):  # warm-up
+            t0 = time.perf_counter()
             carry = jax.block_until_ready(compiled(*carry, grads))
+            estimate = time.perf_counter() - t0
+        # fast steps (sub-millisecond at 1e6) get more rounds: at least ~min_timed_s of timing
+        rounds = max(repeats, min(MAX_TIMING_ROUNDS, int(min_timed_s / max(estimate, 1e-6))))
         times = []
-        for _ in range(repeats):
+        for _ in range(rounds):
             t0 = time.perf_counter()
             carry = jax.block_until_ready(compiled(*carry, grads))
             times.append(time.perf_counter() - t0)
@@ -566,7 +574,8 @@ def _clean(obj):
 
 def memory_and_compute(name: str, lopt=None, theta=None, sizes: Optional[Dict[str, int]] = None,
                        repeats: int = 3, mlp: Optional[Dict[str, Tuple[int, ...]]] = None,
-                       transformer: Optional[Dict[str, Tuple[int, ...]]] = None) -> Dict[str, Any]:
+                       transformer: Optional[Dict[str, Tuple[int, ...]]] = None,
+                       min_timed_s: float = 0.0) -> Dict[str, Any]:
     """One optimizer's record with the memory and compute axes (``lopt`` None: the hand-designed
     optimizer ``name``). Step times are absolute here (``compute["step_time_s"]``); ``add_ratios``
     turns them into ratios to Adam. A fused kernel that fails (probe or measurement) leaves its
@@ -603,7 +612,7 @@ def memory_and_compute(name: str, lopt=None, theta=None, sizes: Optional[Dict[st
         try:
             memory[f"temp_bytes_per_param_{impl}"] = _div(temp_bytes(compile_step(impls[impl], mlp)), num_params(mlp))
             for k, size in sizes.items():
-                res = time_step(impls[impl], size, repeats)
+                res = time_step(impls[impl], size, repeats, min_timed_s=min_timed_s)
                 compute["step_time_s"][f"{k}_{impl}"] = res["time_s"]
                 if res["time_s"] is None:
                     rec["null_reasons"][f"step_time_{k}_{impl}"] = res["reason"]
@@ -672,13 +681,14 @@ def run_study(out_dir: str, quick: bool = False, only: Optional[Sequence[str]] =
     # Adam's step times, the reference of every ratio: timed before and after the others, pooled
     t0 = time.perf_counter()
     adam_tx = hand_tx("adam")
-    adam_times = {k: time_step(adam_tx, n, reps)["times_s"] for k, n in sizes.items()}
+    min_s = cfg["min_timed_s"]
+    adam_times = {k: time_step(adam_tx, n, reps, min_timed_s=min_s)["times_s"] for k, n in sizes.items()}
     tick(work[1])
     mlp, trf = mlp_shapes(), transformer_shapes(**TRANSFORMER)
     records: Dict[str, Dict[str, Any]] = {}
     for n in names:
         lopt, theta, label, _ = learned.get(n, (None, None, None, None))
-        rec = memory_and_compute(n, lopt, theta, sizes, reps, mlp, trf)
+        rec = memory_and_compute(n, lopt, theta, sizes, reps, mlp, trf, min_timed_s=min_s)
         if lopt is not None:
             v = variants.STUDY[n]
             rec.update(description=v.description, kind=v.kind, hidden_size=v.hidden_size, theta=label,
@@ -686,7 +696,7 @@ def run_study(out_dir: str, quick: bool = False, only: Optional[Sequence[str]] =
         records[n] = rec
         tick(f"{n}: memory and compute")
     for k, size in sizes.items():
-        adam_times[k] += time_step(adam_tx, size, reps)["times_s"]
+        adam_times[k] += time_step(adam_tx, size, reps, min_timed_s=min_s)["times_s"]
     adam_step_s = {k: float(np.median(v)) for k, v in adam_times.items()}
     for rec in records.values():
         add_ratios(rec, adam_step_s)
@@ -763,6 +773,30 @@ def write_outputs(doc: Dict[str, Any], out_dir: str) -> List[str]:
 # ----------------------------------------------------------------------------- report
 def _f(x, spec=".3g"):
     return "-" if x is None else format(x, spec)
+
+
+def render_summary(doc: Dict[str, Any]) -> str:
+    """The README's compact table: one row per optimizer, the three axes side by side."""
+    s = doc["settings"]
+    lines = [f"| optimizer | state B/param (transformer) | step time / adam, 1e6 params, fused (unfused) "
+             f"| FLOPs/param | held-out loss / tuned Adam (median) | tasks > 1.5x | meta-training CPU-min |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in doc["optimizers"].items():
+        mem, comp, perf = r["memory"], r["compute"], r["performance"]
+        fused, unfused = comp.get("step_time_ratio_1e6_fused"), comp.get("step_time_ratio_1e6_unfused")
+        if fused is None:
+            time_s = "-" if unfused is None else f"{unfused:.2f}x"
+        else:
+            time_s = f"{fused:.2f}x" + ("" if unfused is None else f" ({unfused:.2f}x)")
+        hours = perf.get("meta_training_cpu_hours")
+        lines.append(f"| {name} | {_f(mem['state_bytes_per_param_transformer'], '.1f')} | {time_s} "
+                     f"| {comp['flops_per_param']} | {_f(perf.get('median_final_ratio'), '.3g')} "
+                     f"| {perf.get('tasks_worse_than_1.5x')}/{perf.get('tasks')} "
+                     f"| {'-' if hours is None else f'{60 * hours:.0f}'} |")
+    lines += ["", f"{len(s['tasks'])} held-out tasks x {len(s['seeds'])} seeds, {s['horizon']} steps "
+              f"({doc['mode']} run, load average {_f(doc['machine']['loadavg_start'][0], '.2f')} at start); "
+              f"full table: [docs/tradeoffs/tradeoffs.md](docs/tradeoffs/tradeoffs.md)."]
+    return "\n".join(lines)
 
 
 def render_markdown(doc: Dict[str, Any]) -> str:

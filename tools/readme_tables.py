@@ -102,6 +102,21 @@ def render_evaluation(doc) -> str:
     return _report_module().render_evaluation(doc) + "\n\n![evaluation](docs/evaluation/evaluation.png)"
 
 
+def _tradeoffs_module():
+    """lopt_ext/tradeoffs.py loaded by path (numpy and the standard library only at import)."""
+    import importlib.util
+    path = os.path.join(ROOT, "lopt_ext", "tradeoffs.py")
+    spec = importlib.util.spec_from_file_location("lopt_ext_tradeoffs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render_tradeoffs(doc) -> str:
+    return (_tradeoffs_module().render_summary(doc) +
+            "\n\n![performance vs step time](docs/tradeoffs/pareto_time.png)")
+
+
 # ----------------------------------------------------------------------------- registry
 
 Render = Callable[[Any], str]
@@ -111,6 +126,7 @@ REGIONS: Dict[str, Tuple[str, Render]] = {
     "bench-targets": ("docs/bench/targets.json", render_bench_targets),
     "bench-h4-floor": ("docs/bench/results.json", render_h4_floor),
     "evaluation": ("docs/evaluation/evaluation.json", render_evaluation),
+    "tradeoffs": ("docs/tradeoffs/tradeoffs.json", render_tradeoffs),
 }
 
 _MARKER = re.compile(r"<!-- (BEGIN|END) GENERATED ([\w.-]+) -->")
