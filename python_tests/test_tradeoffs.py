@@ -257,3 +257,24 @@ def test_every_option_has_help_and_its_default():
         if action.option_strings and action.nargs != 0:
             assert "default" in formatter._get_help_string(action), action.option_strings
     assert "(default: None)" not in p.format_help()
+
+
+def test_committed_study_has_every_optimizer_on_all_three_axes():
+    """docs/tradeoffs/tradeoffs.json (the full run): every optimizer of the study, memory, compute
+    and performance all measured; learned ones with fused and unfused points and their budget."""
+    with open(os.path.join(ROOT, "docs", "tradeoffs", "tradeoffs.json")) as f:
+        doc = json.load(f)
+    assert doc["mode"] == "full" and len(doc["settings"]["tasks"]) == 16 and doc["settings"]["seeds"] == [0, 1, 2]
+    assert set(doc["optimizers"]) == set(tr.study_names())
+    for name, rec in doc["optimizers"].items():
+        mem, comp, perf = rec["memory"], rec["compute"], rec["performance"]
+        learned = rec["family"] == "learned"
+        assert _is_number(mem["state_bytes_per_param_mlp"]) and _is_number(mem["state_bytes_per_param_transformer"])
+        assert _is_number(mem["temp_bytes_per_param_unfused"]) and _is_number(comp["flops_per_param"])
+        for size in ("1e6", "1e7"):
+            assert _is_number(comp[f"step_time_ratio_{size}_unfused"]), (name, size)
+            if learned:
+                assert _is_number(comp[f"step_time_ratio_{size}_fused"]), (name, size)
+        assert _is_number(perf["median_final_ratio"]) and perf["task_seeds"] == 48, name
+        if learned:
+            assert _is_number(mem["temp_bytes_per_param_fused"]) and _is_number(perf["meta_training_cpu_hours"])
