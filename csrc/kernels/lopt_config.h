@@ -69,11 +69,16 @@ struct PackedLayout {
         b_out(w_out + 2 * c.hidden), size(b_out + 2) {}
 };
 
+// The per-parameter MLP every learned optimizer here has: nullptr when its sizes are usable.
+inline const char* ValidateMlpSizes(int hidden, int hidden_layers) {
+  if (hidden < 1 || hidden > kMaxHidden) return "hidden_size must be in [1, 256]";
+  if (hidden_layers < 1 || hidden_layers > kMaxHiddenLayers) return "hidden_layers must be in [1, 16]";
+  return nullptr;
+}
+
 // Returns nullptr when the configuration is usable, else a static message.
 inline const char* ValidateConfig(const Config& c) {
-  if (c.hidden < 1 || c.hidden > kMaxHidden) return "hidden_size must be in [1, 256]";
-  if (c.hidden_layers < 1 || c.hidden_layers > kMaxHiddenLayers)
-    return "hidden_layers must be in [1, 16]";
+  if (const char* err = ValidateMlpSizes(c.hidden, c.hidden_layers)) return err;
   if (c.dm < 1 || c.dm > kMaxDecays || c.da < 0 || c.da > kMaxDecays || c.dr < 1 ||
       c.dr > kMaxDecays)
     return "each decay count must be in [1, 16] (adafactor: [0, 16])";
@@ -146,10 +151,7 @@ struct MlpPackedLayout {
 };
 
 inline const char* ValidateMlpConfig(const MlpConfig& c) {
-  if (c.hidden < 1 || c.hidden > kMaxHidden) return "hidden_size must be in [1, 256]";
-  if (c.hidden_layers < 1 || c.hidden_layers > kMaxHiddenLayers)
-    return "hidden_layers must be in [1, 16]";
-  return nullptr;
+  return ValidateMlpSizes(c.hidden, c.hidden_layers);
 }
 
 }  // namespace lopt
