@@ -51,16 +51,18 @@ void PoolParallelFor(ffi::ThreadPool* pool, int64_t n, const std::function<void(
   shared->cv.wait(lock, [&] { return shared->done.load() == shared->n; });
 }
 
+// An int64 attribute as int; out-of-range values become -1 and fail the configuration
+// checks (ValidateConfig, ValidateMlpConfig) before any use.
+int NarrowAttr(int64_t v) { return v < 0 || v > (1 << 20) ? -1 : static_cast<int>(v); }
+
 Config MakeConfig(int64_t hidden_size, int64_t hidden_layers, int64_t dm, int64_t dr, int64_t da,
                   float exp_mult, float step_mult) {
   Config cfg;
-  // Out-of-range values fail ValidateConfig before any use.
-  auto narrow = [](int64_t v) { return v < 0 || v > (1 << 20) ? -1 : static_cast<int>(v); };
-  cfg.hidden = narrow(hidden_size);
-  cfg.hidden_layers = narrow(hidden_layers);
-  cfg.dm = narrow(dm);
-  cfg.dr = narrow(dr);
-  cfg.da = narrow(da);
+  cfg.hidden = NarrowAttr(hidden_size);
+  cfg.hidden_layers = NarrowAttr(hidden_layers);
+  cfg.dm = NarrowAttr(dm);
+  cfg.dr = NarrowAttr(dr);
+  cfg.da = NarrowAttr(da);
   cfg.exp_mult = exp_mult;
   cfg.step_mult = step_mult;
   return cfg;
@@ -192,9 +194,8 @@ ffi::Error MlpUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Remain
                         ffi::RemainingRets rets, int64_t hidden_size, int64_t hidden_layers,
                         float exp_mult, float step_mult, bool write_delta) {
   MlpConfig cfg;
-  auto narrow = [](int64_t v) { return v < 0 || v > (1 << 20) ? -1 : static_cast<int>(v); };
-  cfg.hidden = narrow(hidden_size);
-  cfg.hidden_layers = narrow(hidden_layers);
+  cfg.hidden = NarrowAttr(hidden_size);
+  cfg.hidden_layers = NarrowAttr(hidden_layers);
   cfg.exp_mult = exp_mult;
   cfg.step_mult = step_mult;
   int64_t batch = 1;
