@@ -136,28 +136,22 @@ def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: boo
             aliases[base_in + k] = base_out + k - 1
         operands += ins
         results += [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in [p, m, rms, *acc]]
-        layout.append((scalar, factored))
+        layout.append((scalar, factored, len(acc)))
     call = jax.ffi.ffi_call(TARGET, results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)
     outs = call(*operands, **_config_attrs(lopt), write_delta=bool(write_delta),
                 precision=np.int64(CUDA_PRECISIONS[cuda_precision()]))
     per_leaf, i = [], 0
-    empty = jnp.zeros((0,), jnp.float32)
-    for (scalar, factored), (_, _, _, _, v_row, v_col, v_full) in zip(layout, leaves):
+    for (scalar, factored, n_acc), (_, _, _, _, v_row, v_col, v_full) in zip(layout, leaves):
+        out, m, rms, *acc = outs[i:i + 3 + n_acc]
+        i += 3 + n_acc
+        if scalar:
+            out, m, rms, *acc = (x[0] for x in (out, m, rms, *acc))
         if factored:
-            out, m, rms, vr, vc = outs[i:i + 5]
-            i += 5
-            per_leaf.append((out, m, rms, vr, vc, v_full))
-        else:
-            n = 4 if lopt.has_adafactor else 3
-            out, m, rms = outs[i:i + 3]
-            vf = outs[i + 3] if n == 4 else v_full
-            i += n
-            if scalar:
-                out, m, rms = out[0], m[0], rms[0]
-                if n == 4:
-                    vf = vf[0]
-            per_leaf.append((out, m, rms, v_row, v_col, vf))
+            v_row, v_col = acc
+        elif acc:
+            (v_full,) = acc
+        per_leaf.append((out, m, rms, v_row, v_col, v_full))
     return per_leaf
 
 
