@@ -553,12 +553,6 @@ def performance_from(results, horizon: int) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the study
-def _finite(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def _clean(obj):
     """JSON-safe: non-finite floats become null, numpy scalars Python numbers."""
     if isinstance(obj, dict):
@@ -566,7 +560,8 @@ def _clean(obj):
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
-        return _finite(float(obj))
+        x = float(obj)
+        return x if math.isfinite(x) else None
     if isinstance(obj, (np.integer,)):
         return int(obj)
     return obj
