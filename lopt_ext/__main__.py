@@ -351,15 +351,16 @@ def cmd_evaluate(args):
         return
     lopt, theta, source = pretrained.resolve(args.theta, args.pretrained)
     results = ev.evaluate(names, lopt, theta, seeds=seeds, horizons=horizons, impl=args.impl, adam_cache=cache)
-    summary = ev.summarize(results, horizons)
-    report = ev.format_summary(summary) + "\n\n" + ev.format_table(results, horizons[0])
-    print(report)
+    from lopt_ext.metatrain.report import render_evaluation
     doc = {"optimizer": source, "lopt": checkpoint.lopt_to_json(lopt), "seeds": list(seeds),
-           "horizons": list(horizons), "protocol": ev.__doc__, "summary": summary, "results": results}
+           "horizons": list(horizons), "protocol": ev.__doc__, "summary": ev.summarize(results, horizons),
+           "references": ev.reference_summary(results, horizons), "results": results}
+    report = render_evaluation(doc)
+    print(report)
     path = os.path.join(args.out, "evaluation.json")
     checkpoint.atomic_write_bytes(path, json.dumps(_rounded(doc)).encode())
     with open(os.path.join(args.out, "evaluation.md"), "w") as f:
-        f.write(f"Optimizer: {source}\n\n{report}\n")
+        f.write(report + "\n")
     print(f"wrote {path} and evaluation.md")
     if not args.no_plot:
         ev.plot_curves(results, os.path.join(args.out, "evaluation.png"))

@@ -62,6 +62,31 @@ def test_summary_medians_count_never_as_infinite():
     assert ev.summarize(results, horizons=(100,))["adam@100"]["median_steps_ratio"] == pytest.approx(0.45)
 
 
+def test_reference_summary_scores_tuned_cosine_adam_like_a_learned_optimizer():
+    # hand-made curves (every 5, horizon 40): on task a the cosine baseline ends below the constant
+    # one from step 20 on (reached at 20/40 = 0.5 on both seeds); on task b it never gets below.
+    every, T = 5, 40
+    n = T // every + 1
+    const = np.full((2, n), 1.0)
+    const[:, 0] = 2.0
+    below = np.where(np.arange(n) * every >= 15, 0.5, 1.5)  # its 20-step mean is <= 1 from step 20 on
+    below[0] = 2.0
+    cos_a, cos_b = np.vstack([below, below]), np.full((2, n), 1.2)
+    cos_b[:, 0] = 2.0
+
+    def result(name, cos):
+        e = {"adam": {"baseline_curve": const.tolist()}, "adam_cosine": {"baseline_curve": cos.tolist()}}
+        return {"task": name, "every": every, "by_horizon": {str(T): e}}
+
+    ref = ev.reference_summary([result("a", cos_a), result("b", cos_b)], horizons=(T,))
+    s = ref[f"tuned adam_cosine vs adam@{T}"]
+    assert s["task_seeds"] == 4 and s["reached_and_stayed"] == 2
+    assert s["tasks_worse_than_1.5x"] == []
+    per_a = ev.compare(cos_a, const, T, every)
+    assert [p["steps_ratio"] for p in per_a] == [0.5, 0.5]
+    assert s["median_final_ratio"] == pytest.approx(np.median([per_a[0]["final_ratio"]] * 2 + [1.2] * 2))
+
+
 def test_baseline_is_tuned_on_held_out_loss_and_cached(tmp_path):
     from lopt_ext import tasks
     task = tasks.get_task("mlp_wine_16_gelu_b64_s1_noise0.3")
@@ -78,3 +103,24 @@ def test_baseline_is_tuned_on_held_out_loss_and_cached(tmp_path):
     assert again["horizon"] == 200 and again["time_s"] == out["time_s"]  # from the cache
     cos = ev.baseline_sweep(task, "adam_cosine", (0,), 100, lrs=lrs, cache=cache)
     assert cos["horizon"] == 100 and len(cos["curve"][0]) == 21
+
+
+def test_evaluate_command_writes_the_reference_rows(tmp_path):
+    """End to end on one small task: evaluation.json holds the tuned cosine-Adam reference next
+    to the learned optimizer's summary, and evaluation.md renders both."""
+    import subprocess
+    import sys
+    out = tmp_path / "ev"
+    cmd = [sys.executable, "-m", "lopt_ext", "evaluate", "--tasks", "mlp_digits_16_relu_b128_s2", "--seeds", "0",
+           "--horizons", "100", "--out", str(out), "--no-plot"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "evaluation.json").read_text())
+    assert set(doc["summary"]) == {"adam@100", "adam_cosine@100"}
+    ref = doc["references"]["tuned adam_cosine vs adam@100"]
+    e = doc["results"][0]["by_horizon"]["100"]
+    expected = ev.compare(np.asarray(e["adam_cosine"]["baseline_curve"]), np.asarray(e["adam"]["baseline_curve"]), 100)
+    assert ref["reached_and_stayed"] == sum(p["steps_ratio"] is not None for p in expected)
+    assert ref["median_final_ratio"] == pytest.approx(expected[0]["final_ratio"], rel=1e-3)
+    md = (out / "evaluation.md").read_text()
+    assert "tuned adam_cosine vs adam@100" in md and "| adam@100 |" in md

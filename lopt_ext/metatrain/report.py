@@ -11,8 +11,13 @@ import numpy as np
 def render_evaluation(doc, horizon=None, baseline="adam") -> str:
     """Summary table, then the per-task table at ``horizon`` (default: the first one)."""
     horizon = horizon or doc["horizons"][0]
+    references = ""
+    if doc.get("references"):
+        references = ("For scale, Adam with a cosine decay whose learning rate is tuned per task on the same "
+                      "held-out loss, judged against tuned constant-lr Adam in the same way:\n\n"
+                      + format_summary(doc["references"]) + "\n\n")
     return (f"Optimizer `{doc['optimizer']}`, seeds {doc['seeds']}, held-out in-family tasks:\n\n"
-            + format_summary(doc["summary"]) + "\n\n"
+            + format_summary(doc["summary"]) + "\n\n" + references
             + f"Per task at {horizon} steps against Adam with a constant learning rate tuned per task "
               f"(held-out loss: 20-step trailing mean, mean over seeds):\n\n"
             + format_table(doc["results"], horizon, baseline))
