@@ -61,6 +61,22 @@ def validation_task(task):
                                                                             for k in keys])))
 
 
+def write_pes_resume(path, lopt, theta, budget, command, seed=0):
+    """A compact resume checkpoint holding ``theta``, so that PES meta-training can continue
+    from a searched rule (python -m lopt_ext meta-train --continue-from PATH); returns the
+    meta-training configuration it records (scaled, valid_log, outer lr 3e-4)."""
+    from jax.flatten_util import ravel_pytree
+    from lopt_ext.metatrain import MetaTrainConfig, MetaTrainer, train
+    from lopt_ext.metatrain.pes import MetaState
+    cfg = MetaTrainConfig(hidden_size=lopt.hidden_size, lopt_kind="scaled", objective="valid_log", num_tasks=8,
+                          pairs=8, min_horizon=200, max_horizon=3000, outer_lr=3e-4, outer_steps=5000)
+    trainer = MetaTrainer(cfg)
+    flat = ravel_pytree(theta)[0]
+    ms = MetaState(0, flat, trainer.outer_opt.init(flat), [], jax.random.PRNGKey(seed))
+    train.save_compact(path, trainer, ms, budget, {"command": command})
+    return cfg
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -110,20 +126,11 @@ def main(argv=None):
     if previous is not None:
         info.update(command=previous["command"], wall_s=previous["wall_s"])
     checkpoint.save_theta(os.path.join(args.out, "theta.safetensors"), theta, lopt, info={"search": info["best"]})
-    # a compact resume checkpoint, so that PES meta-training can continue from the found rule
-    # (python -m lopt_ext meta-train --continue-from OUT/resume.safetensors)
-    from jax.flatten_util import ravel_pytree
-    from lopt_ext.metatrain import MetaTrainConfig, MetaTrainer, train
-    cfg = MetaTrainConfig(hidden_size=lopt.hidden_size, lopt_kind="scaled", objective="valid_log", num_tasks=8,
-                          pairs=8, min_horizon=200, max_horizon=3000, outer_lr=3e-4, outer_steps=5000)
-    trainer = MetaTrainer(cfg)
-    flat = ravel_pytree(theta)[0]
-    from lopt_ext.metatrain.pes import MetaState
-    ms = MetaState(0, flat, trainer.outer_opt.init(flat), [], jax.random.PRNGKey(args.seed))
     budget = {"wall_s": info["wall_s"], "cpu_hours": info["wall_s"] * (os.cpu_count() or 1) / 3600,
               "outer_steps": 0, "cpu_count": os.cpu_count(),
               "runs": [{"command": info["command"], "wall_s": info["wall_s"], "outer_steps_end": 0}]}
-    train.save_compact(os.path.join(args.out, "resume.safetensors"), trainer, ms, budget, {"command": info["command"]})
+    cfg = write_pes_resume(os.path.join(args.out, "resume.safetensors"), lopt, theta, budget, info["command"],
+                           args.seed)
     info["budget"] = budget
     info["config"] = cfg.to_json()
     with open(os.path.join(args.out, "search.json"), "w") as f:

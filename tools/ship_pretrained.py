@@ -25,17 +25,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", help="meta-train output directory (holds theta.safetensors, provenance.json, "
-                                "resume.safetensors, log.jsonl)")
+                                "resume.safetensors, log.jsonl), or a tools/scale_search.py or "
+                                "tools/scale_es.py output directory")
     ap.add_argument("name", help="entry name, e.g. scaled_small_fc_lopt_h4")
     ap.add_argument("--evaluation", default=None, help="evaluation.json of this theta (`evaluate --theta`)")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
     search = os.path.join(args.run, "search.json")
-    needed = ("theta.safetensors", "resume.safetensors") + (() if os.path.isfile(search) else ("provenance.json", "log.jsonl"))
+    es = os.path.join(args.run, "es.json")
+    searched = os.path.isfile(search) or os.path.isfile(es)
+    needed = ("theta.safetensors", "resume.safetensors") + (() if searched else ("provenance.json", "log.jsonl"))
     for f in needed:
         if not os.path.isfile(os.path.join(args.run, f)):
             ap.error(f"argument run: {os.path.join(args.run, f)} is missing (did the run finish?)")
-    if os.path.isfile(search):  # made by tools/scale_search.py
+    if os.path.isfile(es):  # made by tools/scale_es.py
+        with open(es) as f:
+            info = json.load(f)
+        entry = {"name": args.name, "note": args.note, "method": "evolution strategies (tools/scale_es.py)",
+                 "command": info["command"], "budget": info["budget"], "search": {
+                     k: info[k] for k in ("from_pretrained", "objective", "best", "best_score", "generation",
+                                          "pairs", "steps", "seeds", "tasks")},
+                 "search_curve": [{"generation": h["generation"], "mean_score": h["mean_score"],
+                                   "sigma": h["sigma"]} for h in info["history"]],
+                 "continue_config": info["config"]}
+    elif os.path.isfile(search):  # made by tools/scale_search.py
         with open(search) as f:
             info = json.load(f)
         entry = {"name": args.name, "note": args.note, "method": "grid search (tools/scale_search.py)",

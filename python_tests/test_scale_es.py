@@ -1,0 +1,66 @@
+"""tools/scale_es.py: its objective against hand-computed values, and --resume continuing a
+search exactly where it stopped."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import scale_es  # noqa: E402
+
+
+def test_score_is_the_clipped_log_ratio_of_final_smoothed_losses():
+    n = 201  # 1000 steps recorded every 5, plus the initial point
+    base = np.full((2, n), 0.2)
+    held = np.stack([np.full((2, n), 0.1), np.full((2, n), 0.2), np.full((2, n), 1e3)])  # 0.5x, 1x, 5000x
+    held[1, 1, -1] = np.nan  # a NaN in the last 20 steps: non-finite, scored as the clip
+    v = scale_es.score_task(held, base)
+    assert v.shape == (3, 2)
+    np.testing.assert_allclose(v[0], np.log(0.5))
+    assert v[1, 0] == pytest.approx(0.0) and v[1, 1] == scale_es.CLIP[1]
+    np.testing.assert_allclose(v[2], scale_es.CLIP[1])  # log(5000) clipped
+    tiny = np.full((1, 2, n), 1e-6)
+    np.testing.assert_allclose(scale_es.score_task(tiny, base), scale_es.CLIP[0])
+
+
+def test_coordinates_round_trip():
+    from lopt_ext import pretrained
+    _, theta = pretrained.load("scaled_small_fc_lopt_h4")
+    x = scale_es.coordinates(theta)
+    assert x.shape == (theta["tensor_scale"]["w_lin"].shape[0] + 1,)
+    back = scale_es.with_coordinates(theta, x + 1.0)
+    np.testing.assert_allclose(np.asarray(back["tensor_scale"]["w_lin"]), np.asarray(theta["tensor_scale"]["w_lin"]) + 1)
+    np.testing.assert_allclose(np.asarray(back["tensor_scale"]["b"]), np.asarray(theta["tensor_scale"]["b"]) + 1)
+    np.testing.assert_array_equal(np.asarray(back["nn"]["~"]["w0"]), np.asarray(theta["nn"]["~"]["w0"]))
+    # with the decays: one unit multiplies 1 - beta by e (SmallFcLOpt.decays)
+    lopt, _ = pretrained.load("scaled_small_fc_lopt_h4")
+    y = scale_es.coordinates(theta, "scale+decays")
+    assert y.size == x.size + 4
+    y = y.copy()
+    y[x.size] += 1.0  # the first momentum decay
+    moved = scale_es.with_coordinates(theta, y, "scale+decays")
+    before, after = lopt.decays(theta)[0][0], lopt.decays(moved)[0][0]
+    assert float(1 - after) == pytest.approx(float(1 - before) * np.e, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_search_exactly(tmp_path):
+    common = ["--task-indices", "0", "--pairs", "1", "--steps", "100", "--seeds", "0"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    scale_es.main(["--out", full, "--generations", "2"] + common)
+    scale_es.main(["--out", part, "--generations", "1"] + common)
+    scale_es.main(["--out", part, "--generations", "2", "--resume"] + common)
+    a, b = (json.load(open(os.path.join(d, "es.json"))) for d in (full, part))
+    assert a["generation"] == b["generation"] == 1
+    np.testing.assert_allclose(a["mean"], b["mean"], rtol=0, atol=0)
+    assert [h["scores"] for h in a["history"]] == [h["scores"] for h in b["history"]]
+    from lopt_ext import pretrained
+    start = pretrained.info("scaled_small_fc_lopt_h4")["budget"]
+    assert len(b["runs"]) == 2  # the budget adds up: the starting entry's, then both runs
+    assert b["budget"]["wall_s"] == pytest.approx(start["wall_s"] + sum(r["wall_s"] for r in b["runs"]))
+    assert len(b["budget"]["runs"]) == len(start["runs"]) + 2
+    with pytest.raises(SystemExit):
+        scale_es.main(["--out", part, "--generations", "3", "--resume", "--pairs", "2",
+                       "--task-indices", "0", "--steps", "100", "--seeds", "0"])

@@ -1,0 +1,249 @@
+"""Meta-train ScaledSmallFcLOpt's per-tensor scale by evolution strategies against tuned Adam.
+
+    python tools/scale_es.py --out runs/scale_es [--from-pretrained scaled_small_fc_lopt_h4]
+                             [--generations 12] [--pairs 8] [--sigma 0.5] [--time-budget S]
+
+The objective is the evaluation's own, on meta-training tasks only (never the held-out split):
+for every task-seed, log(final smoothed validation loss of the candidate / that of Adam tuned
+per task over the evaluation's 7 learning rates), clipped to [-1, 3] (non-finite: 3), averaged
+over task-seeds. It is normalised per task (a task with a large loss cannot dominate) and it
+judges the loss on validation batches, which the rule never trains on, at the evaluation's
+horizon. The search moves the scale's linear coefficients (``tensor_scale/w_lin`` on the 16
+statistics of lopt_ext.scaled, and the bias ``b``) and, with --coordinates scale+decays, the
+momentum and rms decays; the per-element MLP stays as it starts.
+
+Each generation evaluates the mean and ``pairs`` antithetic perturbations on every task in one
+vmapped, jitted call per task (common random numbers: the same seeds and batches for every
+candidate), then moves the mean by the rank-weighted perturbations that beat it (a separable,
+elitist evolution strategy; sigma shrinks by --sigma-decay per generation, twice when no
+perturbation beats the mean). The best
+mean seen so far (by its score; the mean rather than the luckiest perturbation, which the
+selection among many noisy scores would favour) is written after every generation, so a stopped
+run keeps its result; --resume continues the search, and the budget adds up from the starting
+entry's. Writes OUT/es.json (every candidate, score and per-task value), OUT/adam.npz (the
+baseline curves), OUT/theta.safetensors and OUT/resume.safetensors (a compact resume checkpoint
+for `meta-train --continue-from`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from lopt_ext import checkpoint, pretrained  # noqa: E402
+from lopt_ext.metatrain import evaluate as ev  # noqa: E402
+from lopt_ext.tasks import family  # noqa: E402
+from scale_search import validation_task, write_pes_resume  # noqa: E402
+
+# meta-training MLP tasks of every data set, depth, activation and init scale (indices into
+# family.TRAIN_MLP_SPECS)
+TASKS = (0, 2, 3, 5, 6, 8, 10, 12, 13, 16, 18, 20, 22, 25, 26, 29, 30, 35, 37, 41)
+CLIP = (-1.0, 3.0)  # default --clip (the score of a non-finite run is the upper end)
+
+
+# What the search may move: "scale" = the per-tensor scale's linear coefficients and bias;
+# "scale+decays" also the momentum and rms decay offsets, times 10 (a unit step multiplies
+# 1 - beta by e; see SmallFcLOpt.decays).
+COORDINATES = ("scale", "scale+decays")
+DECAY_UNIT = 10.0
+
+
+def coordinates(theta, kind="scale"):
+    ts = theta["tensor_scale"]
+    parts = [np.asarray(ts["w_lin"], np.float32), np.asarray(ts["b"], np.float32)]
+    if kind == "scale+decays":
+        parts += [DECAY_UNIT * np.asarray(theta[k], np.float32) for k in ("momentum_decays", "rms_decays")]
+    return np.concatenate(parts)
+
+
+def with_coordinates(theta, x, kind="scale"):
+    ts = dict(theta["tensor_scale"])
+    n = ts["w_lin"].shape[0]
+    ts["w_lin"], ts["b"] = x[:n], x[n:n + 1]
+    out = dict(theta, tensor_scale=ts)
+    if kind == "scale+decays":
+        dm, dr = theta["momentum_decays"].shape[0], theta["rms_decays"].shape[0]
+        out["momentum_decays"] = x[n + 1:n + 1 + dm] / DECAY_UNIT
+        out["rms_decays"] = x[n + 1 + dm:n + 1 + dm + dr] / DECAY_UNIT
+    return out
+
+
+def best_mean(info):
+    """(score, coordinates) of the best ES mean recorded in an es.json."""
+    score, x = min((h["scores"][0], h["candidates"][0]) for h in info["history"])
+    return score, np.asarray(x, np.float32)
+
+
+def adam_baselines(tasks, seeds, steps, path):
+    """Per task: tuned Adam's smoothed validation curve [S, n] (cached in ``path``)."""
+    store = dict(np.load(path)) if os.path.exists(path) else {}
+    out = {}
+    for task in tasks:
+        key = f"{task.name}/{steps}/{','.join(map(str, seeds))}"
+        if key not in store:
+            held, _ = ev.run_curves(task, ev.adam_tx, ev.DEFAULT_LRS, seeds, steps)
+            sm = ev.smooth(held)
+            finals = np.where(np.isfinite(sm[:, :, -1]), sm[:, :, -1], np.inf).mean(1)
+            store[key] = sm[int(np.argmin(finals))]
+            np.savez(path, **store)
+        out[task.name] = store[key]
+    return out
+
+
+def score_task(held, base, clip=CLIP):
+    """held [C, S, n] candidates' curves, base [S, n] tuned Adam's smoothed curve -> [C, S]."""
+    final = ev.smooth(held)[:, :, -1]
+    ratio = final / base[None, :, -1]
+    value = np.log(np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.exp(clip[1])))
+    return np.clip(value, *clip)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--from-pretrained", default="scaled_small_fc_lopt_h4")
+    ap.add_argument("--generations", type=int, default=12)
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--sigma", type=float, default=0.5)
+    ap.add_argument("--sigma-decay", type=float, default=0.9)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task-indices", type=int, nargs="+", default=list(TASKS),
+                    help="indices into family.TRAIN_MLP_SPECS (default: 20 tasks of every data set)")
+    ap.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    ap.add_argument("--resume", action="store_true", help="continue the search in OUT (its es.json)")
+    ap.add_argument("--start-from", metavar="ES_JSON", default=None,
+                    help="start from the best mean of an earlier search (its budget is added to this one's)")
+    ap.add_argument("--coordinates", choices=COORDINATES, default="scale")
+    ap.add_argument("--clip", type=float, nargs=2, default=list(CLIP), metavar=("LOW", "HIGH"),
+                    help="per task-seed log-ratio clip (the upper end also scores a non-finite run)")
+    args = ap.parse_args(argv)
+    for name in ("generations", "pairs", "steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"argument --{name}: must be >= 1")
+    if not args.sigma > 0:
+        ap.error("argument --sigma: must be > 0")
+    os.makedirs(args.out, exist_ok=True)
+    if not args.clip[0] < 0 < args.clip[1]:
+        ap.error("argument --clip: needs LOW < 0 < HIGH")
+    if args.resume and args.start_from:
+        ap.error("argument --start-from: not with --resume (a resumed search keeps its start)")
+    lopt, base_theta = pretrained.load(args.from_pretrained)
+    start = pretrained.info(args.from_pretrained)["budget"]
+    earlier = []  # runs of earlier searches this one starts from
+    if args.start_from:
+        try:
+            with open(args.start_from) as f:
+                prev = json.load(f)
+            _, x_prev = best_mean(prev)
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"argument --start-from: cannot read {args.start_from}: {e}")
+        if prev["from_pretrained"] != args.from_pretrained:
+            ap.error(f"argument --start-from: {args.start_from} started from {prev['from_pretrained']!r}, "
+                     f"not {args.from_pretrained!r}")
+        kind = "scale+decays" if x_prev.size == coordinates(base_theta, "scale+decays").size else "scale"
+        base_theta = with_coordinates(base_theta, jnp.asarray(x_prev), kind)
+        earlier = prev.get("runs") or [{"command": prev["command"], "wall_s": prev["wall_s"]}]
+    n_specs = len(family.TRAIN_MLP_SPECS)
+    bad = [i for i in args.task_indices if not 0 <= i < n_specs]
+    if bad:
+        ap.error(f"argument --task-indices: {bad} out of range (0..{n_specs - 1})")
+    tasks = [validation_task(family.make_task(family.TRAIN_MLP_SPECS[i])) for i in args.task_indices]
+    t0 = time.perf_counter()
+    baselines = adam_baselines(tasks, args.seeds, args.steps, os.path.join(args.out, "adam.npz"))
+    print(f"tuned Adam baselines: {time.perf_counter() - t0:.0f} s", flush=True)
+    command = "python tools/scale_es.py " + " ".join(argv or sys.argv[1:])
+    mean, sigma, first = coordinates(base_theta, args.coordinates), args.sigma, 0
+    rng = np.random.default_rng(args.seed)
+    history, best, runs = [], None, []
+    es_path = os.path.join(args.out, "es.json")
+    if args.resume:
+        if not os.path.isfile(es_path):
+            ap.error(f"argument --resume: {es_path} does not exist")
+        with open(es_path) as f:
+            prev = json.load(f)
+        keys = ("from_pretrained", "seeds", "steps", "tasks", "pairs", "coordinates", "clip")
+        same = tuple(prev.get(k) for k in keys) == (
+            args.from_pretrained, args.seeds, args.steps, [t.name for t in tasks], args.pairs, args.coordinates,
+            list(args.clip))
+        if not same:
+            ap.error(f"argument --resume: {es_path} was made with other --from-pretrained/--seeds/--steps/"
+                     "--task-indices/--pairs/--coordinates/--clip")
+        mean, sigma, first = np.asarray(prev["mean"], np.float32), prev["sigma"], prev["generation"] + 1
+        rng.bit_generator.state = prev["rng_state"]
+        history, best, runs = prev["history"], (np.asarray(prev["best"], np.float32), prev["best_score"]), prev["runs"]
+        earlier, base_theta = prev["earlier_runs"], checkpoint.load_theta(os.path.join(args.out, "start.safetensors"))[1]
+    else:  # the rule the perturbations are applied to, for --resume
+        checkpoint.save_theta(os.path.join(args.out, "start.safetensors"), base_theta, lopt)
+    make_tx = lambda x: lopt.transform(with_coordinates(base_theta, x, args.coordinates))
+    dim = mean.size
+    runs = runs + [{"command": command, "wall_s": 0.0}]
+    from tqdm import tqdm
+    bar = tqdm(range(first, args.generations), desc="scale_es", dynamic_ncols=True)
+    for gen in bar:
+        eps = rng.standard_normal((args.pairs, dim)).astype(np.float32)
+        cands = np.concatenate([mean[None], mean + sigma * eps, mean - sigma * eps])
+        values = np.zeros((len(cands),))
+        per_task = {}
+        for task in tasks:
+            held, _ = ev.run_curves(task, make_tx, cands, args.seeds, args.steps)
+            v = score_task(held, baselines[task.name], tuple(args.clip))
+            per_task[task.name] = v.mean(1).tolist()
+            values += v.mean(1) / len(tasks)
+        if best is None or values[0] < best[1]:  # the best mean, not the luckiest perturbation
+            best = (mean.copy(), float(values[0]))
+        # rank-weighted recombination of the perturbations that beat the mean (at most half of
+        # them); when none does, the mean stays and sigma shrinks faster: moving towards the
+        # least bad of a set of worse points is how a plain ES drifts off a good rule
+        pert = np.concatenate([eps, -eps])
+        order = [int(i) for i in np.argsort(values[1:]) if values[1 + i] < values[0]][: len(pert) // 2]
+        if order:
+            mu = len(order)
+            w = np.log(mu + 0.5) - np.log(np.arange(1, mu + 1))
+            w /= w.sum()
+            mean = (mean + sigma * (w[:, None] * pert[order]).sum(0)).astype(np.float32)
+        else:
+            sigma *= args.sigma_decay
+        history.append({"generation": gen, "sigma": sigma, "mean_score": float(values[0]),
+                        "best_score": float(values.min()), "candidates": cands.tolist(),
+                        "scores": values.tolist(), "per_task": per_task,
+                        "wall_s": time.perf_counter() - t0})
+        sigma *= args.sigma_decay
+        bar.set_postfix(mean=f"{values[0]:.3f}", best_mean=f"{best[1]:.3f}")
+        tqdm.write(f"generation {gen}: mean {values[0]:.4f}, best perturbation {values.min():.4f}, "
+                   f"best mean so far {best[1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+        theta = with_coordinates(base_theta, jnp.asarray(best[0]), args.coordinates)
+        runs[-1]["wall_s"] = time.perf_counter() - t0
+        wall = sum(r["wall_s"] for r in earlier + runs)
+        # the budget adds up: the starting entry's, then every run of this search
+        budget = {"wall_s": start["wall_s"] + wall, "cpu_count": os.cpu_count(), "outer_steps": 0,
+                  "cpu_hours": start["cpu_hours"] + wall * (os.cpu_count() or 1) / 3600,
+                  "runs": start.get("runs", []) + [dict(r, outer_steps_end=0) for r in earlier + runs]}
+        info = {"command": command, "from_pretrained": args.from_pretrained, "tasks": [t.name for t in tasks],
+                "seeds": args.seeds, "steps": args.steps, "pairs": args.pairs, "coordinates": args.coordinates,
+                "clip": list(args.clip), "objective": "mean log(final validation loss / tuned Adam's), "
+                f"clipped to {list(args.clip)}", "start_from": args.start_from, "earlier_runs": earlier, "best": best[0].tolist(), "best_score": best[1], "generation": gen,
+                "mean": mean.tolist(), "sigma": sigma, "rng_state": rng.bit_generator.state, "runs": runs,
+                "budget": budget, "wall_s": wall, "cpu_count": os.cpu_count(), "history": history}
+        checkpoint.save_theta(os.path.join(args.out, "theta.safetensors"), theta, lopt,
+                              info={"es_best_score": best[1]})
+        info["config"] = write_pes_resume(os.path.join(args.out, "resume.safetensors"), lopt, theta, budget,
+                                          command, args.seed).to_json()
+        checkpoint.atomic_write_bytes(es_path, json.dumps(info).encode())
+        if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
+            tqdm.write("time budget reached")
+            break
+    print(f"best score {best[1]:.4f}; wrote {args.out}/theta.safetensors, es.json")
+
+
+if __name__ == "__main__":
+    main()
