@@ -13,10 +13,11 @@ import json
 from importlib import resources
 from typing import Any, Dict, List
 
-AVAILABLE = ("scaled_small_fc_lopt_h4", "small_fc_lopt_h4")
+AVAILABLE = ("scaled_small_fc_lopt_h4_es", "scaled_small_fc_lopt_h4", "small_fc_lopt_h4")
 # What load() returns without a name: the entry with the best held-out evaluation
-# (docs/evaluation/; small_fc_lopt_h4 is the first release, kept for comparison).
-DEFAULT = "scaled_small_fc_lopt_h4"
+# (docs/evaluation/; scaled_small_fc_lopt_h4 is the rule it was searched from and
+# small_fc_lopt_h4 the first release, both kept for comparison).
+DEFAULT = "scaled_small_fc_lopt_h4_es"
 
 
 def default_name() -> str:
