@@ -16,7 +16,9 @@ def render_evaluation(doc, horizon=None, baseline="adam") -> str:
         references = ("For scale, Adam with a cosine decay whose learning rate is tuned per task on the same "
                       "held-out loss, judged against tuned constant-lr Adam in the same way:\n\n"
                       + format_summary(doc["references"]) + "\n\n")
-    return (f"Optimizer `{doc['optimizer']}`, seeds {doc['seeds']}, held-out in-family tasks:\n\n"
+    splits = sorted({r.get("split") or "?" for r in doc["results"]})
+    which = "held-out in-family tasks" if splits == ["test"] else f"tasks of the {', '.join(splits)} split"
+    return (f"Optimizer `{doc['optimizer']}`, seeds {doc['seeds']}, {which}:\n\n"
             + format_summary(doc["summary"]) + "\n\n" + references
             + f"Per task at {horizon} steps against Adam with a constant learning rate tuned per task "
               f"(held-out loss: 20-step trailing mean, mean over seeds):\n\n"
