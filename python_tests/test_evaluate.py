@@ -124,3 +124,14 @@ def test_evaluate_command_writes_the_reference_rows(tmp_path):
     assert ref["median_final_ratio"] == pytest.approx(expected[0]["final_ratio"], rel=1e-3)
     md = (out / "evaluation.md").read_text()
     assert "tuned adam_cosine vs adam@100" in md and "| adam@100 |" in md
+
+
+def test_rendered_evaluation_names_the_split():
+    from lopt_ext.metatrain.report import render_evaluation
+    r = _fake_result("a", [0.5], [0.9])
+    doc = {"optimizer": "x", "seeds": [0], "horizons": [100], "summary": ev.summarize([r], horizons=(100,)),
+           "results": [dict(r, split="test")]}
+    assert "held-out in-family tasks" in render_evaluation(doc)
+    doc["results"] = [dict(r, split="outside")]
+    text = render_evaluation(doc)
+    assert "tasks of the outside split" in text and "in-family" not in text
