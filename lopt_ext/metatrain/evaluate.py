@@ -231,6 +231,16 @@ def compare(lopt_curve, base_curve, horizon, every=EVERY):
     return out
 
 
+def mean_final_ratio(per_seed) -> Optional[float]:
+    """Mean over seeds of the learned optimizer's final loss over the baseline's mean (None when
+    a seed has no finite final loss): what "tasks > 1.5x" is judged on."""
+    finals_l = [p["lopt_final"] for p in per_seed]
+    finals_b = [p["baseline_final"] for p in per_seed]
+    if None in finals_l or None in finals_b:
+        return None
+    return float(np.mean(finals_l)) / float(np.mean(finals_b))
+
+
 def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=EVERY, lrs=DEFAULT_LRS,
                   impl="fused", adam_cache: Optional[str] = None) -> Dict[str, Any]:
     steps = max(horizons)
@@ -244,11 +254,8 @@ def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=E
         for name in BASELINES:
             base = baseline_sweep(task, name, seeds, T, every, lrs, adam_cache, horizons)
             per_seed = compare(l_held[0], np.asarray(base["curve"]), T, every)
-            finals_l = [p["lopt_final"] for p in per_seed]
-            finals_b = [p["baseline_final"] for p in per_seed]
-            mean_ratio = (float(np.mean(finals_l)) / float(np.mean(finals_b))
-                          if None not in finals_l and None not in finals_b else None)
-            entry[name] = {"best_lr": base["best_lr"], "per_seed": per_seed, "mean_final_ratio": mean_ratio,
+            entry[name] = {"best_lr": base["best_lr"], "per_seed": per_seed,
+                           "mean_final_ratio": mean_final_ratio(per_seed),
                            "baseline_final_train": _finite_or_none(np.nanmean(np.asarray(base["train_curve"])[:, -1])),
                            "baseline_curve": base["curve"]}
         res["by_horizon"][str(T)] = entry
@@ -292,11 +299,7 @@ def reference_summary(results, horizons=HORIZONS) -> Dict[str, Any]:
             e = r["by_horizon"][str(T)]
             per_seed = compare(np.asarray(e["adam_cosine"]["baseline_curve"], np.float64),
                                np.asarray(e["adam"]["baseline_curve"], np.float64), T, r["every"])
-            finals_l = [p["lopt_final"] for p in per_seed]
-            finals_b = [p["baseline_final"] for p in per_seed]
-            mean_ratio = (float(np.mean(finals_l)) / float(np.mean(finals_b))
-                          if None not in finals_l and None not in finals_b else None)
-            by[str(T)] = {"adam": {"per_seed": per_seed, "mean_final_ratio": mean_ratio}}
+            by[str(T)] = {"adam": {"per_seed": per_seed, "mean_final_ratio": mean_final_ratio(per_seed)}}
         as_lopt.append({"task": r["task"], "by_horizon": by})
     return {f"tuned adam_cosine vs adam@{T}": s for T in horizons
             for s in [summarize(as_lopt, (T,), baselines=("adam",))[f"adam@{T}"]]}
