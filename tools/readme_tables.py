@@ -88,14 +88,18 @@ H4_STATE_BYTES_PER_PARAM = 72
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _report_module():
-    """lopt_ext/metatrain/report.py loaded by path (it needs numpy only, not jax)."""
+def _module_by_path(relpath, name):
+    """A module of the package loaded by path: the README's renderers need only numpy and the
+    standard library, not jax (lopt_ext/__init__ imports jax)."""
     import importlib.util
-    path = os.path.join(ROOT, "lopt_ext", "metatrain", "report.py")
-    spec = importlib.util.spec_from_file_location("lopt_ext_report", path)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _report_module():
+    return _module_by_path(os.path.join("lopt_ext", "metatrain", "report.py"), "lopt_ext_report")
 
 
 def render_evaluation(doc) -> str:
@@ -103,13 +107,7 @@ def render_evaluation(doc) -> str:
 
 
 def _tradeoffs_module():
-    """lopt_ext/tradeoffs.py loaded by path (numpy and the standard library only at import)."""
-    import importlib.util
-    path = os.path.join(ROOT, "lopt_ext", "tradeoffs.py")
-    spec = importlib.util.spec_from_file_location("lopt_ext_tradeoffs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _module_by_path(os.path.join("lopt_ext", "tradeoffs.py"), "lopt_ext_tradeoffs")
 
 
 def render_tradeoffs(doc) -> str:
