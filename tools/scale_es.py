@@ -20,7 +20,7 @@ perturbation beats the mean). The best
 mean seen so far (by its score; the mean rather than the luckiest perturbation, which the
 selection among many noisy scores would favour) is written after every generation, so a stopped
 run keeps its result; --resume continues the search, and the budget adds up from the starting
-entry's. Writes OUT/es.json (every candidate, score and per-task value), OUT/adam.npz (the
+entry's. Writes OUT/es.json (every candidate, score and per-task value), OUT/adam.json (the
 baseline curves), OUT/theta.safetensors and OUT/resume.safetensors (a compact resume checkpoint
 for `meta-train --continue-from`).
 """
@@ -78,24 +78,16 @@ def with_coordinates(theta, x, kind="scale"):
 
 def best_mean(info):
     """(score, coordinates) of the best ES mean recorded in an es.json."""
-    score, x = min((h["scores"][0], h["candidates"][0]) for h in info["history"])
-    return score, np.asarray(x, np.float32)
+    first_best = min(info["history"], key=lambda h: h["scores"][0])  # the earliest on ties
+    return first_best["scores"][0], np.asarray(first_best["candidates"][0], np.float32)
 
 
-def adam_baselines(tasks, seeds, steps, path):
-    """Per task: tuned Adam's smoothed validation curve [S, n] (cached in ``path``)."""
-    store = dict(np.load(path)) if os.path.exists(path) else {}
-    out = {}
-    for task in tasks:
-        key = f"{task.name}/{steps}/{','.join(map(str, seeds))}"
-        if key not in store:
-            held, _ = ev.run_curves(task, ev.adam_tx, ev.DEFAULT_LRS, seeds, steps)
-            sm = ev.smooth(held)
-            finals = np.where(np.isfinite(sm[:, :, -1]), sm[:, :, -1], np.inf).mean(1)
-            store[key] = sm[int(np.argmin(finals))]
-            np.savez(path, **store)
-        out[task.name] = store[key]
-    return out
+def adam_baselines(tasks, seeds, steps, cache):
+    """Per task: the smoothed validation curve [S, n] of Adam tuned as the evaluation tunes it
+    (evaluate.baseline_sweep, cached in the JSON file ``cache``)."""
+    return {task.name: ev.smooth(np.asarray(ev.baseline_sweep(task, "adam", seeds, steps, cache=cache,
+                                                              horizons=(steps,))["curve"]))
+            for task in tasks}
 
 
 def score_task(held, base, clip=CLIP):
@@ -130,6 +122,8 @@ def main(argv=None):
     for name in ("generations", "pairs", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"argument --{name}: must be >= 1")
+    if args.steps % ev.TRAIN_EVERY:
+        ap.error(f"argument --steps: must be a multiple of {ev.TRAIN_EVERY}")
     if not args.sigma > 0:
         ap.error("argument --sigma: must be > 0")
     os.makedirs(args.out, exist_ok=True)
@@ -159,12 +153,12 @@ def main(argv=None):
         ap.error(f"argument --task-indices: {bad} out of range (0..{n_specs - 1})")
     tasks = [validation_task(family.make_task(family.TRAIN_MLP_SPECS[i])) for i in args.task_indices]
     t0 = time.perf_counter()
-    baselines = adam_baselines(tasks, args.seeds, args.steps, os.path.join(args.out, "adam.npz"))
+    baselines = adam_baselines(tasks, args.seeds, args.steps, os.path.join(args.out, "adam.json"))
     print(f"tuned Adam baselines: {time.perf_counter() - t0:.0f} s", flush=True)
     command = "python tools/scale_es.py " + " ".join(argv or sys.argv[1:])
     mean, sigma, first = coordinates(base_theta, args.coordinates), args.sigma, 0
     rng = np.random.default_rng(args.seed)
-    history, best, runs = [], None, []
+    history, runs = [], []
     es_path = os.path.join(args.out, "es.json")
     if args.resume:
         if not os.path.isfile(es_path):
@@ -180,7 +174,7 @@ def main(argv=None):
                      "--task-indices/--pairs/--coordinates/--clip")
         mean, sigma, first = np.asarray(prev["mean"], np.float32), prev["sigma"], prev["generation"] + 1
         rng.bit_generator.state = prev["rng_state"]
-        history, best, runs = prev["history"], (np.asarray(prev["best"], np.float32), prev["best_score"]), prev["runs"]
+        history, runs = prev["history"], prev["runs"]
         earlier, base_theta = prev["earlier_runs"], checkpoint.load_theta(os.path.join(args.out, "start.safetensors"))[1]
     else:  # the rule the perturbations are applied to, for --resume
         checkpoint.save_theta(os.path.join(args.out, "start.safetensors"), base_theta, lopt)
@@ -199,8 +193,6 @@ def main(argv=None):
             v = score_task(held, baselines[task.name], tuple(args.clip))
             per_task[task.name] = v.mean(1).tolist()
             values += v.mean(1) / len(tasks)
-        if best is None or values[0] < best[1]:  # the best mean, not the luckiest perturbation
-            best = (mean.copy(), float(values[0]))
         # rank-weighted recombination of the perturbations that beat the mean (at most half of
         # them); when none does, the mean stays and sigma shrinks faster: moving towards the
         # least bad of a set of worse points is how a plain ES drifts off a good rule
@@ -218,10 +210,11 @@ def main(argv=None):
                         "scores": values.tolist(), "per_task": per_task,
                         "wall_s": time.perf_counter() - t0})
         sigma *= args.sigma_decay
-        bar.set_postfix(mean=f"{values[0]:.3f}", best_mean=f"{best[1]:.3f}")
+        best_score, best = best_mean({"history": history})  # the best mean, not the luckiest perturbation
+        bar.set_postfix(mean=f"{values[0]:.3f}", best_mean=f"{best_score:.3f}")
         tqdm.write(f"generation {gen}: mean {values[0]:.4f}, best perturbation {values.min():.4f}, "
-                   f"best mean so far {best[1]:.4f} ({time.perf_counter() - t0:.0f} s)")
-        theta = with_coordinates(base_theta, jnp.asarray(best[0]), args.coordinates)
+                   f"best mean so far {best_score:.4f} ({time.perf_counter() - t0:.0f} s)")
+        theta = with_coordinates(base_theta, jnp.asarray(best), args.coordinates)
         runs[-1]["wall_s"] = time.perf_counter() - t0
         wall = sum(r["wall_s"] for r in earlier + runs)
         # the budget adds up: the starting entry's, then every run of this search
@@ -231,18 +224,19 @@ def main(argv=None):
         info = {"command": command, "from_pretrained": args.from_pretrained, "tasks": [t.name for t in tasks],
                 "seeds": args.seeds, "steps": args.steps, "pairs": args.pairs, "coordinates": args.coordinates,
                 "clip": list(args.clip), "objective": "mean log(final validation loss / tuned Adam's), "
-                f"clipped to {list(args.clip)}", "start_from": args.start_from, "earlier_runs": earlier, "best": best[0].tolist(), "best_score": best[1], "generation": gen,
-                "mean": mean.tolist(), "sigma": sigma, "rng_state": rng.bit_generator.state, "runs": runs,
+                f"clipped to {list(args.clip)}", "start_from": args.start_from, "earlier_runs": earlier,
+                "best": best.tolist(), "best_score": best_score, "generation": gen, "mean": mean.tolist(),
+                "sigma": sigma, "rng_state": rng.bit_generator.state, "runs": runs,
                 "budget": budget, "wall_s": wall, "cpu_count": os.cpu_count(), "history": history}
         checkpoint.save_theta(os.path.join(args.out, "theta.safetensors"), theta, lopt,
-                              info={"es_best_score": best[1]})
+                              info={"es_best_score": best_score})
         info["config"] = write_pes_resume(os.path.join(args.out, "resume.safetensors"), lopt, theta, budget,
                                           command, args.seed).to_json()
         checkpoint.atomic_write_bytes(es_path, json.dumps(info).encode())
         if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
             tqdm.write("time budget reached")
             break
-    print(f"best score {best[1]:.4f}; wrote {args.out}/theta.safetensors, es.json")
+    print(f"best score {best_score:.4f}; wrote {args.out}/theta.safetensors, es.json")
 
 
 if __name__ == "__main__":
