@@ -155,6 +155,19 @@ def version_text() -> str:
     return text + f"; compiled kernels: {', '.join(built) if built else 'none'}"
 
 
+def _add_cpu_devices(p):
+    p.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
+                   help="CPU devices jax spreads each population of training runs over "
+                        "(lopt_ext.metatrain.population; default: one per usable core; 1: one device). "
+                        "Results differ at float32 round-off between counts")
+
+
+def _use_cpu_devices(args):
+    if hasattr(args, "cpu_devices"):
+        from lopt_ext.metatrain.population import use_cpu_cores
+        use_cpu_cores(args.cpu_devices)
+
+
 # ----------------------------------------------------------------------------- meta-train
 # Help and parse-time validation for each MetaTrainConfig field: {field: (help, argparse kwargs)}.
 # A field added to MetaTrainConfig later still gets an option (typed like its default).
@@ -211,6 +224,7 @@ def _add_metatrain(sub):
                    help="stop (with a checkpoint) after this many seconds (default: no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-time-inner", action="store_true", help="skip the fused vs reference timing at the end")
+    _add_cpu_devices(p)
     known = _metatrain_fields()
     for f in dataclasses.fields(MetaTrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -304,6 +318,7 @@ def _add_others(sub):
                         "(default: DIR/baselines.json)")
     p.add_argument("--adam-only", action="store_true", help="only run (and cache) the Adam baselines")
     p.add_argument("--no-plot", action="store_true", help="do not write evaluation.png")
+    _add_cpu_devices(p)
 
     p = sub.add_parser("plot", help="meta-loss vs outer step (PNG) from a meta-train log.jsonl")
     p.add_argument("log", help="OUT/log.jsonl of a meta-train run, or the OUT directory")
@@ -488,6 +503,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     handlers = {"meta-train": cmd_metatrain, "demo": cmd_demo, "evaluate": cmd_evaluate, "plot": cmd_plot,
                 "tasks": cmd_tasks, "tradeoffs": cmd_tradeoffs}
+    _use_cpu_devices(args)
     return handlers[args.command](args)
 
 

@@ -50,6 +50,8 @@ BAD = [
     (["meta-train", "--out", "out", "--task-names", "nope"], "argument --task-names: unknown task 'nope'"),
     (["meta-train", "--out", "out", "--unroll", "30", "--min-horizon", "20"], "need unroll"),
     (["meta-train"], "the following arguments are required: --out"),
+    (["meta-train", "--out", "out", "--cpu-devices", "0"], "argument --cpu-devices: must be a positive integer"),
+    (["evaluate", "--cpu-devices", "two"], "argument --cpu-devices: expected a positive integer, got 'two'"),
     (["demo", "--task", "nope"], "argument --task: unknown task 'nope'"),
     (["demo", "--steps", "0"], "argument --steps: must be a positive integer"),
     (["demo", "--steps", "ten"], "argument --steps: expected a positive integer, got 'ten'"),

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from lopt_ext import ScaledSmallFcLOpt, checkpoint  # noqa: E402
 from lopt_ext.metatrain import evaluate as ev  # noqa: E402
+from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
 from lopt_ext.tasks import family  # noqa: E402
 
 # stage 1: a coarse grid; stage 2: refined around stage 1's best (lr 1e-2, snr 4.5, lp 0), plus
@@ -86,7 +87,12 @@ def main(argv=None):
     ap.add_argument("--grid", choices=sorted(GRIDS), default="coarse")
     ap.add_argument("--outputs-only", action="store_true",
                     help="do not search: re-write OUT's theta and resume checkpoint from OUT/search.json")
+    ap.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                    help="CPU devices the runs of a task are spread over (default: one per core)")
     args = ap.parse_args(argv)
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        ap.error("argument --cpu-devices: must be >= 1")
+    use_cpu_cores(args.cpu_devices)
     GRID = GRIDS[args.grid]
     os.makedirs(args.out, exist_ok=True)
     lopt = ScaledSmallFcLOpt(hidden_size=4)

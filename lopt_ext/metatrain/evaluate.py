@@ -34,6 +34,7 @@ import optax
 from jax import lax
 
 from lopt_ext.metatrain.report import format_summary, format_table  # noqa: F401  (re-exported)
+from lopt_ext.metatrain.population import population_vmap
 
 DEFAULT_LRS = tuple(float(x) for x in np.logspace(-4, -1, 7))  # 1e-4 .. 1e-1, half decades
 HORIZONS = (1000, 3000)
@@ -86,7 +87,7 @@ def lopt_tx_factory(lopt, theta, impl="fused"):
 
 @functools.lru_cache(maxsize=None)
 def _curve_fn(task, make_tx, steps: int, every: int, train_every: int):
-    """jit(vmap over members) of a training run recording the held-out loss every ``every``
+    """jit(vmap over members, spread over the devices) of a training run recording the held-out loss every ``every``
     steps and the training loss every ``train_every`` steps. make_tx(hp) -> optax
     transformation; hp is the member's (traced) hyper-parameter."""
     n_chunks = steps // every
@@ -112,7 +113,7 @@ def _curve_fn(task, make_tx, steps: int, every: int, train_every: int):
         (params, _), (held_out, train) = lax.scan(chunk, (params, state), jnp.arange(n_chunks))
         return held_out, train
 
-    return jax.jit(jax.vmap(run))
+    return jax.jit(population_vmap(run, in_axes=(0, 0, 0)))
 
 
 def run_curves(task, make_tx, hps, seeds, steps=1000, every=EVERY, train_every=TRAIN_EVERY):

@@ -5,9 +5,10 @@ Algorithm (Vicol, Metz, Sohl-Dickstein, ICML 2021), as used here:
   and ``pairs`` antithetic pairs; each pair has its own persistent inner state for the positive
   and for the negative member (params + small_fc_lopt state) and an accumulated perturbation xi.
 - Outer step: for each slot draw eps_i ~ N(0, sigma^2 I) per pair, run ``unroll`` inner steps
-  of all 2*pairs members (theta + eps_i, theta - eps_i) with ONE jitted function: jax.vmap over
-  the members of a lax.scan whose body computes the task gradient and applies the learned
-  optimizer through the fused kernel (one custom call per step for the whole population).
+  of all 2*pairs members (theta + eps_i, theta - eps_i) with ONE jitted function: a vmap over
+  the members (spread over the host's CPU devices, population.py) of a lax.scan whose body
+  computes the task gradient and applies the learned optimizer through the fused kernel (one
+  custom call per step and device for its members).
 - Member loss L = mean over the unroll of the per-step training loss divided by the task's
   loss_scale, clipped to ``loss_clip`` (NaN/Inf -> loss_clip, member counted as failed).
 - PES: xi_i <- xi_i + eps_i;  g = sum_i xi_i (L+_i - L-_i) / (2 sigma^2 pairs), averaged over
@@ -37,6 +38,7 @@ from lopt_ext.config import SmallFcLOpt
 from lopt_ext.variants import KINDS as LOPT_KINDS
 from lopt_ext.state import init_state
 from lopt_ext.tasks import family
+from lopt_ext.metatrain import population
 
 
 OBJECTIVES = ("normalized", "log", "valid_log")
@@ -115,9 +117,30 @@ class Slot:
     accum: jax.Array   # [P, D] accumulated perturbations (PES)
     data_keys: jax.Array  # [P, 2] one batch stream per pair, shared by its two members
 
+    def __post_init__(self):  # where the slot step takes them (fresh or loaded arrays)
+        place = lambda tree: jax.tree_util.tree_map(
+            lambda x: population.place(x, population.member_sharding(x.shape[0])), tree)
+        self.params, self.opt_state, self.accum, self.data_keys = (
+            place(self.params), place(self.opt_state), place(self.accum), place(self.data_keys))
+
     def arrays(self):
         return {"params": self.params, "opt_state": self.opt_state, "accum": self.accum,
                 "data_keys": self.data_keys}
+
+
+@dataclasses.dataclass
+class PendingStats:
+    """An outer step's statistics, still on the device until ``result()``."""
+    step: int
+    losses: jax.Array
+    failed: jax.Array
+    grad_norm: jax.Array
+    tasks: List[str]
+
+    def result(self) -> Dict[str, Any]:
+        return {"step": self.step, "meta_loss": float(np.mean(np.asarray(self.losses))),
+                "grad_norm": float(self.grad_norm), "failed": int(np.sum(np.asarray(self.failed))),
+                "tasks": self.tasks}
 
 
 @dataclasses.dataclass
@@ -127,6 +150,10 @@ class MetaState:
     outer_opt_state: Any
     slots: List[Slot]
     key: jax.Array
+
+    def __post_init__(self):  # replicated on the population's devices, as the outer update leaves them
+        self.theta_flat = population.place(self.theta_flat, population.replicated())
+        self.outer_opt_state = population.place(self.outer_opt_state, population.replicated())
 
 
 class MetaTrainer:
@@ -141,7 +168,7 @@ class MetaTrainer:
         _, self.unravel = ravel_pytree(theta0)
         self.dim = int(ravel_pytree(theta0)[0].size)
         self.outer_opt = make_outer_optimizer(cfg)
-        self._outer_update = jax.jit(self._outer_update_impl)
+        self._outer_update = jax.jit(self._outer_update_impl, out_shardings=population.replicated())
 
     # ----- state -----
     def init(self, seed: int | None = None) -> MetaState:
@@ -187,8 +214,10 @@ class MetaTrainer:
         return optax.apply_updates(theta_flat, updates), opt_state, _norm(grad)
 
 
-    def outer_step(self, ms: MetaState) -> Dict[str, Any]:
-        """One outer step in place on ``ms``; returns float stats."""
+    def outer_step(self, ms: MetaState) -> "PendingStats":
+        """One outer step in place on ``ms``, dispatched without waiting for its result;
+        ``.result()`` of the returned stats waits and gives floats. Reading them only after the
+        next step has been dispatched keeps the host from idling the cores between steps."""
         key, k_step = jax.random.split(ms.key)
         slot_keys = jax.random.split(k_step, 2 * len(ms.slots))
         # every slot is dispatched before anything is read back: no host round trip until
@@ -209,10 +238,8 @@ class MetaTrainer:
         ms.theta_flat, ms.outer_opt_state, gnorm = self._outer_update(ms.theta_flat, ms.outer_opt_state, grad)
         ms.key = key
         ms.step += 1
-        losses, failed = np.asarray(jnp.stack(losses)), np.asarray(jnp.stack(failed))
-        return {"step": ms.step, "meta_loss": float(np.mean(losses)),
-                "grad_norm": float(gnorm), "failed": int(np.sum(failed)),
-                "tasks": [family.task_name(self.specs[s.spec_index]) for s in ms.slots]}
+        return PendingStats(ms.step, jnp.stack(losses), jnp.stack(failed), gnorm,
+                            [family.task_name(self.specs[s.spec_index]) for s in ms.slots])
 
     def theta(self, ms: MetaState):
         return self.unravel(ms.theta_flat)
@@ -253,7 +280,22 @@ def _init_pairs_cached(cfg: MetaTrainConfig, task):
         state = jax.vmap(lambda p: init_state(lopt, p))(params2)
         return params2, state, jnp.zeros((P, dim), jnp.float32), jax.random.split(k_data, P)
 
-    return jax.jit(init_pairs)
+    return _jit_slot_arrays(init_pairs, cfg)
+
+
+def _slot_shardings(cfg: MetaTrainConfig):
+    """Shardings of a slot's params, opt_state, accum and data_keys (None: one device)."""
+    pop, pairs = population.member_sharding(2 * cfg.pairs), population.member_sharding(cfg.pairs)
+    return None if pop is None else (pop, pop, pairs, pairs)
+
+
+def _jit_slot_arrays(fn, cfg: MetaTrainConfig, extra_outputs: int = 0):
+    """jit whose first four outputs (a slot's arrays) come out sharded as the slot step takes
+    them, so that it compiles once per task."""
+    shardings = _slot_shardings(cfg)
+    if shardings is None:
+        return jax.jit(fn)
+    return jax.jit(fn, out_shardings=shardings + (population.replicated(),) * extra_outputs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -282,7 +324,7 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
         (params, state), losses = lax.scan(body, (params, state), jnp.arange(K))
         return params, state, losses
 
-    population_unroll = jax.vmap(member_unroll, in_axes=(0, 0, 0, 0, None))
+    population_unroll = population.population_vmap(member_unroll, in_axes=(0, 0, 0, 0, None))
 
     def slot_step(theta_flat, params, state, accum, data_keys, start, key):
         k_eps, k_reset = jax.random.split(key)
@@ -329,7 +371,7 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
         stats = {"meta_loss": jnp.mean(member_loss), "failed": jnp.sum(member_failed)}
         return params, state, accum, data_keys, grad, stats
 
-    return jax.jit(slot_step)
+    return _jit_slot_arrays(slot_step, cfg, extra_outputs=2)
 
 
 def trainable_mask(cfg: MetaTrainConfig):

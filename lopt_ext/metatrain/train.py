@@ -279,20 +279,30 @@ def run(cfg: MetaTrainConfig, out_dir: str, resume: bool = False, checkpoint_eve
     warm = min(20, max(0, (end - start_step) // 2))
     recent = []
     with open(log_path, "a") as log:
-        while ms.step < end:
-            stats = trainer.outer_step(ms)
-            now = time.perf_counter()
-            if ms.step - start_step == warm:
-                t_steady, steady_steps = now, ms.step   # steps/s measured once compilation has settled
-            stats["wall_time_s"] = wall0 + now - t_start
+        def record(pending):  # waits for that step's statistics
+            nonlocal recent
+            stats = pending.result()
+            stats["wall_time_s"] = wall0 + time.perf_counter() - t_start
             log.write(json.dumps(stats) + "\n")
             recent = (recent + [stats["meta_loss"]])[-50:]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(meta_loss=f"{stats['meta_loss']:.4f}", avg50=f"{np.mean(recent):.4f}",
                                 failed=stats["failed"])
+
+        previous = None  # the step before, read once this one has been dispatched
+        while ms.step < end:
+            current = trainer.outer_step(ms)
+            if previous is not None:
+                record(previous)
+            previous = current
+            now = time.perf_counter()
+            if ms.step - start_step == warm:
+                t_steady, steady_steps = now, ms.step   # steps/s measured once compilation has settled
             out_of_time = time_budget_s is not None and now - t_start > time_budget_s
             if ms.step % checkpoint_every == 0 or ms.step == end or out_of_time:
+                record(previous)  # the log holds every step up to the checkpoint
+                previous = None
                 log.flush()
                 save_checkpoint(out_dir, trainer, ms, wall0 + time.perf_counter() - t_start, prov,
                                 budget_before=budget_before)
