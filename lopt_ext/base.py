@@ -9,7 +9,9 @@ A learned optimizer is a frozen dataclass (the reference's keyword names) that i
   (p, g, *state fields) -> (step, *new state fields), p_new = p - step;
 - ``fused_leaves(theta, iteration, leaves, write_delta)``: the same through its compiled
   kernel, per leaf -> (p_new or -step, *new state fields);
-- optionally ``step_scales``: per-tensor multipliers of the step (see lopt_ext.scaled).
+- optionally ``has_step_scales = True`` and ``step_scales(theta, iteration, leaves, new_state)``:
+  per-tensor multipliers of the step, from the leaves and the new state fields of each
+  (see lopt_ext.scaled).
 Input validation, state initialisation, the skip rule, dtype handling and the optax wrapper
 (lopt_ext.update, lopt_ext.state, lopt_ext.optax_api) are written once against this.
 """
@@ -63,9 +65,12 @@ class LearnedOptimizer:
     def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool) -> List[tuple]:
         raise NotImplementedError(f"{type(self).__name__} has no fused kernel: use impl='reference'")
 
-    def step_scales(self, theta, iteration, leaves):
-        """Per-tensor multipliers of the step (None: the plain rule)."""
-        return None
+    has_step_scales = False  # True: step_scales multiplies each tensor's step
+
+    def step_scales(self, theta, iteration, leaves, new_state):
+        """Per leaf the multiplier of its step; leaves[i] = (p, g, *old state fields),
+        new_state[i] = the leaf's new state fields."""
+        raise NotImplementedError
 
     def transform(self, theta, impl: str = "fused", skip_nonfinite: bool = False):
         """An optax GradientTransformation applying this learned optimizer with ``theta``."""

@@ -64,23 +64,36 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         return theta
 
     def scale_inputs(self, theta, iteration, p, g, m, rms):
-        """The per-tensor statistics u (see the module docstring) of one float32 tensor."""
+        """The per-tensor statistics u (see the module docstring) of one float32 tensor, from
+        its old accumulators m, rms and gradient g."""
         mom_b, rms_b, _ = self.decays(theta)
         rms_c = jnp.clip(rms_b, 0.0, 1.0)
         g1 = jnp.reshape(g, (-1, 1))
         m_new = jnp.reshape(m, (-1, m.shape[-1])) * mom_b + (1 - mom_b) * g1
         rms_new = jnp.reshape(rms, (-1, rms.shape[-1])) * rms_c + (1 - rms_c) * g1 * g1
-        log_rms_m = 0.5 * jnp.log(jnp.mean(m_new * m_new, axis=0) + 1e-30)
+        return self.scale_inputs_new(iteration, p, m_new, rms_new)
+
+    def scale_inputs_new(self, iteration, p, m_new, rms_new):
+        """u from the NEW accumulators (what a step returns as its new state)."""
+        hi = jax.lax.Precision.HIGHEST
+        n = max(int(np.prod(jnp.shape(p))), 1)
+        m2 = jnp.reshape(m_new, (-1, m_new.shape[-1]))
+        # the mean square of each decay's column: a dot, which XLA:CPU streams (a column
+        # reduction of the [n, 3] records was 3x slower than the whole fused step)
+        log_rms_m = 0.5 * jnp.log(jnp.einsum("nk,nk->k", m2, m2, precision=hi) / n + 1e-30)
         log_rms_g = 0.5 * jnp.log(jnp.mean(rms_new) + 1e-30)
         snr = jnp.clip(log_rms_m - log_rms_g, -10.0, 3.0)
-        log_rms_p = 0.5 * jnp.log(jnp.mean(jnp.square(p)) + 1e-6)
-        log_size = jnp.log(jnp.float32(max(int(np.prod(jnp.shape(p))), 1)))
+        p1 = jnp.reshape(p, (-1,))
+        log_rms_p = 0.5 * jnp.log(jnp.dot(p1, p1, precision=hi) / n + 1e-6)
+        log_size = jnp.log(jnp.float32(n))
         return jnp.concatenate([jnp.reshape(log_rms_p / 3.0, (1,)), snr / 3.0,
                                 jnp.reshape(log_size / 10.0, (1,)), step_features(iteration)])
 
     def tensor_scale(self, theta, iteration, p, g, m, rms):
-        """The step multiplier s of one tensor (a float32 scalar)."""
-        u = self.scale_inputs(theta, iteration, p, g, m, rms)
+        """The step multiplier s of one tensor (a float32 scalar), from its old state."""
+        return self._scale(theta, self.scale_inputs(theta, iteration, p, g, m, rms))
+
+    def _scale(self, theta, u):
         t = theta["tensor_scale"]
         hi = jax.lax.Precision.HIGHEST
         hidden = jax.nn.relu(jnp.matmul(u, t["w1"], precision=hi) + t["b1"])
@@ -125,6 +138,9 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         ts["b"] = jnp.asarray([np.log(lr / self.step_mult)], jnp.float32)
         return dict(theta, nn={"~": nn}, tensor_scale=ts)
 
-    def step_scales(self, theta, iteration, leaves):
-        """Per leaf (p, g, m, rms, ...) the multiplier of its step."""
-        return [self.tensor_scale(theta, iteration, *leaf[:4]) for leaf in leaves]
+    has_step_scales = True
+
+    def step_scales(self, theta, iteration, leaves, new_state):
+        """Per leaf (p, g, m, rms, ...) with new state (m_new, rms_new, ...) its step's multiplier."""
+        return [self._scale(theta, self.scale_inputs_new(iteration, leaf[0], new[0], new[1]))
+                for leaf, new in zip(leaves, new_state)]

@@ -498,7 +498,7 @@ def _check_supported(lopt) -> None:
     check_lopt(lopt)
     if not isinstance(lopt, SmallFcLOpt):
         raise NotImplementedError(f"{type(lopt).__name__}: the sharded path supports small_fc_lopt only")
-    if type(lopt).step_scales is not SmallFcLOpt.step_scales:
+    if lopt.has_step_scales:
         raise NotImplementedError(f"{type(lopt).__name__}: the sharded path supports the plain small_fc_lopt "
                                   "rule only (no per-tensor step scale yet)")
     if not lopt.has_adafactor:

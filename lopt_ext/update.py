@@ -145,9 +145,8 @@ def apply_step(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str
     def step(_):
         if not leaves:
             return []
-        scales = lopt.step_scales(theta, state.iteration, leaves)
         if impl == "fused":
-            if scales is None:
+            if not lopt.has_step_scales:
                 return lopt.fused_leaves(theta, state.iteration, leaves, write_delta=write_delta)
             res = lopt.fused_leaves(theta, state.iteration, leaves, write_delta=True)
             steps = [-out for out, *_ in res]
@@ -156,7 +155,8 @@ def apply_step(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str
             res = lopt.reference_leaves(theta, state.iteration, leaves)
             steps = [s for s, *_ in res]
             rests = [rest for _, *rest in res]
-        if scales is not None:
+        if lopt.has_step_scales:  # from the new accumulators the step itself produced
+            scales = lopt.step_scales(theta, state.iteration, leaves, rests)
             steps = [s * c for s, c in zip(steps, scales)]
         return [((-s) if write_delta else (leaf[0] - s), *rest) for s, rest, leaf in zip(steps, rests, leaves)]
 

@@ -54,8 +54,8 @@ def mlp_outputs(lopt, theta, state, params, grads):
         count += int(np.prod(p.shape))
     leaves = [(jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32), fields[0][i], fields[1][i])
               for i, (p, g) in enumerate(zip(p_leaves, g_leaves))]
-    scales = lopt.step_scales(theta, state.iteration, leaves)
-    scales = None if scales is None else [float(s) for s in scales]
+    scales = ([float(lopt.tensor_scale(theta, state.iteration, *leaf)) for leaf in leaves]
+              if lopt.has_step_scales else None)
     return d_abs / count, mags / count, float(np.mean(snr)), scales
 
 
