@@ -71,12 +71,12 @@ def test_steps_donate_and_account_state_bytes():
     # Hand-computed state sizes (float32, int32 counters):
     #   small_fc_lopt: m (3/param) + rms (1/param) + v_row (32 x 3) + v_col (64 x 3) + 2 counters
     #   adam: mu + nu (1/param each) + count
-    expected = {"fused": 4 * (4 * n + 3 * (32 + 64)) + 8, "reference": 4 * (4 * n + 3 * (32 + 64)) + 8,
-                "adam": 4 * 2 * n + 4}
-    for opt, hidden in (("fused", 4), ("reference", 4), ("adam", None), ("adafactor", None)):
+    lopt_state = 4 * (4 * n + 3 * (32 + 64)) + 8
+    expected = {"fused": lopt_state, "reference": lopt_state, "pretrained": lopt_state, "adam": 4 * 2 * n + 4}
+    for opt, hidden in (("fused", 4), ("reference", 4), ("pretrained", None), ("adam", None), ("adafactor", None)):
         prep = harness.prepare(wl, opt, hidden)
         hlo = prep.compiled.as_text()
-        assert ("lopt_fused_update" in hlo) == (opt == "fused"), opt
+        assert ("lopt_fused_update" in hlo) == (opt in ("fused", "pretrained")), opt
         if opt in expected:
             assert prep.state_bytes == expected[opt], opt
         old_params = prep.carry[0]["w"]

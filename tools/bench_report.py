@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from lopt_bench.metrics import derived, useful_flops_per_param  # noqa: E402  (needs the path above)
 
-OPT_ORDER = [("fused", 4), ("fused", 32), ("reference", 4), ("reference", 32), ("adam", None),
-             ("adafactor", None)]
+OPT_ORDER = [("fused", 4), ("fused", 32), ("reference", 4), ("reference", 32), ("pretrained", None),
+             ("adam", None), ("adafactor", None)]
 
 # Speed and memory targets of issue 3 (2-core machine, measured in one run).
 TARGET_SGEMM_FRAC_H32 = 0.60
@@ -238,6 +238,29 @@ def section_populations(rows) -> str:
                       "member-step = median step time / members.", "", table(header, body)])
 
 
+def section_pretrained(rows) -> str:
+    """The shipped default (lopt_ext.pretrained.load()) against the plain fused H=4 step and adam."""
+    idx = _index(rows)
+    header = ["workload", "params", "pretrained step", "ns/param", "GB/s (44 B/param)", "of bandwidth",
+              "pretrained / fused H=4", "pretrained / adam"]
+    body = []
+    for w in _workloads(rows, ("tensor", "model", "population")):
+        r = idx.get((w["workload"], "pretrained", None))
+        if not r:
+            continue
+        f, a = idx.get((w["workload"], "fused", 4)), idx.get((w["workload"], "adam", None))
+        ratio = lambda x: fmt(None if x is None else r["median_s"] / x["median_s"], ".2f")  # noqa: E731
+        body.append([w["workload"], fmt_count(w["num_params"]), fmt_time(r["median_s"]),
+                     fmt(r.get("ns_per_param"), ".3g"), fmt(r.get("gb_per_s"), ".3g"),
+                     fmt(r.get("frac_bandwidth"), pct=True), ratio(f), ratio(a)])
+    if not body:
+        return ""
+    return "\n".join(["### The shipped default optimizer", "",
+                      "`pretrained.load()`: the rule and theta a user gets by default (its configuration, "
+                      "e.g. a per-tensor step scale computed around the fused kernel), stepped through the "
+                      "fused kernel.", "", table(header, body)])
+
+
 def check_targets(rows) -> List[Dict[str, Any]]:
     """The issue's targets, evaluated on what this run measured (sizes named in each line)."""
     idx = _index(rows)
@@ -306,8 +329,11 @@ def render_markdown(meta, ceilings, rows, png_name: Optional[str]) -> str:
              "Useful FLOPs: the MLP after folding, 2·(28·H + (L−1)·H² + 2·H) per parameter "
              "(272 for H=4, 3968 for H=32); bytes: the 44 B/param minimum traffic of a step "
              "(read p, g, m, rms; write p, m, rms).", "",
-             section_fused(rows), "",
-             "### Memory per parameter", "",
+             section_fused(rows), ""]
+    default = section_pretrained(rows)
+    if default:
+        parts += [default, ""]
+    parts += ["### Memory per parameter", "",
              "State: bytes of the optimizer-state leaves / parameters. XLA temp: "
              "`compiled.memory_analysis().temp_size_in_bytes` / parameters of the jitted, donating step. "
              "Step peak RSS: in a fresh process, after building inputs and compiling, the peak resident "
@@ -324,7 +350,8 @@ def render_markdown(meta, ceilings, rows, png_name: Optional[str]) -> str:
 
 # ----------------------------------------------------------------------------- plot
 
-COLORS = {"fused": "tab:red", "reference": "tab:purple", "adam": "tab:blue", "adafactor": "tab:green"}
+COLORS = {"fused": "tab:red", "reference": "tab:purple", "pretrained": "tab:orange", "adam": "tab:blue",
+          "adafactor": "tab:green"}
 
 
 def render_png(meta, ceilings, rows, path: str) -> bool:

@@ -59,6 +59,15 @@ def render_bench_headline(data) -> str:
             f"reference ({bench_report.fmt_count(n32)} parameters).")
 
 
+def render_bench_default(data) -> str:
+    """What the shipped default optimizer's step costs against adam and the plain fused step (inline)."""
+    _, _, rows, idx = _bench_rows(data)
+    n, (pre, f4, adam) = _largest_tensor_with(rows, idx, ("pretrained", None), ("fused", 4), ("adam", None))
+    return (f"on the {bench_report.fmt_count(n)}-parameter tensor it takes {bench_report.fmt_time(pre['median_s'])}, "
+            f"{pre['median_s'] / adam['median_s']:.1f}x optax.adam's step and "
+            f"{pre['median_s'] / f4['median_s']:.2f}x the plain fused H=4 step measured in the same run")
+
+
 def render_benchmarks(data) -> str:
     """Which run, then time per step for every workload and optimizer, then the plot."""
     meta, ceilings, rows, _ = _bench_rows(data)
@@ -122,6 +131,7 @@ REGIONS: Dict[str, Tuple[str, Render]] = {
     "bench-headline": ("docs/bench/results.json", render_bench_headline),
     "benchmarks": ("docs/bench/results.json", render_benchmarks),
     "bench-targets": ("docs/bench/targets.json", render_bench_targets),
+    "bench-default": ("docs/bench/default_optimizer.json", render_bench_default),
     "bench-h4-floor": ("docs/bench/results.json", render_h4_floor),
     "evaluation": ("docs/evaluation/evaluation.json", render_evaluation),
     "tradeoffs": ("docs/tradeoffs/tradeoffs.json", render_tradeoffs),

@@ -31,7 +31,9 @@ from lopt_bench import BENCH_DIR, REPO_ROOT, child_env  # noqa: F401
 from lopt_bench.metrics import (HIDDEN_LAYERS, MIN_BYTES_PER_PARAM, NUM_FEATURES, derived,  # noqa: F401
                            useful_flops_per_param)
 
-OPTIMIZERS = ("fused", "reference", "adam", "adafactor")
+# pretrained: what lopt_ext.pretrained.load() gives a user (the shipped default rule, its own
+# configuration and trained theta) through the fused kernel
+OPTIMIZERS = ("fused", "reference", "pretrained", "adam", "adafactor")
 LOPT_OPTIMIZERS = ("fused", "reference")  # the ones with a hidden size
 HIDDEN_SIZES = (4, 32)
 
@@ -238,13 +240,17 @@ def build_step(opt: str, hidden_size: Optional[int], members: int = 0):
     """(step_fn, init_fn, extra): step(params, state, grads, *extra) -> (params, state).
     members > 0: the step of a population, vmapped over every argument (each member its own
     theta, as PES perturbs it)."""
-    if opt in LOPT_OPTIMIZERS:
-        from lopt_ext import SmallFcLOpt, fused_update, init_state
-        lopt = SmallFcLOpt(hidden_size=hidden_size, hidden_layers=HIDDEN_LAYERS)
-        theta = lopt.init_theta(jax.random.PRNGKey(0))
+    if opt in LOPT_OPTIMIZERS or opt == "pretrained":
+        from lopt_ext import SmallFcLOpt, fused_update, init_state, pretrained
+        if opt == "pretrained":
+            lopt, theta = pretrained.load()
+        else:
+            lopt = SmallFcLOpt(hidden_size=hidden_size, hidden_layers=HIDDEN_LAYERS)
+            theta = lopt.init_theta(jax.random.PRNGKey(0))
+        impl = "reference" if opt == "reference" else "fused"
 
         def step(params, state, grads, theta):
-            return fused_update(lopt, theta, state, params, grads, impl=opt)
+            return fused_update(lopt, theta, state, params, grads, impl=impl)
 
         init = lambda params: init_state(lopt, params)  # noqa: E731
         if members:
