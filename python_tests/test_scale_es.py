@@ -43,6 +43,13 @@ def test_coordinates_round_trip():
     moved = scale_es.with_coordinates(theta, y, "scale+decays")
     before, after = lopt.decays(theta)[0][0], lopt.decays(moved)[0][0]
     assert float(1 - after) == pytest.approx(float(1 - before) * np.e, rel=1e-5)
+    # with the hidden units' output weights
+    h = theta["tensor_scale"]["w2"].shape[0]
+    z = scale_es.coordinates(theta, "scale+hidden")
+    assert z.size == x.size + h
+    moved = scale_es.with_coordinates(theta, z + 2.0, "scale+hidden")
+    np.testing.assert_allclose(np.asarray(moved["tensor_scale"]["w2"]), np.asarray(theta["tensor_scale"]["w2"]) + 2)
+    np.testing.assert_array_equal(np.asarray(moved["tensor_scale"]["w1"]), np.asarray(theta["tensor_scale"]["w1"]))
 
 
 @pytest.mark.slow

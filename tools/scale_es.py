@@ -52,8 +52,9 @@ CLIP = (-1.0, 3.0)  # default --clip (the score of a non-finite run is the upper
 
 # What the search may move: "scale" = the per-tensor scale's linear coefficients and bias;
 # "scale+decays" also the momentum and rms decay offsets, times 10 (a unit step multiplies
-# 1 - beta by e; see SmallFcLOpt.decays).
-COORDINATES = ("scale", "scale+decays")
+# 1 - beta by e; see SmallFcLOpt.decays); "scale+hidden" also the output weights w2 of the
+# scale's hidden units (whose input weights keep their random init): a nonlinear scale.
+COORDINATES = ("scale", "scale+decays", "scale+hidden")
 DECAY_UNIT = 10.0
 
 
@@ -62,6 +63,8 @@ def coordinates(theta, kind="scale"):
     parts = [np.asarray(ts["w_lin"], np.float32), np.asarray(ts["b"], np.float32)]
     if kind == "scale+decays":
         parts += [DECAY_UNIT * np.asarray(theta[k], np.float32) for k in ("momentum_decays", "rms_decays")]
+    if kind == "scale+hidden":
+        parts.append(np.asarray(ts["w2"], np.float32))
     return np.concatenate(parts)
 
 
@@ -74,6 +77,8 @@ def with_coordinates(theta, x, kind="scale"):
         dm, dr = theta["momentum_decays"].shape[0], theta["rms_decays"].shape[0]
         out["momentum_decays"] = x[n + 1:n + 1 + dm] / DECAY_UNIT
         out["rms_decays"] = x[n + 1 + dm:n + 1 + dm + dr] / DECAY_UNIT
+    if kind == "scale+hidden":
+        ts["w2"] = x[n + 1:n + 1 + ts["w2"].shape[0]]
     return out
 
 
@@ -150,7 +155,7 @@ def main(argv=None):
         if prev["from_pretrained"] != args.from_pretrained:
             ap.error(f"argument --start-from: {args.start_from} started from {prev['from_pretrained']!r}, "
                      f"not {args.from_pretrained!r}")
-        kind = "scale+decays" if x_prev.size == coordinates(base_theta, "scale+decays").size else "scale"
+        kind = next(k for k in COORDINATES if coordinates(base_theta, k).size == x_prev.size)
         base_theta = with_coordinates(base_theta, jnp.asarray(x_prev), kind)
         earlier = prev.get("runs") or [{"command": prev["command"], "wall_s": prev["wall_s"]}]
     n_specs = len(family.TRAIN_MLP_SPECS)
