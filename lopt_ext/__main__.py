@@ -155,7 +155,9 @@ def version_text() -> str:
     return text + f"; compiled kernels: {', '.join(built) if built else 'none'}"
 
 
-def _add_cpu_devices(p):
+def add_cpu_devices_option(p):
+    """--cpu-devices N, for every command or tool that steps populations of training runs; apply it
+    with lopt_ext.metatrain.population.use_cpu_cores(args.cpu_devices) before jax starts."""
     p.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
                    help="CPU devices jax spreads each population of training runs over "
                         "(lopt_ext.metatrain.population; default: one per usable core; 1: one device). "
@@ -224,7 +226,7 @@ def _add_metatrain(sub):
                    help="stop (with a checkpoint) after this many seconds (default: no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-time-inner", action="store_true", help="skip the fused vs reference timing at the end")
-    _add_cpu_devices(p)
+    add_cpu_devices_option(p)
     known = _metatrain_fields()
     for f in dataclasses.fields(MetaTrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -318,7 +320,7 @@ def _add_others(sub):
                         "(default: DIR/baselines.json)")
     p.add_argument("--adam-only", action="store_true", help="only run (and cache) the Adam baselines")
     p.add_argument("--no-plot", action="store_true", help="do not write evaluation.png")
-    _add_cpu_devices(p)
+    add_cpu_devices_option(p)
 
     p = sub.add_parser("plot", help="meta-loss vs outer step (PNG) from a meta-train log.jsonl")
     p.add_argument("log", help="OUT/log.jsonl of a meta-train run, or the OUT directory")

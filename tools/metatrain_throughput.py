@@ -18,6 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lopt_ext.__main__ import add_cpu_devices_option  # noqa: E402
 from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
 
 
@@ -30,13 +31,11 @@ def main(argv=None):
     ap.add_argument("--lopt-kind", default="small_fc_lopt")
     ap.add_argument("--task-names", nargs="+", default=[])
     ap.add_argument("--steps", type=int, default=150, help="outer steps timed (after 3 warm-up steps)")
-    ap.add_argument("--cpu-devices", type=int, default=None, help="default: one per core")
+    add_cpu_devices_option(ap)
     args = ap.parse_args(argv)
     for name in ("num_tasks", "pairs", "unroll", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"argument --{name.replace('_', '-')}: must be >= 1")
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        ap.error("argument --cpu-devices: must be >= 1")
     devices = use_cpu_cores(args.cpu_devices)
     import numpy as np
     import jax

@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from lopt_ext import checkpoint, pretrained  # noqa: E402
 from lopt_ext.metatrain import evaluate as ev  # noqa: E402
+from lopt_ext.__main__ import add_cpu_devices_option  # noqa: E402
 from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
 from lopt_ext.tasks import family  # noqa: E402
 from scale_search import validation_task, write_pes_resume  # noqa: E402
@@ -124,11 +125,8 @@ def main(argv=None):
     ap.add_argument("--coordinates", choices=COORDINATES, default="scale")
     ap.add_argument("--clip", type=float, nargs=2, default=list(CLIP), metavar=("LOW", "HIGH"),
                     help="per task-seed log-ratio clip (the upper end also scores a non-finite run)")
-    ap.add_argument("--cpu-devices", type=int, default=None, metavar="N",
-                    help="CPU devices the runs of a task are spread over (default: one per core)")
+    add_cpu_devices_option(ap)
     args = ap.parse_args(argv)
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        ap.error("argument --cpu-devices: must be >= 1")
     use_cpu_cores(args.cpu_devices)
     for name in ("generations", "pairs", "steps"):
         if getattr(args, name) < 1:

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from lopt_ext import ScaledSmallFcLOpt, checkpoint  # noqa: E402
 from lopt_ext.metatrain import evaluate as ev  # noqa: E402
+from lopt_ext.__main__ import add_cpu_devices_option  # noqa: E402
 from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
 from lopt_ext.tasks import family  # noqa: E402
 
@@ -87,11 +88,8 @@ def main(argv=None):
     ap.add_argument("--grid", choices=sorted(GRIDS), default="coarse")
     ap.add_argument("--outputs-only", action="store_true",
                     help="do not search: re-write OUT's theta and resume checkpoint from OUT/search.json")
-    ap.add_argument("--cpu-devices", type=int, default=None, metavar="N",
-                    help="CPU devices the runs of a task are spread over (default: one per core)")
+    add_cpu_devices_option(ap)
     args = ap.parse_args(argv)
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        ap.error("argument --cpu-devices: must be >= 1")
     use_cpu_cores(args.cpu_devices)
     GRID = GRIDS[args.grid]
     os.makedirs(args.out, exist_ok=True)
