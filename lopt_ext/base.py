@@ -10,8 +10,9 @@ A learned optimizer is a frozen dataclass (the reference's keyword names) that i
 - ``fused_leaves(theta, iteration, leaves, write_delta)``: the same through its compiled
   kernel, per leaf -> (p_new or -step, *new state fields);
 - optionally ``has_step_scales = True`` and ``step_scales(theta, iteration, leaves, new_state)``:
-  per-tensor multipliers of the step, from the leaves and the new state fields of each
-  (see lopt_ext.scaled).
+  per-tensor multipliers of the step, from the leaves and the new state fields of each, and
+  ``step_decays`` (same arguments): None, or per tensor a decoupled weight decay lambda added
+  to the scaled step, step + lambda * p (see lopt_ext.scaled).
 Input validation, state initialisation, the skip rule, dtype handling and the optax wrapper
 (lopt_ext.update, lopt_ext.state, lopt_ext.optax_api) are written once against this.
 """
@@ -71,6 +72,11 @@ class LearnedOptimizer:
         """Per leaf the multiplier of its step; leaves[i] = (p, g, *old state fields),
         new_state[i] = the leaf's new state fields."""
         raise NotImplementedError
+
+    def step_decays(self, theta, iteration, leaves, new_state):
+        """None (no decay), or per leaf the lambda of a decoupled weight decay: the step
+        becomes scale * step + lambda * p."""
+        return None
 
     def transform(self, theta, impl: str = "fused", skip_nonfinite: bool = False):
         """An optax GradientTransformation applying this learned optimizer with ``theta``."""

@@ -12,6 +12,15 @@ computed from un-normalised, loss-scale-free statistics u of the tensor (per ste
   - for each momentum decay, log(RMS(m_k) / sqrt(mean(rms))): a signal-to-noise ratio at
     that timescale (near 0 for a steady gradient, about -1.5 ... -3.8 for pure noise),
   - log of the number of elements, and the 11 tanh step features,
+  - with ``progress_inputs=True``, how far the tensor has come since its first step:
+    log(RMS(p_t) / RMS(p_0)) (weights grow as a model memorises a small data set; 0 for
+    tensors that start at zero) and
+    log(RMS_fast(g_t) / RMS(g_0)) / 3, RMS_fast the bias-corrected fastest Adafactor
+    (or rms) accumulator (how far the gradient has fallen); the first-step statistics are
+    per-tensor state (``scale_ref``, 2 floats per tensor); they also drive a learned
+    decoupled weight decay, step + lambda p with lambda = exp(decay_b + decay_w . progress)
+    (off in a fresh theta), which lets the rule hold a regularised solution of a small data
+    set that it would otherwise go on to memorise,
 all from the NEW accumulators (what the fused kernel's statistics pass sees). Multiplying g
 by any constant leaves s unchanged, as it leaves Adam unchanged. w_lin, b and w2 start at
 zero, so a fresh theta gives s = 1: exactly small_fc_lopt.
@@ -30,6 +39,10 @@ import numpy as np
 from lopt_ext.config import STEP_TIMESCALES, SmallFcLOpt, step_features
 
 SCALE_BOUND = 4.0  # |log s| <= 4: the scale stays within [0.018, 55]
+NUM_PROGRESS_INPUTS = 2
+DECAY_OFF = -30.0  # decay_b at or below this: no weight decay (exactly)
+MAX_LOG_DECAY = float(np.log(0.1))  # lambda <= 0.1 per step
+ZERO_LOG_RMS = 0.5 * float(np.log(1e-6))  # log RMS(p) of an all-zero tensor (the 1e-6 floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,21 +50,61 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
     """SmallFcLOpt plus a learned per-tensor step scale; ``scale_hidden`` units in its MLP."""
 
     scale_hidden: int = 8
+    progress_inputs: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         value = self.scale_hidden
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 256:
             raise ValueError(f"ScaledSmallFcLOpt: scale_hidden must be an int in [1, 256], got {value!r}")
+        if not isinstance(self.progress_inputs, (bool, np.bool_)):
+            raise TypeError(f"ScaledSmallFcLOpt: progress_inputs must be a bool, got {self.progress_inputs!r}")
 
     @property
     def num_scale_inputs(self) -> int:
-        return 2 + self.num_decays[0] + len(STEP_TIMESCALES)
+        n = 2 + self.num_decays[0] + len(STEP_TIMESCALES)
+        return n + (NUM_PROGRESS_INPUTS if self.progress_inputs else 0)
+
+    # ----- state: small_fc_lopt's, plus scale_ref with progress_inputs
+    @property
+    def state_fields(self):
+        return SmallFcLOpt.state_fields + (("scale_ref",) if self.progress_inputs else ())
+
+    @property
+    def state_type(self):
+        from lopt_ext.state import ScaledSmallFcLOptState, SmallFcLOptState
+        return ScaledSmallFcLOptState if self.progress_inputs else SmallFcLOptState
+
+    def leaf_state_shapes(self, shape):
+        shapes = super().leaf_state_shapes(shape)
+        return shapes + (((NUM_PROGRESS_INPUTS,),) if self.progress_inputs else ())
+
+    def reference_leaves(self, theta, iteration, leaves):
+        if not self.progress_inputs:
+            return super().reference_leaves(theta, iteration, leaves)
+        return self._with_ref(iteration, leaves, super().reference_leaves(theta, iteration, [x[:-1] for x in leaves]))
+
+    def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool):
+        if not self.progress_inputs:
+            return super().fused_leaves(theta, iteration, leaves, write_delta=write_delta)
+        res = super().fused_leaves(theta, iteration, [x[:-1] for x in leaves], write_delta=write_delta)
+        return self._with_ref(iteration, leaves, res)
+
+    def _with_ref(self, iteration, leaves, results):
+        """Appends each leaf's new scale_ref: its first step's statistics, kept afterwards."""
+        out = []
+        for leaf, res in zip(leaves, results):
+            p, g, ref = leaf[0], leaf[1], leaf[-1]
+            first = jnp.stack([_log_rms(p, 1e-6), _log_rms(g, 1e-30)])
+            out.append((*res, jnp.where(iteration == 0, first, ref)))
+        return out
 
     def theta_shapes(self):
         shapes = super().theta_shapes()
         n, h = self.num_scale_inputs, self.scale_hidden
         shapes["tensor_scale"] = {"w_lin": (n,), "b": (1,), "w1": (n, h), "b1": (h,), "w2": (h,)}
+        if self.progress_inputs:
+            shapes["tensor_scale"].update(decay_w=(NUM_PROGRESS_INPUTS,), decay_b=(1,))
         return shapes
 
     def init_theta(self, key):
@@ -61,6 +114,8 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         w1 = jax.random.truncated_normal(k_scale, -2.0, 2.0, (n, h), jnp.float32) / np.sqrt(n)
         theta["tensor_scale"] = {"w_lin": jnp.zeros((n,), jnp.float32), "b": jnp.zeros((1,), jnp.float32),
                                  "w1": w1, "b1": jnp.zeros((h,), jnp.float32), "w2": jnp.zeros((h,), jnp.float32)}
+        if self.progress_inputs:
+            theta["tensor_scale"].update(_decay_off())
         return theta
 
     def scale_inputs(self, theta, iteration, p, g, m, rms):
@@ -74,7 +129,8 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         return self.scale_inputs_new(iteration, p, m_new, rms_new)
 
     def scale_inputs_new(self, iteration, p, m_new, rms_new):
-        """u from the NEW accumulators (what a step returns as its new state)."""
+        """u from the NEW accumulators (what a step returns as its new state), without the
+        progress inputs."""
         hi = jax.lax.Precision.HIGHEST
         n = max(int(np.prod(jnp.shape(p))), 1)
         m2 = jnp.reshape(m_new, (-1, m_new.shape[-1]))
@@ -84,13 +140,36 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         log_rms_g = 0.5 * jnp.log(jnp.mean(rms_new) + 1e-30)
         snr = jnp.clip(log_rms_m - log_rms_g, -10.0, 3.0)
         p1 = jnp.reshape(p, (-1,))
-        log_rms_p = 0.5 * jnp.log(jnp.dot(p1, p1, precision=hi) / n + 1e-6)
+        log_rms_p = _log_rms(p1, 1e-6)
         log_size = jnp.log(jnp.float32(n))
         return jnp.concatenate([jnp.reshape(log_rms_p / 3.0, (1,)), snr / 3.0,
                                 jnp.reshape(log_size / 10.0, (1,)), step_features(iteration)])
 
+    def progress_inputs_new(self, theta, iteration, p, new):
+        """The 2 progress inputs of one tensor from its new state fields ``new``."""
+        _, rms_b, fac_b = self.decays(theta)
+        v_row, v_full, ref = new[2], new[4], new[-1]
+        if self.has_adafactor:  # the fastest Adafactor accumulator: the mean of g^2 over ~10 steps
+            v, beta = (v_row if v_row.size else v_full), fac_b[0]
+        else:
+            v, beta = new[1], rms_b[0]
+        v0 = jnp.reshape(v, (-1, v.shape[-1]))[:, 0]
+        beta = jnp.clip(beta, 0.0, 1.0)
+        count = (jnp.asarray(iteration) + 1).astype(jnp.float32)
+        debias = jnp.maximum(1.0 - jnp.power(beta, count), 1e-6)
+        # the Adafactor accumulators average g^2 + 1e-30 (and scale_ref holds mean g_0^2 + 1e-30)
+        floor = 1e-30 if self.has_adafactor else 0.0
+        log_rms_fast = 0.5 * jnp.log(jnp.maximum(jnp.mean(v0) / debias, 0.0) + (1e-30 - floor))
+        # a tensor that starts at zero (a bias) has no scale to grow from: it reads 0
+        grew = jnp.where(ref[0] > ZERO_LOG_RMS + 0.01, jnp.clip(_log_rms(p, 1e-6) - ref[0], -5.0, 5.0), 0.0)
+        fell = jnp.clip(log_rms_fast - ref[1], -12.0, 3.0)
+        return jnp.stack([grew, fell / 3.0])
+
     def tensor_scale(self, theta, iteration, p, g, m, rms):
-        """The step multiplier s of one tensor (a float32 scalar), from its old state."""
+        """The step multiplier s of one tensor (a float32 scalar), from its old state (no
+        progress inputs: see step_scales)."""
+        if self.progress_inputs:
+            raise ValueError("tensor_scale does not take the progress inputs' state: use step_scales")
         return self._scale(theta, self.scale_inputs(theta, iteration, p, g, m, rms))
 
     def _scale(self, theta, u):
@@ -142,5 +221,50 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
 
     def step_scales(self, theta, iteration, leaves, new_state):
         """Per leaf (p, g, m, rms, ...) with new state (m_new, rms_new, ...) its step's multiplier."""
-        return [self._scale(theta, self.scale_inputs_new(iteration, leaf[0], new[0], new[1]))
-                for leaf, new in zip(leaves, new_state)]
+        out = []
+        for leaf, new in zip(leaves, new_state):
+            u = self.scale_inputs_new(iteration, leaf[0], new[0], new[1])
+            if self.progress_inputs:
+                u = jnp.concatenate([u, self.progress_inputs_new(theta, iteration, leaf[0], new)])
+            out.append(self._scale(theta, u))
+        return out
+
+    def step_decays(self, theta, iteration, leaves, new_state):
+        """With progress_inputs: per tensor lambda = exp(decay_b + decay_w . progress inputs),
+        at most 0.1; decay_b <= DECAY_OFF turns it off (lambda = 0, the fresh theta's)."""
+        if not self.progress_inputs:
+            return None
+        t = theta["tensor_scale"]
+        hi = jax.lax.Precision.HIGHEST
+        out = []
+        for leaf, new in zip(leaves, new_state):
+            z = jnp.dot(self.progress_inputs_new(theta, iteration, leaf[0], new), t["decay_w"], precision=hi)
+            z = jnp.minimum(z + t["decay_b"][0], MAX_LOG_DECAY)
+            out.append(jnp.where(t["decay_b"][0] <= DECAY_OFF, 0.0, jnp.exp(z)))
+        return out
+
+
+def _log_rms(x, eps):
+    x1 = jnp.reshape(x, (-1,))
+    n = max(int(x1.shape[0]), 1)
+    return 0.5 * jnp.log(jnp.dot(x1, x1, precision=jax.lax.Precision.HIGHEST) / n + eps)
+
+
+def _decay_off():
+    return {"decay_w": jnp.zeros((NUM_PROGRESS_INPUTS,), jnp.float32),
+            "decay_b": jnp.full((1,), DECAY_OFF, jnp.float32)}
+
+
+def with_progress_inputs(lopt: ScaledSmallFcLOpt, theta):
+    """(lopt with progress_inputs=True, theta extended with zero weights on the new inputs):
+    the same rule, step for step, that a search can then teach to use them."""
+    if lopt.progress_inputs:
+        return lopt, theta
+    new = dataclasses.replace(lopt, progress_inputs=True)
+    ts = dict(theta["tensor_scale"])
+    k = NUM_PROGRESS_INPUTS
+    ts["w_lin"] = jnp.concatenate([jnp.asarray(ts["w_lin"], jnp.float32), jnp.zeros((k,), jnp.float32)])
+    w1 = jnp.asarray(ts["w1"], jnp.float32)
+    ts["w1"] = jnp.concatenate([w1, jnp.zeros((k, w1.shape[1]), jnp.float32)])
+    ts.update(_decay_off())
+    return new, dict(theta, tensor_scale=ts)

@@ -26,6 +26,21 @@ class SmallFcLOptState(NamedTuple):
     v_full: Any
 
 
+class ScaledSmallFcLOptState(NamedTuple):
+    """SmallFcLOptState plus, per leaf, the tensor's statistics at its first step:
+    scale_ref = [log RMS(p_0), log RMS(g_0)] (float32 [2]), the reference of the progress
+    inputs of ``ScaledSmallFcLOpt(progress_inputs=True)``."""
+
+    iteration: jax.Array
+    skipped: jax.Array
+    m: Any
+    rms: Any
+    v_row: Any
+    v_col: Any
+    v_full: Any
+    scale_ref: Any
+
+
 def check_lopt(lopt) -> None:
     if not isinstance(lopt, LearnedOptimizer):
         raise TypeError(f"lopt must be a lopt_ext learned optimizer (SmallFcLOpt, ScaledSmallFcLOpt, MLPLOpt), "

@@ -185,6 +185,20 @@ def test_compact_checkpoint_continues_theta_outer_state_and_budget(tmp_path):
         train.load_compact(os.path.join(a, "theta.safetensors"))
 
 
+def test_pes_meta_trains_the_progress_variant(tmp_path):
+    """scaled_progress carries per-tensor first-step statistics in its state (scale_ref) through
+    the PES population and its theta (with the learned decay's entries) through the checkpoints."""
+    cfg = _cfg(outer_steps=2, lopt_kind="scaled_progress", objective="valid_log")
+    out = str(tmp_path / "p")
+    result = train.run(cfg, out, progress=False, time_inner=False)
+    assert result["outer_steps"] == 2
+    lopt, theta = checkpoint.load_theta(os.path.join(out, "theta.safetensors"))
+    assert lopt.progress_inputs and theta["tensor_scale"]["decay_w"].shape == (2,)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(theta))
+    trainer, ms, _ = train.load_compact(os.path.join(out, "resume.safetensors"))
+    assert trainer.lopt.progress_inputs and ms.step == 2
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="estimator"):
         MetaTrainConfig(estimator="sgd")

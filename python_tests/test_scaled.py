@@ -23,6 +23,9 @@ def _random_scale_theta(lopt, key):
     theta["tensor_scale"]["w_lin"] = 0.5 * jax.random.normal(k1, (n,))
     theta["tensor_scale"]["w2"] = 0.5 * jax.random.normal(k2, (h,))
     theta["tensor_scale"]["b"] = jnp.asarray([0.3])
+    if lopt.progress_inputs:  # the learned weight decay on, lambda ~ 1e-3
+        theta["tensor_scale"]["decay_w"] = jnp.asarray([0.5, -0.7])
+        theta["tensor_scale"]["decay_b"] = jnp.asarray([np.log(1e-3)])
     return theta
 
 
@@ -145,3 +148,133 @@ def test_sharded_path_refuses_the_scaled_variant():
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("d",))
     with pytest.raises(NotImplementedError, match="per-tensor step scale"):
         sharded.sharded_transform(lopt, lopt.init_theta(jax.random.PRNGKey(0)), mesh=mesh, param_specs=P())
+
+
+# ----- progress inputs (how far each tensor has come since its first step)
+def _grads_at(i, p):
+    return jax.tree_util.tree_map(lambda x: 0.1 * x * (0.97 ** i) + 0.01 * jnp.sin(i + x), p)
+
+
+def test_progress_variant_starts_as_the_rule_it_extends():
+    from lopt_ext.scaled import with_progress_inputs
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(20))
+    lp, tp = with_progress_inputs(lopt, theta)
+    assert lp.progress_inputs and lp.num_scale_inputs == lopt.num_scale_inputs + 2
+    params = _tree(jax.random.PRNGKey(21))
+    for impl in ("fused", "reference"):
+        out = []
+        for l, t in ((lopt, theta), (lp, tp)):
+            tx = l.transform(t, impl=impl)
+            p, st = params, tx.init(params)
+            upd = jax.jit(tx.update)
+            for i in range(12):
+                u, st = upd(_grads_at(i, p), st, p)
+                p = jax.tree_util.tree_map(jnp.add, p, u)
+            out.append(p)
+        for k in SHAPES:
+            np.testing.assert_array_equal(out[0][k], out[1][k])
+
+
+def _numpy_progress(p, p0, g0, ema, beta, count):
+    """Independent float64 transcription: log RMS(p)/RMS(p0) and log(RMS_fast(g)/RMS(g0))/3,
+    RMS_fast^2 = the test's own bias-corrected EMA of mean(g^2)."""
+    lr = lambda x, eps: 0.5 * np.log(np.mean(np.square(np.asarray(x, np.float64))) + eps)
+    grew = np.clip(lr(p, 1e-6) - lr(p0, 1e-6), -5, 5) if np.any(np.asarray(p0) != 0) else 0.0
+    fell = np.clip(0.5 * np.log(ema / (1 - beta ** count) + 1e-30) - lr(g0, 1e-30), -12, 3)
+    return np.array([grew, fell / 3])
+
+
+def test_progress_inputs_match_an_independent_transcription():
+    lopt = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(22))
+    beta = float(np.clip(np.asarray(lopt.decays(theta)[2], np.float64)[0], 0, 1))
+    params = dict(_tree(jax.random.PRNGKey(23)), z=jnp.zeros((3,)))  # z: a zero-initialised bias
+    p, st = params, lopt_ext.init_state(lopt, params)
+    g0 = _grads_at(0, p)
+    ema = {k: 0.0 for k in params}
+    for i in range(15):
+        g = _grads_at(i, p)
+        leaves = [(p[k], g[k], *(getattr(st, f)[k] for f in lopt.state_fields)) for k in params]
+        new = [res[1:] for res in lopt.reference_leaves(theta, st.iteration, leaves)]
+        for k, leaf, n in zip(params, leaves, new):
+            ema[k] = beta * ema[k] + (1 - beta) * float(np.mean(np.square(np.asarray(g[k], np.float64))))
+            got = np.asarray(lopt.progress_inputs_new(theta, st.iteration, leaf[0], n))
+            want = _numpy_progress(p[k], params[k], g0[k], ema[k], beta, i + 1)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{k} step {i}")
+        u, st = lopt.transform(theta, impl="reference").update(g, st, p)
+        p = jax.tree_util.tree_map(jnp.add, p, u)
+
+
+def test_progress_reference_is_kept_and_set_by_the_first_applied_step():
+    lopt = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(24))
+    params = _tree(jax.random.PRNGKey(25))
+    st = lopt_ext.init_state(lopt, params)
+    assert type(st).__name__ == "ScaledSmallFcLOptState" and st.scale_ref["w"].shape == (2,)
+    tx = lopt.transform(theta, skip_nonfinite=True)
+    bad = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), params)
+    _, st = tx.update(bad, st, params)  # skipped: no reference yet
+    assert int(st.iteration) == 0 and all(np.all(np.asarray(r) == 0) for r in st.scale_ref.values())
+    g0 = _grads_at(0, params)
+    u, st = tx.update(g0, st, params)
+    p = jax.tree_util.tree_map(jnp.add, params, u)
+    first = {k: np.asarray(v) for k, v in st.scale_ref.items()}
+    for k in SHAPES:
+        rms = lambda x: 0.5 * np.log(np.mean(np.square(np.asarray(x, np.float64))))
+        np.testing.assert_allclose(first[k], [rms(params[k]), rms(g0[k])], rtol=1e-5, atol=1e-5)
+    for i in range(1, 4):
+        u, st = tx.update(_grads_at(i, p), st, p)
+        p = jax.tree_util.tree_map(jnp.add, p, u)
+    for k in SHAPES:
+        np.testing.assert_array_equal(np.asarray(st.scale_ref[k]), first[k])
+
+
+def test_progress_fused_matches_reference_and_checkpoints_keep_the_flag(tmp_path):
+    lopt = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(26))
+    params = _tree(jax.random.PRNGKey(27))
+    out = {}
+    for impl in ("fused", "reference"):
+        tx = lopt.transform(theta, impl=impl)
+        p, st = params, tx.init(params)
+        upd = jax.jit(tx.update)
+        for i in range(20):
+            u, st = upd(_grads_at(i, p), st, p)
+            p = jax.tree_util.tree_map(jnp.add, p, u)
+        out[impl] = p
+    for k in SHAPES:
+        a, b = np.asarray(out["fused"][k]), np.asarray(out["reference"][k])
+        assert np.all(np.abs(a - b) <= 1e-6 * np.max(np.abs(b)) + 1e-5 * np.abs(b)), k
+    path = str(tmp_path / "p.safetensors")
+    checkpoint.save_theta(path, theta, lopt)
+    lopt2, _ = checkpoint.load_theta(path)
+    assert lopt2 == lopt and lopt2.progress_inputs
+    with pytest.raises(TypeError, match="progress_inputs"):
+        ScaledSmallFcLOpt(progress_inputs=1)
+    with pytest.raises(ValueError, match="step_scales"):
+        lopt.tensor_scale(theta, jnp.int32(0), params["w"], params["w"], jnp.zeros((6, 4, 3)), jnp.zeros((6, 4, 1)))
+
+
+def test_learned_decay_adds_lambda_times_p_to_the_scaled_step():
+    lopt = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(28))
+    off = dict(theta, tensor_scale=dict(theta["tensor_scale"], decay_b=jnp.asarray([-30.0])))
+    params = _tree(jax.random.PRNGKey(29))
+    g0 = _grads_at(0, params)
+    beta = float(np.clip(np.asarray(lopt.decays(theta)[2], np.float64)[0], 0, 1))
+    st = lopt_ext.init_state(lopt, params)
+    p, ema = params, {k: 0.0 for k in SHAPES}
+    for i in range(6):
+        g = _grads_at(i, p)
+        u_on, st_on = lopt.transform(theta, impl="reference").update(g, st, p)
+        u_off, _ = lopt.transform(off, impl="reference").update(g, st, p)
+        for k in SHAPES:
+            ema[k] = beta * ema[k] + (1 - beta) * float(np.mean(np.square(np.asarray(g[k], np.float64))))
+            prog = _numpy_progress(p[k], params[k], g0[k], ema[k], beta, i + 1)
+            lam = min(np.exp(np.log(1e-3) + prog @ np.array([0.5, -0.7])), 0.1)
+            np.testing.assert_allclose(np.asarray(u_on[k]), np.asarray(u_off[k]) - lam * np.asarray(p[k]),
+                                       rtol=1e-4, atol=1e-7, err_msg=f"{k} step {i}")
+        st, p = st_on, jax.tree_util.tree_map(jnp.add, p, u_on)
+    fresh = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True).init_theta(jax.random.PRNGKey(0))
+    assert float(fresh["tensor_scale"]["decay_b"][0]) <= -30.0  # off: a fresh theta does not decay

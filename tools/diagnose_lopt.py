@@ -35,10 +35,10 @@ def mlp_outputs(lopt, theta, state, params, grads):
     feat = step_features(state.iteration)
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     g_leaves = treedef.flatten_up_to(grads)
-    fields = [treedef.flatten_up_to(getattr(state, f)) for f in ("m", "rms", "v_row", "v_col", "v_full")]
+    fields = [treedef.flatten_up_to(getattr(state, f)) for f in lopt.state_fields]
     d_abs, mags, snr, count = 0.0, 0.0, [], 0
     for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
-        m, rms, vr, vc, vf = (f[i] for f in fields)
+        m, rms, vr, vc, vf = (f[i] for f in fields[:5])
         if p.ndim == 0:
             p, g, m, rms, vf = p[None], g[None], m[None], rms[None], vf[None]
         x, m_new, rms_new, *_ = reference.leaf_features(lopt, decays, p, g, m, rms, vr, vc, vf)
@@ -52,10 +52,12 @@ def mlp_outputs(lopt, theta, state, params, grads):
         d_abs += float(jnp.sum(jnp.abs(x[..., 0])))
         mags += float(jnp.sum(x[..., 1]))
         count += int(np.prod(p.shape))
-    leaves = [(jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32), fields[0][i], fields[1][i])
-              for i, (p, g) in enumerate(zip(p_leaves, g_leaves))]
-    scales = ([float(lopt.tensor_scale(theta, state.iteration, *leaf)) for leaf in leaves]
-              if lopt.has_step_scales else None)
+    scales = None
+    if lopt.has_step_scales:  # as the step computes them: from the new state of each leaf
+        leaves = [(jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32), *(f[i] for f in fields))
+                  for i, (p, g) in enumerate(zip(p_leaves, g_leaves))]
+        new = [res[1:] for res in lopt.reference_leaves(theta, state.iteration, leaves)]
+        scales = [float(s) for s in lopt.step_scales(theta, state.iteration, leaves, new)]
     return d_abs / count, mags / count, float(np.mean(snr)), scales
 
 

@@ -42,6 +42,7 @@ from lopt_ext import checkpoint, pretrained  # noqa: E402
 from lopt_ext.metatrain import evaluate as ev  # noqa: E402
 from lopt_ext.__main__ import add_cpu_devices_option  # noqa: E402
 from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
+from lopt_ext.scaled import DECAY_OFF, NUM_PROGRESS_INPUTS, with_progress_inputs  # noqa: E402
 from lopt_ext.tasks import family  # noqa: E402
 from scale_search import validation_task, write_pes_resume  # noqa: E402
 
@@ -54,13 +55,19 @@ CLIP = (-1.0, 3.0)  # default --clip (the score of a non-finite run is the upper
 # What the search may move: "scale" = the per-tensor scale's linear coefficients and bias;
 # "scale+decays" also the momentum and rms decay offsets, times 10 (a unit step multiplies
 # 1 - beta by e; see SmallFcLOpt.decays); "scale+hidden" also the output weights w2 of the
-# scale's hidden units (whose input weights keep their random init): a nonlinear scale.
-COORDINATES = ("scale", "scale+decays", "scale+hidden")
+# scale's hidden units (whose input weights keep their random init): a nonlinear scale;
+# "progress" only the coefficients of the progress inputs in the scale, its bias, and the
+# learned weight decay's coefficients and bias (needs --progress-inputs).
+COORDINATES = ("scale", "scale+decays", "scale+hidden", "progress")
 DECAY_UNIT = 10.0
 
 
 def coordinates(theta, kind="scale"):
     ts = theta["tensor_scale"]
+    if kind == "progress":
+        return np.concatenate([np.asarray(ts["w_lin"], np.float32)[-NUM_PROGRESS_INPUTS:],
+                               np.asarray(ts["b"], np.float32), np.asarray(ts["decay_w"], np.float32),
+                               np.asarray(ts["decay_b"], np.float32)])
     parts = [np.asarray(ts["w_lin"], np.float32), np.asarray(ts["b"], np.float32)]
     if kind == "scale+decays":
         parts += [DECAY_UNIT * np.asarray(theta[k], np.float32) for k in ("momentum_decays", "rms_decays")]
@@ -71,6 +78,11 @@ def coordinates(theta, kind="scale"):
 
 def with_coordinates(theta, x, kind="scale"):
     ts = dict(theta["tensor_scale"])
+    if kind == "progress":
+        k = NUM_PROGRESS_INPUTS
+        ts["w_lin"] = jnp.concatenate([jnp.asarray(ts["w_lin"])[:-k], x[:k]])
+        ts["b"], ts["decay_w"], ts["decay_b"] = x[k:k + 1], x[k + 1:2 * k + 1], x[2 * k + 1:2 * k + 2]
+        return dict(theta, tensor_scale=ts)
     n = ts["w_lin"].shape[0]
     ts["w_lin"], ts["b"] = x[:n], x[n:n + 1]
     out = dict(theta, tensor_scale=ts)
@@ -123,10 +135,18 @@ def main(argv=None):
     ap.add_argument("--start-from", metavar="ES_JSON", default=None,
                     help="start from the best mean of an earlier search (its budget is added to this one's)")
     ap.add_argument("--coordinates", choices=COORDINATES, default="scale")
+    ap.add_argument("--progress-inputs", action="store_true",
+                    help="give the scale the progress inputs of lopt_ext.scaled (weights starting at 0: "
+                         "the starting rule unchanged) and search their coefficients too")
     ap.add_argument("--clip", type=float, nargs=2, default=list(CLIP), metavar=("LOW", "HIGH"),
                     help="per task-seed log-ratio clip (the upper end also scores a non-finite run)")
+    ap.add_argument("--decay-start", type=float, default=None, metavar="LAMBDA",
+                    help="with --progress-inputs: start the learned weight decay at this lambda "
+                         "(default: off, as the starting rule)")
     add_cpu_devices_option(ap)
     args = ap.parse_args(argv)
+    if args.decay_start is not None and not 0 < args.decay_start <= 0.1:
+        ap.error("argument --decay-start: must be in (0, 0.1]")
     use_cpu_cores(args.cpu_devices)
     for name in ("generations", "pairs", "steps"):
         if getattr(args, name) < 1:
@@ -141,6 +161,13 @@ def main(argv=None):
     if args.resume and args.start_from:
         ap.error("argument --start-from: not with --resume (a resumed search keeps its start)")
     lopt, base_theta = pretrained.load(args.from_pretrained)
+    if args.coordinates == "progress" and not args.progress_inputs:
+        ap.error("argument --coordinates: 'progress' needs --progress-inputs")
+    if args.progress_inputs:
+        lopt, base_theta = with_progress_inputs(lopt, base_theta)
+        if args.decay_start is not None and float(base_theta["tensor_scale"]["decay_b"][0]) <= DECAY_OFF:
+            ts = dict(base_theta["tensor_scale"], decay_b=jnp.asarray([np.log(args.decay_start)], jnp.float32))
+            base_theta = dict(base_theta, tensor_scale=ts)
     start = pretrained.info(args.from_pretrained)["budget"]
     earlier = []  # runs of earlier searches this one starts from
     if args.start_from:
@@ -174,13 +201,13 @@ def main(argv=None):
             ap.error(f"argument --resume: {es_path} does not exist")
         with open(es_path) as f:
             prev = json.load(f)
-        keys = ("from_pretrained", "seeds", "steps", "tasks", "pairs", "coordinates", "clip")
-        same = tuple(prev.get(k) for k in keys) == (
+        keys = ("from_pretrained", "seeds", "steps", "tasks", "pairs", "coordinates", "clip", "progress_inputs")
+        same = tuple(prev.get(k, False) for k in keys) == (
             args.from_pretrained, args.seeds, args.steps, [t.name for t in tasks], args.pairs, args.coordinates,
-            list(args.clip))
+            list(args.clip), args.progress_inputs)
         if not same:
             ap.error(f"argument --resume: {es_path} was made with other --from-pretrained/--seeds/--steps/"
-                     "--task-indices/--pairs/--coordinates/--clip")
+                     "--task-indices/--pairs/--coordinates/--clip/--progress-inputs")
         mean, sigma, first = np.asarray(prev["mean"], np.float32), prev["sigma"], prev["generation"] + 1
         rng.bit_generator.state = prev["rng_state"]
         history, runs = prev["history"], prev["runs"]
@@ -232,7 +259,7 @@ def main(argv=None):
                   "runs": start.get("runs", []) + [dict(r, outer_steps_end=0) for r in earlier + runs]}
         info = {"command": command, "from_pretrained": args.from_pretrained, "tasks": [t.name for t in tasks],
                 "seeds": args.seeds, "steps": args.steps, "pairs": args.pairs, "coordinates": args.coordinates,
-                "clip": list(args.clip), "objective": "mean log(final validation loss / tuned Adam's), "
+                "progress_inputs": args.progress_inputs, "clip": list(args.clip), "objective": "mean log(final validation loss / tuned Adam's), "
                 f"clipped to {list(args.clip)}", "start_from": args.start_from, "earlier_runs": earlier,
                 "best": best.tolist(), "best_score": best_score, "generation": gen, "mean": mean.tolist(),
                 "sigma": sigma, "rng_state": rng.bit_generator.state, "runs": runs,

@@ -70,7 +70,8 @@ def write_pes_resume(path, lopt, theta, budget, command, seed=0):
     from jax.flatten_util import ravel_pytree
     from lopt_ext.metatrain import MetaTrainConfig, MetaTrainer, train
     from lopt_ext.metatrain.pes import MetaState
-    cfg = MetaTrainConfig(hidden_size=lopt.hidden_size, lopt_kind="scaled", objective="valid_log", num_tasks=8,
+    kind = "scaled_progress" if getattr(lopt, "progress_inputs", False) else "scaled"
+    cfg = MetaTrainConfig(hidden_size=lopt.hidden_size, lopt_kind=kind, objective="valid_log", num_tasks=8,
                           pairs=8, min_horizon=200, max_horizon=3000, outer_lr=3e-4, outer_steps=5000)
     trainer = MetaTrainer(cfg)
     flat = ravel_pytree(theta)[0]
