@@ -18,7 +18,7 @@ computed from un-normalised, loss-scale-free statistics u of the tensor (per ste
     log(RMS_fast(g_t) / RMS(g_0)) / 3, RMS_fast the bias-corrected fastest Adafactor
     (or rms) accumulator (how far the gradient has fallen); the first-step statistics are
     per-tensor state (``scale_ref``, 2 floats per tensor); they also drive a learned
-    decoupled weight decay, step + lambda p with lambda = exp(decay_b + decay_w . progress)
+    weight decay, s * (step + lambda p) with lambda = exp(decay_b + decay_w . progress)
     (off in a fresh theta), which lets the rule hold a regularised solution of a small data
     set that it would otherwise go on to memorise,
 all from the NEW accumulators (what the fused kernel's statistics pass sees). Multiplying g
@@ -131,19 +131,38 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
     def scale_inputs_new(self, iteration, p, m_new, rms_new):
         """u from the NEW accumulators (what a step returns as its new state), without the
         progress inputs."""
-        hi = jax.lax.Precision.HIGHEST
         n = max(int(np.prod(jnp.shape(p))), 1)
+        return self.scale_inputs_from_sums(iteration, self.scale_sums(p, m_new, rms_new), n)
+
+    def scale_sums(self, p, m_new, rms_new):
+        """The sums over a tensor (or over the local shard of one: the sharded path adds them
+        up over devices) that its scale inputs need: [sum p^2, sum m_k^2 for each momentum
+        decay k, sum rms]."""
+        hi = jax.lax.Precision.HIGHEST
         m2 = jnp.reshape(m_new, (-1, m_new.shape[-1]))
-        # the mean square of each decay's column: a dot, which XLA:CPU streams (a column
-        # reduction of the [n, 3] records was 3x slower than the whole fused step)
-        log_rms_m = 0.5 * jnp.log(jnp.einsum("nk,nk->k", m2, m2, precision=hi) / n + 1e-30)
-        log_rms_g = 0.5 * jnp.log(jnp.mean(rms_new) + 1e-30)
-        snr = jnp.clip(log_rms_m - log_rms_g, -10.0, 3.0)
         p1 = jnp.reshape(p, (-1,))
-        log_rms_p = _log_rms(p1, 1e-6)
+        # the sum of squares of each decay's column: a dot, which XLA:CPU streams (a column
+        # reduction of the [n, 3] records was 3x slower than the whole fused step)
+        return jnp.concatenate([jnp.reshape(jnp.dot(p1, p1, precision=hi), (1,)),
+                                jnp.einsum("nk,nk->k", m2, m2, precision=hi),
+                                jnp.reshape(jnp.sum(rms_new), (1,))])
+
+    def scale_inputs_from_sums(self, iteration, sums, n):
+        """u (without the progress inputs) of a tensor of n elements from its scale_sums."""
+        dm = self.num_decays[0]
+        log_rms_p = 0.5 * jnp.log(sums[0] / n + 1e-6)
+        log_rms_m = 0.5 * jnp.log(sums[1:1 + dm] / n + 1e-30)
+        log_rms_g = 0.5 * jnp.log(sums[1 + dm] / n + 1e-30)
+        snr = jnp.clip(log_rms_m - log_rms_g, -10.0, 3.0)
         log_size = jnp.log(jnp.float32(n))
         return jnp.concatenate([jnp.reshape(log_rms_p / 3.0, (1,)), snr / 3.0,
                                 jnp.reshape(log_size / 10.0, (1,)), step_features(iteration)])
+
+    def scale_from_sums(self, theta, iteration, sums, n):
+        """The step multiplier of a tensor of n elements from its scale_sums (no progress inputs)."""
+        if self.progress_inputs:
+            raise ValueError("scale_from_sums does not take the progress inputs: use step_scales")
+        return self._scale(theta, self.scale_inputs_from_sums(iteration, sums, n))
 
     def progress_inputs_new(self, theta, iteration, p, new):
         """The 2 progress inputs of one tensor from its new state fields ``new``."""
@@ -230,17 +249,20 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         return out
 
     def step_decays(self, theta, iteration, leaves, new_state):
-        """With progress_inputs: per tensor lambda = exp(decay_b + decay_w . progress inputs),
-        at most 0.1; decay_b <= DECAY_OFF turns it off (lambda = 0, the fresh theta's)."""
+        """With progress_inputs: per tensor s * lambda, lambda = exp(decay_b + decay_w . progress
+        inputs) at most 0.1, s the tensor's step scale (the decay anneals with the step, as
+        AdamW's does with its learning rate: a decay that did not would pull the weights to 0
+        once the rule anneals). decay_b <= DECAY_OFF turns it off (0, the fresh theta's)."""
         if not self.progress_inputs:
             return None
         t = theta["tensor_scale"]
         hi = jax.lax.Precision.HIGHEST
         out = []
-        for leaf, new in zip(leaves, new_state):
+        scales = self.step_scales(theta, iteration, leaves, new_state)
+        for leaf, new, scale in zip(leaves, new_state, scales):
             z = jnp.dot(self.progress_inputs_new(theta, iteration, leaf[0], new), t["decay_w"], precision=hi)
             z = jnp.minimum(z + t["decay_b"][0], MAX_LOG_DECAY)
-            out.append(jnp.where(t["decay_b"][0] <= DECAY_OFF, 0.0, jnp.exp(z)))
+            out.append(jnp.where(t["decay_b"][0] <= DECAY_OFF, 0.0, scale * jnp.exp(z)))
         return out
 
 

@@ -18,6 +18,9 @@ Tensors that no mesh axis shards (replicated parameters: the data-parallel case,
 scalars) take the ordinary one-call fused kernel on every device: with the whole tensor
 present, local statistics are global ones.
 
+ScaledSmallFcLOpt's per-tensor step scale needs five more tensor-wide sums (p^2, each new
+momentum squared, the new rms): each device sums its shard and they are psum'd the same way.
+
 Public entry points:
 - ``sharded_update(lopt, theta, state, params, grads, mesh=, param_specs=)``: a whole step,
   wrapping shard_map; call it inside or outside ``jax.jit``.
@@ -353,17 +356,29 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
     whole = [i for i in live if i not in sharded]
     all_names = tuple(sorted({n for e in ents for x in e for n in _axis_names(x)}))
 
+    scaled = lopt.has_step_scales  # ScaledSmallFcLOpt: each tensor's step times its scale
+    kernel_delta = write_delta or scaled  # the scaled rule needs the step itself
+
+    def finish(out, p, scale):
+        """The kernel's output (p_new, or -step with kernel_delta) after the tensor's scale."""
+        if not scaled:
+            return out
+        return scale * out if write_delta else p + scale * out
+
     def step(_):
         res = {}
         if whole:  # every device holds these tensors entirely: the one-call kernel is exact
             leaves = [(f32(p_leaves[i]), f32(g_leaves[i]), *(f[i] for f in fields)) for i in whole]
             if impl == "fused":
                 from lopt_ext import _ffi
-                out = _ffi.step_leaves(lopt, theta, state.iteration, leaves, write_delta=write_delta)
+                out = _ffi.step_leaves(lopt, theta, state.iteration, leaves, write_delta=kernel_delta)
             else:
                 from lopt_ext import reference
                 out = reference.step_leaves(lopt, theta, state.iteration, leaves)
-                out = [((-s) if write_delta else (lf[0] - s), *rest) for (s, *rest), lf in zip(out, leaves)]
+                out = [((-s) if kernel_delta else (lf[0] - s), *rest) for (s, *rest), lf in zip(out, leaves)]
+            if scaled:
+                scales = lopt.step_scales(theta, state.iteration, leaves, [rest for _, *rest in out])
+                out = [(finish(o, lf[0], c), *rest) for (o, *rest), lf, c in zip(out, leaves, scales)]
             res.update(zip(whole, out))
         if sharded:
             decays = lopt.decays(theta)
@@ -387,9 +402,17 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
                 it[4]["scales"] = _scales(cs_, vsums, dm, dr, da, ents[i], gshape)
             if impl == "fused":
                 from lopt_ext import _ffi
-                out = _ffi.apply_leaves(lopt, theta, state.iteration, items, write_delta=write_delta)
+                out = _ffi.apply_leaves(lopt, theta, state.iteration, items, write_delta=kernel_delta)
             else:
-                out = [_apply_reference(lopt, theta, state.iteration, it, write_delta) for it in items]
+                out = [_apply_reference(lopt, theta, state.iteration, it, kernel_delta) for it in items]
+            if scaled:  # the scale's tensor-wide sums: local sums, psum'd like the statistics
+                scaled_out = []
+                for i, (p, *_), (o, m2, r2, vf), (_, gshape) in zip(sharded, items, out, extras):
+                    names = tuple(n for e in ents[i] for n in _axis_names(e))
+                    sums = _psum(lopt.scale_sums(p, m2, r2), names)
+                    c = lopt.scale_from_sums(theta, state.iteration, sums, max(math.prod(gshape), 1))
+                    scaled_out.append((finish(o, p, c), m2, r2, vf))
+                out = scaled_out
             for i, (p, g, m, rms, st), (o, m2, r2, vf) in zip(sharded, items, out):
                 if "v_row" in st:
                     res[i] = (o, m2, r2, st["v_row"], st["v_col"], fields[4][i])
@@ -498,9 +521,9 @@ def _check_supported(lopt) -> None:
     check_lopt(lopt)
     if not isinstance(lopt, SmallFcLOpt):
         raise NotImplementedError(f"{type(lopt).__name__}: the sharded path supports small_fc_lopt only")
-    if lopt.has_step_scales:
-        raise NotImplementedError(f"{type(lopt).__name__}: the sharded path supports the plain small_fc_lopt "
-                                  "rule only (no per-tensor step scale yet)")
+    if getattr(lopt, "progress_inputs", False):
+        raise NotImplementedError(f"{type(lopt).__name__}(progress_inputs=True): the sharded path supports "
+                                  "small_fc_lopt and ScaledSmallFcLOpt without progress inputs")
     if not lopt.has_adafactor:
         raise NotImplementedError("the sharded path needs the Adafactor features (initial_adafactor_decays "
                                   "is empty); use the unsharded fused_update or transform")

@@ -52,6 +52,26 @@ def test_coordinates_round_trip():
     np.testing.assert_array_equal(np.asarray(moved["tensor_scale"]["w1"]), np.asarray(theta["tensor_scale"]["w1"]))
 
 
+def test_progress_coordinates_move_only_the_progress_weights_and_biases(tmp_path):
+    from lopt_ext import pretrained
+    from lopt_ext.scaled import with_progress_inputs
+    lopt, theta = with_progress_inputs(*pretrained.load("scaled_small_fc_lopt_h4"))
+    ts = theta["tensor_scale"]
+    x = scale_es.coordinates(theta, "progress")
+    np.testing.assert_array_equal(x, [0, 0, float(ts["b"][0]), 0, 0, -30.0])
+    moved = scale_es.with_coordinates(theta, np.asarray([1, 2, 3, 4, 5, 6], np.float32), "progress")
+    mt = moved["tensor_scale"]
+    np.testing.assert_array_equal(np.asarray(mt["w_lin"][:-2]), np.asarray(ts["w_lin"][:-2]))
+    np.testing.assert_array_equal(np.asarray(mt["w_lin"][-2:]), [1, 2])
+    assert float(mt["b"][0]) == 3 and float(mt["decay_b"][0]) == 6
+    np.testing.assert_array_equal(np.asarray(mt["decay_w"]), [4, 5])
+    np.testing.assert_array_equal(np.asarray(mt["w1"]), np.asarray(ts["w1"]))
+    with pytest.raises(SystemExit):  # the progress coordinates need the progress inputs
+        scale_es.main(["--out", str(tmp_path), "--coordinates", "progress"])
+    with pytest.raises(SystemExit):
+        scale_es.main(["--out", str(tmp_path), "--progress-inputs", "--decay-start", "0.5"])
+
+
 @pytest.mark.slow
 def test_resume_continues_the_search_exactly(tmp_path):
     common = ["--task-indices", "0", "--pairs", "1", "--steps", "100", "--seeds", "0"]

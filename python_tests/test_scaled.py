@@ -141,13 +141,23 @@ def test_bad_configuration_and_theta():
         lopt.transform(theta)
 
 
-def test_sharded_path_refuses_the_scaled_variant():
+def test_sharded_path_takes_the_scaled_rule_and_refuses_the_progress_variant():
+    """On a one-device mesh the sharded path equals fused_update (every tensor is whole there;
+    the sharded statistics run in python_tests/sharded_cases.py on 8 host devices)."""
     from jax.sharding import Mesh, PartitionSpec as P
     from lopt_ext import sharded
     lopt = ScaledSmallFcLOpt(hidden_size=4)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(14))
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("d",))
-    with pytest.raises(NotImplementedError, match="per-tensor step scale"):
-        sharded.sharded_transform(lopt, lopt.init_theta(jax.random.PRNGKey(0)), mesh=mesh, param_specs=P())
+    params, grads = _tree(jax.random.PRNGKey(15)), _tree(jax.random.PRNGKey(16), 0.1)
+    st = lopt_ext.init_state(lopt, params)
+    want, _ = lopt_ext.fused_update(lopt, theta, st, params=params, grads=grads)
+    got, _ = sharded.sharded_update(lopt, theta, st, params, grads, mesh=mesh, param_specs=P())
+    for k in SHAPES:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-7)
+    progress = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True)
+    with pytest.raises(NotImplementedError, match="progress_inputs"):
+        sharded.sharded_transform(progress, progress.init_theta(jax.random.PRNGKey(0)), mesh=mesh, param_specs=P())
 
 
 # ----- progress inputs (how far each tensor has come since its first step)
@@ -256,7 +266,7 @@ def test_progress_fused_matches_reference_and_checkpoints_keep_the_flag(tmp_path
         lopt.tensor_scale(theta, jnp.int32(0), params["w"], params["w"], jnp.zeros((6, 4, 3)), jnp.zeros((6, 4, 1)))
 
 
-def test_learned_decay_adds_lambda_times_p_to_the_scaled_step():
+def test_learned_decay_adds_scale_times_lambda_times_p_to_the_scaled_step():
     lopt = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True)
     theta = _random_scale_theta(lopt, jax.random.PRNGKey(28))
     off = dict(theta, tensor_scale=dict(theta["tensor_scale"], decay_b=jnp.asarray([-30.0])))
@@ -265,15 +275,22 @@ def test_learned_decay_adds_lambda_times_p_to_the_scaled_step():
     beta = float(np.clip(np.asarray(lopt.decays(theta)[2], np.float64)[0], 0, 1))
     st = lopt_ext.init_state(lopt, params)
     p, ema = params, {k: 0.0 for k in SHAPES}
+    # the plain small_fc_lopt step of the same state: u_off = s * u_plain gives the scale s
+    base = SmallFcLOpt(hidden_size=4)
+    base_theta = {k: v for k, v in theta.items() if k != "tensor_scale"}
     for i in range(6):
         g = _grads_at(i, p)
         u_on, st_on = lopt.transform(theta, impl="reference").update(g, st, p)
         u_off, _ = lopt.transform(off, impl="reference").update(g, st, p)
+        plain_state = lopt_ext.SmallFcLOptState(*st[:7])
+        u_plain, _ = base.transform(base_theta, impl="reference").update(g, plain_state, p)
         for k in SHAPES:
             ema[k] = beta * ema[k] + (1 - beta) * float(np.mean(np.square(np.asarray(g[k], np.float64))))
             prog = _numpy_progress(p[k], params[k], g0[k], ema[k], beta, i + 1)
             lam = min(np.exp(np.log(1e-3) + prog @ np.array([0.5, -0.7])), 0.1)
-            np.testing.assert_allclose(np.asarray(u_on[k]), np.asarray(u_off[k]) - lam * np.asarray(p[k]),
+            a, b = np.asarray(u_off[k], np.float64), np.asarray(u_plain[k], np.float64)
+            s = np.sum(a * b) / np.sum(b * b)
+            np.testing.assert_allclose(np.asarray(u_on[k]), a - s * lam * np.asarray(p[k]),
                                        rtol=1e-4, atol=1e-7, err_msg=f"{k} step {i}")
         st, p = st_on, jax.tree_util.tree_map(jnp.add, p, u_on)
     fresh = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True).init_theta(jax.random.PRNGKey(0))

@@ -10,7 +10,10 @@ over task-seeds. It is normalised per task (a task with a large loss cannot domi
 judges the loss on validation batches, which the rule never trains on, at the evaluation's
 horizon. The search moves the scale's linear coefficients (``tensor_scale/w_lin`` on the 16
 statistics of lopt_ext.scaled, and the bias ``b``) and, with --coordinates scale+decays, the
-momentum and rms decays; the per-element MLP stays as it starts.
+momentum and rms decays; the per-element MLP stays as it starts. --progress-inputs gives the rule
+the progress inputs and learned weight decay of ScaledSmallFcLOpt(progress_inputs=True) (zero
+weights, decay off or at --decay-start), and --coordinates progress moves only their
+coefficients and the two biases.
 
 Each generation evaluates the mean and ``pairs`` antithetic perturbations on every task in one
 vmapped, jitted call per task (common random numbers: the same seeds and batches for every
@@ -47,7 +50,7 @@ from lopt_ext.tasks import family  # noqa: E402
 from scale_search import validation_task, write_pes_resume  # noqa: E402
 
 # meta-training MLP tasks of every data set, depth, activation and init scale (indices into
-# family.TRAIN_MLP_SPECS)
+# family.TRAIN_SPECS, whose first 45 entries are family.TRAIN_MLP_SPECS)
 TASKS = (0, 2, 3, 5, 6, 8, 10, 12, 13, 16, 18, 20, 22, 25, 26, 29, 30, 35, 37, 41)
 CLIP = (-1.0, 3.0)  # default --clip (the score of a non-finite run is the upper end)
 
@@ -129,7 +132,9 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--task-indices", type=int, nargs="+", default=list(TASKS),
-                    help="indices into family.TRAIN_MLP_SPECS (default: 20 tasks of every data set)")
+                    help="indices into family.TRAIN_SPECS of the meta-training split (0-44: its MLPs, "
+                         "45-52: a convnet, a char RNN, 3 quadratics, 3 logistic regressions; "
+                         "default: 20 MLPs of every data set)")
     ap.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--resume", action="store_true", help="continue the search in OUT (its es.json)")
     ap.add_argument("--start-from", metavar="ES_JSON", default=None,
@@ -183,11 +188,11 @@ def main(argv=None):
         kind = next(k for k in COORDINATES if coordinates(base_theta, k).size == x_prev.size)
         base_theta = with_coordinates(base_theta, jnp.asarray(x_prev), kind)
         earlier = prev.get("runs") or [{"command": prev["command"], "wall_s": prev["wall_s"]}]
-    n_specs = len(family.TRAIN_MLP_SPECS)
+    n_specs = len(family.TRAIN_SPECS)
     bad = [i for i in args.task_indices if not 0 <= i < n_specs]
     if bad:
         ap.error(f"argument --task-indices: {bad} out of range (0..{n_specs - 1})")
-    tasks = [validation_task(family.make_task(family.TRAIN_MLP_SPECS[i])) for i in args.task_indices]
+    tasks = [validation_task(family.make_task(family.TRAIN_SPECS[i])) for i in args.task_indices]
     t0 = time.perf_counter()
     baselines = adam_baselines(tasks, args.seeds, args.steps, os.path.join(args.out, "adam.json"))
     print(f"tuned Adam baselines: {time.perf_counter() - t0:.0f} s", flush=True)
