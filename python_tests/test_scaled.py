@@ -29,6 +29,24 @@ def _random_scale_theta(lopt, key):
     return theta
 
 
+def _trajectory(lopt, theta, params, impl, steps, grads_at):
+    """Final params after ``steps`` jitted optax steps with gradients grads_at(i, params)."""
+    tx = lopt.transform(theta, impl=impl)
+    p, st = params, tx.init(params)
+    upd = jax.jit(tx.update)
+    for i in range(steps):
+        u, st = upd(grads_at(i, p), st, p)
+        p = jax.tree_util.tree_map(jnp.add, p, u)
+    return p
+
+
+def _assert_fused_matches_reference(lopt, theta, params, steps, grads_at):
+    fused, ref = (_trajectory(lopt, theta, params, impl, steps, grads_at) for impl in ("fused", "reference"))
+    for k in SHAPES:
+        a, b = np.asarray(fused[k]), np.asarray(ref[k])
+        assert np.all(np.abs(a - b) <= 1e-6 * np.max(np.abs(b)) + 1e-5 * np.abs(b)), k
+
+
 def test_fresh_theta_is_exactly_small_fc_lopt():
     lopt = ScaledSmallFcLOpt(hidden_size=4)
     theta = lopt.init_theta(jax.random.PRNGKey(0))
@@ -88,20 +106,8 @@ def test_scale_is_invariant_to_the_loss_scale():
 def test_fused_matches_reference_over_a_trajectory():
     lopt = ScaledSmallFcLOpt(hidden_size=4)
     theta = _random_scale_theta(lopt, jax.random.PRNGKey(8))
-    params = _tree(jax.random.PRNGKey(9))
-    out = {}
-    for impl in ("fused", "reference"):
-        tx = lopt.transform(theta, impl=impl)
-        p, st = params, tx.init(params)
-        upd = jax.jit(tx.update)
-        for i in range(20):
-            g = jax.tree_util.tree_map(lambda x: 0.1 * x + 0.01 * jnp.sin(i + x), p)
-            u, st = upd(g, st, p)
-            p = jax.tree_util.tree_map(lambda a, b: a + b, p, u)
-        out[impl] = p
-    for k in SHAPES:
-        a, b = np.asarray(out["fused"][k]), np.asarray(out["reference"][k])
-        assert np.all(np.abs(a - b) <= 1e-6 * np.max(np.abs(b)) + 1e-5 * np.abs(b)), k
+    _assert_fused_matches_reference(lopt, theta, _tree(jax.random.PRNGKey(9)), 20,
+                                    lambda i, p: jax.tree_util.tree_map(lambda x: 0.1 * x + 0.01 * jnp.sin(i + x), p))
 
 
 def test_scaled_steps_differ_from_plain_ones_by_the_scale():
@@ -173,17 +179,9 @@ def test_progress_variant_starts_as_the_rule_it_extends():
     assert lp.progress_inputs and lp.num_scale_inputs == lopt.num_scale_inputs + 2
     params = _tree(jax.random.PRNGKey(21))
     for impl in ("fused", "reference"):
-        out = []
-        for l, t in ((lopt, theta), (lp, tp)):
-            tx = l.transform(t, impl=impl)
-            p, st = params, tx.init(params)
-            upd = jax.jit(tx.update)
-            for i in range(12):
-                u, st = upd(_grads_at(i, p), st, p)
-                p = jax.tree_util.tree_map(jnp.add, p, u)
-            out.append(p)
+        a, b = (_trajectory(l, t, params, impl, 12, _grads_at) for l, t in ((lopt, theta), (lp, tp)))
         for k in SHAPES:
-            np.testing.assert_array_equal(out[0][k], out[1][k])
+            np.testing.assert_array_equal(a[k], b[k])
 
 
 def _numpy_progress(p, p0, g0, ema, beta, count):
@@ -244,18 +242,7 @@ def test_progress_fused_matches_reference_and_checkpoints_keep_the_flag(tmp_path
     lopt = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True)
     theta = _random_scale_theta(lopt, jax.random.PRNGKey(26))
     params = _tree(jax.random.PRNGKey(27))
-    out = {}
-    for impl in ("fused", "reference"):
-        tx = lopt.transform(theta, impl=impl)
-        p, st = params, tx.init(params)
-        upd = jax.jit(tx.update)
-        for i in range(20):
-            u, st = upd(_grads_at(i, p), st, p)
-            p = jax.tree_util.tree_map(jnp.add, p, u)
-        out[impl] = p
-    for k in SHAPES:
-        a, b = np.asarray(out["fused"][k]), np.asarray(out["reference"][k])
-        assert np.all(np.abs(a - b) <= 1e-6 * np.max(np.abs(b)) + 1e-5 * np.abs(b)), k
+    _assert_fused_matches_reference(lopt, theta, params, 20, _grads_at)
     path = str(tmp_path / "p.safetensors")
     checkpoint.save_theta(path, theta, lopt)
     lopt2, _ = checkpoint.load_theta(path)
