@@ -219,6 +219,21 @@ def test_init_theta_starts_from_a_file(tmp_path):
     np.testing.assert_array_equal(np.asarray(tr.init().theta_flat), np.asarray(ravel_pytree(theta)[0]))
 
 
+def test_init_theta_of_the_scaled_rule_starts_its_progress_variant(tmp_path):
+    """meta-train --lopt-kind scaled_progress --init-theta <a ScaledSmallFcLOpt file>: the same
+    rule with the progress weights at 0 and the decay off."""
+    from lopt_ext import ScaledSmallFcLOpt
+    from lopt_ext.scaled import with_progress_inputs
+    from jax.flatten_util import ravel_pytree
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    theta = lopt.init_theta(jax.random.PRNGKey(43))
+    path = str(tmp_path / "s.safetensors")
+    checkpoint.save_theta(path, theta, lopt)
+    tr = MetaTrainer(_cfg(init_theta=path, lopt_kind="scaled_progress"))
+    want = with_progress_inputs(lopt, theta)[1]
+    np.testing.assert_array_equal(np.asarray(tr.init().theta_flat), np.asarray(ravel_pytree(want)[0]))
+
+
 def test_adam_curves_match_numpy_adam():
     from lopt_ext import tasks
     task = tasks.get_task("quadratic_d32_c2_n0.1_seed100")  # held-out loss = the clean loss

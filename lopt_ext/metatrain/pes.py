@@ -392,10 +392,15 @@ def trainable_mask(cfg: MetaTrainConfig):
 
 def warm_start_theta(path: str, lopt: SmallFcLOpt, theta):
     """theta with every entry the file at ``path`` holds: a file of the same configuration
-    replaces all of it; a plain small_fc_lopt file of the same sizes gives a scaled variant its
-    per-element part (its per-tensor scale keeps the fresh init, s = 1)."""
+    replaces all of it; a ScaledSmallFcLOpt file starts its progress_inputs variant as the same
+    rule (lopt_ext.scaled.with_progress_inputs); a plain small_fc_lopt file of the same sizes
+    gives a scaled variant its per-element part (its per-tensor scale keeps the fresh init, s = 1)."""
     from lopt_ext.checkpoint import CheckpointMismatchError, load_theta
     stored, _ = load_theta(path)
+    from lopt_ext.scaled import ScaledSmallFcLOpt, with_progress_inputs
+    if (isinstance(lopt, ScaledSmallFcLOpt) and lopt.progress_inputs and type(stored) is ScaledSmallFcLOpt
+            and stored == dataclasses.replace(lopt, progress_inputs=False)):
+        return with_progress_inputs(stored, load_theta(path, stored)[1])[1]  # the same rule, new inputs at 0
     if type(stored) is type(lopt):
         return load_theta(path, lopt)[1]
     base = SmallFcLOpt(**{f.name: getattr(lopt, f.name) for f in dataclasses.fields(SmallFcLOpt)})
