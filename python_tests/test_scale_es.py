@@ -66,6 +66,12 @@ def test_progress_coordinates_move_only_the_progress_weights_and_biases(tmp_path
     assert float(mt["b"][0]) == 3 and float(mt["decay_b"][0]) == 6
     np.testing.assert_array_equal(np.asarray(mt["decay_w"]), [4, 5])
     np.testing.assert_array_equal(np.asarray(mt["w1"]), np.asarray(ts["w1"]))
+    y = scale_es.coordinates(theta, "scale+progress")  # all of w_lin and b, then the decay's
+    assert y.size == ts["w_lin"].shape[0] + 1 + 3
+    moved = scale_es.with_coordinates(theta, y + 1.0, "scale+progress")["tensor_scale"]
+    np.testing.assert_allclose(np.asarray(moved["w_lin"]), np.asarray(ts["w_lin"]) + 1)
+    np.testing.assert_allclose(np.asarray(moved["decay_w"]), [1, 1])
+    assert float(moved["decay_b"][0]) == -29.0 and float(moved["b"][0]) == pytest.approx(float(ts["b"][0]) + 1)
     with pytest.raises(SystemExit):  # the progress coordinates need the progress inputs
         scale_es.main(["--out", str(tmp_path), "--coordinates", "progress"])
     with pytest.raises(SystemExit):

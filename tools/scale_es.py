@@ -60,8 +60,10 @@ CLIP = (-1.0, 3.0)  # default --clip (the score of a non-finite run is the upper
 # 1 - beta by e; see SmallFcLOpt.decays); "scale+hidden" also the output weights w2 of the
 # scale's hidden units (whose input weights keep their random init): a nonlinear scale;
 # "progress" only the coefficients of the progress inputs in the scale, its bias, and the
-# learned weight decay's coefficients and bias (needs --progress-inputs).
-COORDINATES = ("scale", "scale+decays", "scale+hidden", "progress")
+# learned weight decay's coefficients and bias (needs --progress-inputs); "scale+progress" all
+# of the scale's linear coefficients and bias and the decay's (needs --progress-inputs).
+COORDINATES = ("scale", "scale+decays", "scale+hidden", "progress", "scale+progress")
+NEEDS_PROGRESS = ("progress", "scale+progress")
 DECAY_UNIT = 10.0
 
 
@@ -76,6 +78,8 @@ def coordinates(theta, kind="scale"):
         parts += [DECAY_UNIT * np.asarray(theta[k], np.float32) for k in ("momentum_decays", "rms_decays")]
     if kind == "scale+hidden":
         parts.append(np.asarray(ts["w2"], np.float32))
+    if kind == "scale+progress":
+        parts += [np.asarray(ts["decay_w"], np.float32), np.asarray(ts["decay_b"], np.float32)]
     return np.concatenate(parts)
 
 
@@ -95,6 +99,9 @@ def with_coordinates(theta, x, kind="scale"):
         out["rms_decays"] = x[n + 1 + dm:n + 1 + dm + dr] / DECAY_UNIT
     if kind == "scale+hidden":
         ts["w2"] = x[n + 1:n + 1 + ts["w2"].shape[0]]
+    if kind == "scale+progress":
+        k = NUM_PROGRESS_INPUTS
+        ts["decay_w"], ts["decay_b"] = x[n + 1:n + 1 + k], x[n + 1 + k:n + 2 + k]
     return out
 
 
@@ -166,8 +173,8 @@ def main(argv=None):
     if args.resume and args.start_from:
         ap.error("argument --start-from: not with --resume (a resumed search keeps its start)")
     lopt, base_theta = pretrained.load(args.from_pretrained)
-    if args.coordinates == "progress" and not args.progress_inputs:
-        ap.error("argument --coordinates: 'progress' needs --progress-inputs")
+    if args.coordinates in NEEDS_PROGRESS and not args.progress_inputs:
+        ap.error(f"argument --coordinates: {args.coordinates!r} needs --progress-inputs")
     if args.progress_inputs:
         lopt, base_theta = with_progress_inputs(lopt, base_theta)
         if args.decay_start is not None and float(base_theta["tensor_scale"]["decay_b"][0]) <= DECAY_OFF:
@@ -185,7 +192,8 @@ def main(argv=None):
         if prev["from_pretrained"] != args.from_pretrained:
             ap.error(f"argument --start-from: {args.start_from} started from {prev['from_pretrained']!r}, "
                      f"not {args.from_pretrained!r}")
-        kind = next(k for k in COORDINATES if coordinates(base_theta, k).size == x_prev.size)
+        kind = next(k for k in COORDINATES if (args.progress_inputs or k not in NEEDS_PROGRESS)
+                    and coordinates(base_theta, k).size == x_prev.size)
         base_theta = with_coordinates(base_theta, jnp.asarray(x_prev), kind)
         earlier = prev.get("runs") or [{"command": prev["command"], "wall_s": prev["wall_s"]}]
     n_specs = len(family.TRAIN_SPECS)
