@@ -11,8 +11,8 @@ A learned optimizer is a frozen dataclass (the reference's keyword names) that i
   kernel, per leaf -> (p_new or -step, *new state fields);
 - optionally ``has_step_scales = True`` and ``step_scales(theta, iteration, leaves, new_state)``:
   per-tensor multipliers of the step, from the leaves and the new state fields of each, and
-  ``step_decays`` (same arguments): None, or per tensor a decoupled weight decay lambda added
-  to the scaled step, step + lambda * p (see lopt_ext.scaled).
+  ``step_decays`` (the same arguments and those scales): None, or per tensor a weight decay
+  lambda added to the scaled step, scale * step + lambda * p (see lopt_ext.scaled).
 Input validation, state initialisation, the skip rule, dtype handling and the optax wrapper
 (lopt_ext.update, lopt_ext.state, lopt_ext.optax_api) are written once against this.
 """
@@ -73,9 +73,9 @@ class LearnedOptimizer:
         new_state[i] = the leaf's new state fields."""
         raise NotImplementedError
 
-    def step_decays(self, theta, iteration, leaves, new_state):
-        """None (no decay), or per leaf the lambda of a decoupled weight decay: the step
-        becomes scale * step + lambda * p."""
+    def step_decays(self, theta, iteration, leaves, new_state, scales):
+        """None (no decay), or per leaf the lambda of a weight decay: the step becomes
+        scale * step + lambda * p; ``scales`` are step_scales' for the same arguments."""
         return None
 
     def transform(self, theta, impl: str = "fused", skip_nonfinite: bool = False):

@@ -176,9 +176,10 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         beta = jnp.clip(beta, 0.0, 1.0)
         count = (jnp.asarray(iteration) + 1).astype(jnp.float32)
         debias = jnp.maximum(1.0 - jnp.power(beta, count), 1e-6)
-        # the Adafactor accumulators average g^2 + 1e-30 (and scale_ref holds mean g_0^2 + 1e-30)
-        floor = 1e-30 if self.has_adafactor else 0.0
-        log_rms_fast = 0.5 * jnp.log(jnp.maximum(jnp.mean(v0) / debias, 0.0) + (1e-30 - floor))
+        # scale_ref holds log of mean g_0^2 + 1e-30; the Adafactor accumulators already average
+        # g^2 + 1e-30, the rms accumulator g^2
+        eps = 0.0 if self.has_adafactor else 1e-30
+        log_rms_fast = 0.5 * jnp.log(jnp.mean(v0) / debias + eps)
         # a tensor that starts at zero (a bias) has no scale to grow from: it reads 0
         grew = jnp.where(ref[0] > ZERO_LOG_RMS + 0.01, jnp.clip(_log_rms(p, 1e-6) - ref[0], -5.0, 5.0), 0.0)
         fell = jnp.clip(log_rms_fast - ref[1], -12.0, 3.0)
@@ -248,7 +249,7 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
             out.append(self._scale(theta, u))
         return out
 
-    def step_decays(self, theta, iteration, leaves, new_state):
+    def step_decays(self, theta, iteration, leaves, new_state, scales):
         """With progress_inputs: per tensor s * lambda, lambda = exp(decay_b + decay_w . progress
         inputs) at most 0.1, s the tensor's step scale (the decay anneals with the step, as
         AdamW's does with its learning rate: a decay that did not would pull the weights to 0
@@ -258,7 +259,6 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         t = theta["tensor_scale"]
         hi = jax.lax.Precision.HIGHEST
         out = []
-        scales = self.step_scales(theta, iteration, leaves, new_state)
         for leaf, new, scale in zip(leaves, new_state, scales):
             z = jnp.dot(self.progress_inputs_new(theta, iteration, leaf[0], new), t["decay_w"], precision=hi)
             z = jnp.minimum(z + t["decay_b"][0], MAX_LOG_DECAY)

@@ -158,7 +158,7 @@ def apply_step(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str
         if lopt.has_step_scales:  # from the new accumulators the step itself produced
             scales = lopt.step_scales(theta, state.iteration, leaves, rests)
             steps = [s * c for s, c in zip(steps, scales)]
-            decays = lopt.step_decays(theta, state.iteration, leaves, rests)
+            decays = lopt.step_decays(theta, state.iteration, leaves, rests, scales)
             if decays is not None:
                 steps = [s + d * leaf[0] for s, d, leaf in zip(steps, decays, leaves)]
         return [((-s) if write_delta else (leaf[0] - s), *rest) for s, rest, leaf in zip(steps, rests, leaves)]

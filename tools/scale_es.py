@@ -172,9 +172,9 @@ def main(argv=None):
         ap.error("argument --clip: needs LOW < 0 < HIGH")
     if args.resume and args.start_from:
         ap.error("argument --start-from: not with --resume (a resumed search keeps its start)")
-    lopt, base_theta = pretrained.load(args.from_pretrained)
     if args.coordinates in NEEDS_PROGRESS and not args.progress_inputs:
         ap.error(f"argument --coordinates: {args.coordinates!r} needs --progress-inputs")
+    lopt, base_theta = pretrained.load(args.from_pretrained)
     if args.progress_inputs:
         lopt, base_theta = with_progress_inputs(lopt, base_theta)
         if args.decay_start is not None and float(base_theta["tensor_scale"]["decay_b"][0]) <= DECAY_OFF:
