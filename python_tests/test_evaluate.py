@@ -135,3 +135,22 @@ def test_rendered_evaluation_names_the_split():
     doc["results"] = [dict(r, split="outside")]
     text = render_evaluation(doc)
     assert "tasks of the outside split" in text and "in-family" not in text
+
+
+def test_validation_value_drives_reduce_on_plateau():
+    """validation_value passes each step's validation-batch loss as optax's `value`: with
+    reduce_on_plateau (patience 20 steps, factor 1e-9) the run follows plain Adam until the
+    validation loss stops improving, then freezes. A constant or missing value would freeze it
+    after 20 steps or fail."""
+    import optax
+    from lopt_ext import tasks
+    task = tasks.get_task("mlp_wine_16_gelu_b64_s1_noise0.3")
+    plain, _ = ev.run_curves(task, lambda lr: optax.adam(lr), [0.03], [0], 400)
+    frozen = lambda lr: optax.chain(optax.adam(lr), optax.contrib.reduce_on_plateau(factor=1e-9, patience=20))
+    held, _ = ev.run_curves(task, frozen, [0.03], [0], 400, validation_value=True)
+    plain, held = plain[0, 0], held[0, 0]
+    np.testing.assert_allclose(held[:9], plain[:9], rtol=1e-6)    # the first 40 steps: no plateau yet
+    assert np.ptp(held[-20:]) < 1e-6 * held[-1]                     # frozen at the end
+    assert np.ptp(plain[-20:]) > 1e-4 * plain[-1]                   # where Adam alone still moves
+    with pytest.raises(Exception):
+        ev.run_curves(task, frozen, [0.03], [0], 400)               # the plateau needs its value

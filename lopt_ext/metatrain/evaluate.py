@@ -86,10 +86,12 @@ def lopt_tx_factory(lopt, theta, impl="fused"):
 
 
 @functools.lru_cache(maxsize=None)
-def _curve_fn(task, make_tx, steps: int, every: int, train_every: int):
+def _curve_fn(task, make_tx, steps: int, every: int, train_every: int, validation_value: bool = False):
     """jit(vmap over members, spread over the devices) of a training run recording the held-out loss every ``every``
     steps and the training loss every ``train_every`` steps. make_tx(hp) -> optax
-    transformation; hp is the member's (traced) hyper-parameter."""
+    transformation; hp is the member's (traced) hyper-parameter. validation_value: pass each
+    step's loss on a validation batch (never trained on, not the test data) to the
+    transformation as ``value`` (optax's extra argument, e.g. for reduce_on_plateau)."""
     n_chunks = steps // every
     ratio = train_every // every
 
@@ -101,7 +103,11 @@ def _curve_fn(task, make_tx, steps: int, every: int, train_every: int):
             params, state = carry
             batch = task.sample_batch(jax.random.fold_in(seed_key, i))
             grads = jax.grad(task.loss)(params, batch)
-            updates, state = tx.update(grads, state, params)
+            if validation_value:
+                value = task.loss(params, task.valid_batch(jax.random.fold_in(seed_key, i)))
+                updates, state = tx.update(grads, state, params, value=value)
+            else:
+                updates, state = tx.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), None
 
         def chunk(carry, c):
@@ -116,9 +122,11 @@ def _curve_fn(task, make_tx, steps: int, every: int, train_every: int):
     return jax.jit(population_vmap(run, in_axes=(0, 0, 0)))
 
 
-def run_curves(task, make_tx, hps, seeds, steps=1000, every=EVERY, train_every=TRAIN_EVERY):
+def run_curves(task, make_tx, hps, seeds, steps=1000, every=EVERY, train_every=TRAIN_EVERY,
+               validation_value=False):
     """Held-out curves [len(hps), len(seeds), steps//every + 1] and training-loss curves
-    [len(hps), len(seeds), steps//train_every + 1]; index 0 is the initial loss."""
+    [len(hps), len(seeds), steps//train_every + 1]; index 0 is the initial loss.
+    validation_value: see _curve_fn."""
     if steps % every or train_every % every or steps % train_every:
         raise ValueError(f"steps ({steps}) must be a multiple of train_every ({train_every}), "
                          f"itself a multiple of every ({every})")
@@ -130,7 +138,7 @@ def run_curves(task, make_tx, hps, seeds, steps=1000, every=EVERY, train_every=T
     init_eval = np.asarray(jax.vmap(task.eval_loss)(params))
     init_train = np.asarray(jax.vmap(task.train_loss)(params))
     rep = lambda x: jnp.broadcast_to(x[None], (H,) + x.shape).reshape((H * S,) + x.shape[1:])
-    fn = _curve_fn(task, make_tx, steps, every, train_every)
+    fn = _curve_fn(task, make_tx, steps, every, train_every, bool(validation_value))
     held_out, train = fn(jnp.repeat(hps, S, axis=0), rep(keys), jax.tree_util.tree_map(rep, params))
     held_out = np.asarray(held_out, np.float64).reshape(H, S, -1)
     train = np.asarray(train, np.float64).reshape(H, S, -1)[:, :, train_every // every - 1::train_every // every]
@@ -243,10 +251,15 @@ def mean_final_ratio(per_seed) -> Optional[float]:
 
 
 def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=EVERY, lrs=DEFAULT_LRS,
-                  impl="fused", adam_cache: Optional[str] = None) -> Dict[str, Any]:
+                  impl="fused", adam_cache: Optional[str] = None, make_tx=None,
+                  validation_value: bool = False) -> Dict[str, Any]:
+    """make_tx: hp -> the optax transformation judged (default: the learned optimizer's);
+    validation_value: see _curve_fn."""
     steps = max(horizons)
     t0 = time.perf_counter()
-    l_held, l_train = run_curves(task, lopt_tx_factory(lopt, theta, impl), [0.0], list(seeds), steps, every)
+    make_tx = make_tx or lopt_tx_factory(lopt, theta, impl)
+    l_held, l_train = run_curves(task, make_tx, [0.0], list(seeds), steps, every,
+                                 validation_value=validation_value)
     res = {"task": task.name, "seeds": list(seeds), "every": every, "smooth": SMOOTH, "horizons": list(horizons),
            "lopt_time_s": time.perf_counter() - t0, "lopt_curve": l_held[0].tolist(),
            "lopt_train_curve": l_train[0].tolist(), "by_horizon": {}}
@@ -308,7 +321,7 @@ def reference_summary(results, horizons=HORIZONS) -> Dict[str, Any]:
 
 def evaluate(task_names: Sequence[str], lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=EVERY,
              lrs=DEFAULT_LRS, impl="fused", progress=True, adam_cache: Optional[str] = None,
-             adam_only: bool = False) -> List[Dict[str, Any]]:
+             adam_only: bool = False, make_tx=None, validation_value: bool = False) -> List[Dict[str, Any]]:
     from lopt_ext.tasks import family
     results = []
     it = task_names
@@ -322,7 +335,8 @@ def evaluate(task_names: Sequence[str], lopt, theta, seeds=(0, 1, 2), horizons=H
                 for b in BASELINES:
                     baseline_sweep(task, b, seeds, T, every, lrs, adam_cache, horizons)
             continue
-        res = evaluate_task(task, lopt, theta, seeds, horizons, every, lrs, impl, adam_cache)
+        res = evaluate_task(task, lopt, theta, seeds, horizons, every, lrs, impl, adam_cache, make_tx,
+                            validation_value)
         res["split"] = next(s for s in family.SPLITS if name in family.list_tasks(s))
         results.append(res)
     return results
