@@ -154,3 +154,41 @@ def test_validation_value_drives_reduce_on_plateau():
     assert np.ptp(plain[-20:]) > 1e-4 * plain[-1]                   # where Adam alone still moves
     with pytest.raises(Exception):
         ev.run_curves(task, frozen, [0.03], [0], 400)               # the plateau needs its value
+
+
+def _plateau_probe():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+    import plateau_probe
+    return plateau_probe
+
+
+def test_plateau_probe_reports_against_the_cached_baselines(tmp_path):
+    """tools/plateau_probe.py on one held-out task: the report compares the rule + plateau with
+    the committed tuned-Adam cache (no Adam rerun) and records what was run."""
+    import os
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    out = tmp_path / "p"
+    _plateau_probe().main(["--pretrained", "scaled_small_fc_lopt_h4_es", "--out", str(out), "--adam-cache",
+                           os.path.join(root, "docs", "evaluation", "baselines.json"),
+                           "--tasks", "mlp_wine_16_gelu_b64_s1_noise0.3"])
+    doc = json.load(open(out / "evaluation.json"))
+    assert "reduce_on_plateau" in doc["optimizer"] and doc["command"].startswith("python tools/plateau_probe.py")
+    committed = json.load(open(os.path.join(root, "docs", "evaluation", "evaluation.json")))
+    want = next(r for r in committed["results"] if r["task"] == "mlp_wine_16_gelu_b64_s1_noise0.3")
+    got = doc["results"][0]
+    # the same tuned baseline as the committed evaluation, another learned curve (the plateau acts)
+    assert got["by_horizon"]["1000"]["adam"]["best_lr"] == want["by_horizon"]["1000"]["adam"]["best_lr"]
+    assert not np.allclose(got["lopt_curve"], want["lopt_curve"], rtol=1e-3)
+    assert "adam@1000" in doc["summary"] and (out / "evaluation.md").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--factor", "1.5"], "argument --factor"), (["--patience", "0"], "argument --patience"),
+    (["--adam-cache", "/nonexistent.json"], "argument --adam-cache")])
+def test_plateau_probe_rejects_bad_arguments(tmp_path, capsys, argv, message):
+    base = ["--adam", "1e-3", "--out", str(tmp_path / "p"), "--adam-cache", __file__]
+    with pytest.raises(SystemExit):
+        _plateau_probe().main(base + argv)
+    assert message in capsys.readouterr().err
