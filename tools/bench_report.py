@@ -23,7 +23,7 @@ OPT_ORDER = [("fused", 4), ("fused", 32), ("reference", 4), ("reference", 32), (
              ("adam", None), ("adafactor", None)]
 
 # Speed and memory targets of issue 3 (2-core machine, measured in one run).
-TARGET_SGEMM_FRAC_H32 = 0.60
+TARGET_SGEMM_FRAC_H32 = 0.90  # issue 11 part 3 (the first release aimed at 0.60)
 TARGET_SPEEDUP_VS_REFERENCE_H32 = 10.0
 TARGET_H4_VS_ADAM = 1.5
 TARGET_MODEL_VS_TENSOR = 1.3
