@@ -279,6 +279,24 @@ def partial_sumsq(lopt: SmallFcLOpt, theta, iteration, leaves):
     return call(*operands, **_config_attrs(lopt), factored_axes=np.asarray(axes, np.int64))
 
 
+def scale_sums(items, dm: int, dr: int, fallback):
+    """Per item (p, m_new, rms_new) the sums ScaledSmallFcLOpt's step scale needs, [2 + dm]
+    float32 (see ScaledSmallFcLOpt.scale_sums), by the CPU kernel's threaded pass; on other
+    platforms by ``fallback(p, m_new, rms_new)`` (there is no CUDA version)."""
+    ensure_registered()
+    results = [jax.ShapeDtypeStruct((2 + dm,), jnp.float32) for _ in items]
+    call = jax.ffi.ffi_call("lopt_scale_sums", results, vmap_method="broadcast_all")
+    operands = [jnp.asarray(x, jnp.float32) for it in items for x in it]
+
+    def on_cpu(*ops):
+        return tuple(call(*ops, dm=np.int64(dm), dr=np.int64(dr)))
+
+    def elsewhere(*ops):
+        return tuple(fallback(*ops[3 * i:3 * i + 3]) for i in range(len(items)))
+
+    return list(jax.lax.platform_dependent(*operands, cpu=on_cpu, default=elsewhere))
+
+
 def cpu_isa() -> str:
     """Instruction set of the CPU loops in use (generic, avx2 or avx512)."""
     return _cpu_module().cpu_isa()

@@ -9,7 +9,7 @@ A learned optimizer is a frozen dataclass (the reference's keyword names) that i
   (p, g, *state fields) -> (step, *new state fields), p_new = p - step;
 - ``fused_leaves(theta, iteration, leaves, write_delta)``: the same through its compiled
   kernel, per leaf -> (p_new or -step, *new state fields);
-- optionally ``has_step_scales = True`` and ``step_scales(theta, iteration, leaves, new_state)``:
+- optionally ``has_step_scales = True`` and ``step_scales(theta, iteration, leaves, new_state, impl)``:
   per-tensor multipliers of the step, from the leaves and the new state fields of each, and
   ``step_decays`` (the same arguments and those scales): None, or per tensor a weight decay
   lambda added to the scaled step, scale * step + lambda * p (see lopt_ext.scaled).
@@ -68,9 +68,10 @@ class LearnedOptimizer:
 
     has_step_scales = False  # True: step_scales multiplies each tensor's step
 
-    def step_scales(self, theta, iteration, leaves, new_state):
+    def step_scales(self, theta, iteration, leaves, new_state, impl: str = "reference"):
         """Per leaf the multiplier of its step; leaves[i] = (p, g, *old state fields),
-        new_state[i] = the leaf's new state fields."""
+        new_state[i] = the leaf's new state fields; impl: the step's ("fused" may use the
+        kernels for the scale's own reductions)."""
         raise NotImplementedError
 
     def step_decays(self, theta, iteration, leaves, new_state, scales):

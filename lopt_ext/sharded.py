@@ -377,7 +377,7 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
                 out = reference.step_leaves(lopt, theta, state.iteration, leaves)
                 out = [((-s) if kernel_delta else (lf[0] - s), *rest) for (s, *rest), lf in zip(out, leaves)]
             if scaled:
-                scales = lopt.step_scales(theta, state.iteration, leaves, [rest for _, *rest in out])
+                scales = lopt.step_scales(theta, state.iteration, leaves, [rest for _, *rest in out], impl=impl)
                 out = [(finish(o, lf[0], c), *rest) for (o, *rest), lf, c in zip(out, leaves, scales)]
             res.update(zip(whole, out))
         if sharded:
@@ -407,9 +407,10 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
                 out = [_apply_reference(lopt, theta, state.iteration, it, kernel_delta) for it in items]
             if scaled:  # the scale's tensor-wide sums: local sums, psum'd like the statistics
                 scaled_out = []
-                for i, (p, *_), (o, m2, r2, vf), (_, gshape) in zip(sharded, items, out, extras):
+                local_sums = lopt.scale_sums_leaves([(it[0], o[1], o[2]) for it, o in zip(items, out)], impl)
+                for i, (p, *_), (o, m2, r2, vf), (_, gshape), su in zip(sharded, items, out, extras, local_sums):
                     names = tuple(n for e in ents[i] for n in _axis_names(e))
-                    sums = _psum(lopt.scale_sums(p, m2, r2), names)
+                    sums = _psum(su, names)
                     c = lopt.scale_from_sums(theta, state.iteration, sums, max(math.prod(gshape), 1))
                     scaled_out.append((finish(o, p, c), m2, r2, vf))
                 out = scaled_out

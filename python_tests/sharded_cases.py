@@ -136,6 +136,8 @@ def test_scaled_rule_matches_single_device(impl, monkeypatch):
     the whole tensor, psum'd over the axes that shard it; 3 steps against the single-device
     reference, every kind of sharding of FSDP_CASES, with a scale that varies per tensor."""
     monkeypatch.setattr(sharded, "CHUNK_ELEMENTS", 13)
+    from lopt_ext import scaled
+    monkeypatch.setattr(scaled, "FUSED_SUMS_MIN_ELEMENTS", 0)  # the fused step's kernel sums, on shards too
     _, _, params, specs = _setup(FSDP_CASES)
     cfg = lopt_ext.ScaledSmallFcLOpt(hidden_size=8)
     theta = cfg.init_theta(jax.random.PRNGKey(3))

@@ -103,7 +103,11 @@ def test_scale_is_invariant_to_the_loss_scale():
     np.testing.assert_allclose(float(s1), float(s2), rtol=1e-5)
 
 
-def test_fused_matches_reference_over_a_trajectory():
+@pytest.mark.parametrize("kernel_sums", [False, True])
+def test_fused_matches_reference_over_a_trajectory(kernel_sums, monkeypatch):
+    from lopt_ext import scaled
+    if kernel_sums:  # these small tensors through the kernel's scale sums too
+        monkeypatch.setattr(scaled, "FUSED_SUMS_MIN_ELEMENTS", 0)
     lopt = ScaledSmallFcLOpt(hidden_size=4)
     theta = _random_scale_theta(lopt, jax.random.PRNGKey(8))
     _assert_fused_matches_reference(lopt, theta, _tree(jax.random.PRNGKey(9)), 20,
@@ -282,3 +286,58 @@ def test_learned_decay_adds_scale_times_lambda_times_p_to_the_scaled_step():
         st, p = st_on, jax.tree_util.tree_map(jnp.add, p, u_on)
     fresh = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True).init_theta(jax.random.PRNGKey(0))
     assert float(fresh["tensor_scale"]["decay_b"][0]) <= -30.0  # off: a fresh theta does not decay
+
+
+def _sums64(p, m, rms):
+    p, m, rms = (np.asarray(x, np.float64) for x in (p, m, rms))
+    return np.concatenate([[np.sum(p * p)], np.sum(m.reshape(-1, m.shape[-1]) ** 2, axis=0), [np.sum(rms)]])
+
+
+@pytest.mark.parametrize("dm, dr", [(3, 1), (1, 1), (2, 2), (5, 1)])
+def test_kernel_scale_sums_match_float64_sums(dm, dr):
+    """The CPU kernel's threaded sums (the fused step's, from FUSED_SUMS_MIN_ELEMENTS elements)
+    against numpy in float64: shapes with tails that fill no lane block, a scalar, several
+    chunks of the kernel's task split, and a vmapped population."""
+    from lopt_ext import scaled
+    decays = (0.5, 0.9, 0.99, 0.999, 0.9999)[:dm]
+    lopt = ScaledSmallFcLOpt(hidden_size=4, initial_momentum_decays=decays, initial_adafactor_decays=decays,
+                             initial_rms_decays=(0.999, 0.9)[:dr])
+    shapes = [(300, 401), (), (7,), (2, 3, 23), (2 * 65536 + 13,)]
+    keys = jax.random.split(jax.random.PRNGKey(dm + 10 * dr), 3 * len(shapes))
+    items = [(jax.random.normal(keys[3 * i], s), jax.random.normal(keys[3 * i + 1], s + (dm,)),
+              jax.random.uniform(keys[3 * i + 2], s + (dr,))) for i, s in enumerate(shapes)]
+    assert sum(int(np.prod(s)) for s in shapes) >= scaled.FUSED_SUMS_MIN_ELEMENTS
+    fn = jax.jit(lambda it: lopt.scale_sums_leaves(it, "fused"))
+    assert "lopt_scale_sums" in fn.lower(items).as_text()
+    for it, got in zip(items, fn(items)):
+        np.testing.assert_allclose(np.asarray(got), _sums64(*it), rtol=2e-6)
+    pop = [(jnp.stack([p, 2 * p]), jnp.stack([m, -3 * m]), jnp.stack([r, 0.5 * r])) for p, m, r in items]
+    for it, got in zip(pop, jax.jit(jax.vmap(lambda it: lopt.scale_sums_leaves(it, "fused")))(pop)):
+        for b in range(2):
+            np.testing.assert_allclose(np.asarray(got[b]), _sums64(*(x[b] for x in it)), rtol=2e-6)
+
+
+def test_kernel_scale_sums_only_for_large_fused_steps_and_bad_operands_raise():
+    from lopt_ext import _ffi, scaled
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    small = [(jnp.ones((4, 5)), jnp.ones((4, 5, 3)), jnp.ones((4, 5, 1)))]
+    assert "lopt_scale_sums" not in jax.jit(lambda it: lopt.scale_sums_leaves(it, "fused")).lower(small).as_text()
+    big = [(jnp.ones((300, 300)), jnp.ones((300, 300, 3)), jnp.ones((300, 300, 1)))]
+    assert "lopt_scale_sums" not in jax.jit(lambda it: lopt.scale_sums_leaves(it, "reference")).lower(big).as_text()
+    with pytest.raises(Exception, match="momentum: expected float32"):
+        _ffi.scale_sums([(jnp.ones((300, 300)), jnp.ones((300, 300, 2)), jnp.ones((300, 300, 1)))], 3, 1,
+                        lopt.scale_sums)[0].block_until_ready()
+    assert scaled.FUSED_SUMS_MIN_ELEMENTS <= 300 * 300
+
+
+def test_fused_default_step_with_kernel_sums_matches_reference_on_a_large_tensor():
+    """A tensor above FUSED_SUMS_MIN_ELEMENTS: the fused step's scale comes from the kernel's
+    sums, the reference's from XLA's; 5 steps of the shipped rule agree."""
+    from lopt_ext import pretrained
+    lopt, theta = pretrained.load()
+    params = {"w": jax.random.normal(jax.random.PRNGKey(3), (300, 301)), "b": jnp.zeros((301,))}
+    grads_at = lambda i, p: jax.tree_util.tree_map(lambda x: 0.1 * x + 0.01 * jnp.sin(i + 3 * x) + 0.001, p)
+    fused, ref = (_trajectory(lopt, theta, params, impl, 5, grads_at) for impl in ("fused", "reference"))
+    for k in params:
+        a, b = np.asarray(fused[k]), np.asarray(ref[k])
+        assert np.all(np.abs(a - b) <= 1e-6 * np.max(np.abs(b)) + 1e-5 * np.abs(b)), k

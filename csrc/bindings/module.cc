@@ -10,6 +10,7 @@ extern "C" XLA_FFI_Error* LoptFusedUpdateCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* LoptFusedApplyCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* LoptPartialSumsqCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* LoptMlpUpdateCpu(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* LoptScaleSumsCpu(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace py = pybind11;
@@ -25,6 +26,7 @@ PYBIND11_MODULE(_lopt_cpu, m) {
     d["lopt_partial_sumsq"] =
         py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptPartialSumsqCpu));
     d["lopt_mlp_update"] = py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptMlpUpdateCpu));
+    d["lopt_scale_sums"] = py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptScaleSumsCpu));
     return d;
   });
   m.attr("NUM_STEP_FEATURES") = lopt::kNumStepFeatures;

@@ -225,6 +225,61 @@ ffi::Error MlpUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Remain
   return ffi::Error::Success();
 }
 
+// ScaledSmallFcLOpt's tensor-wide sums (CpuScaleSums): operands (p, m, rms) per tensor, one
+// result of 2 + dm floats per tensor. A vmapped call (broadcast_all) gives every operand and
+// result the same leading population axes; the result's shape says which they are.
+ffi::Error ScaleSumsCpu(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                        int64_t dm, int64_t dr) {
+  const int idm = NarrowAttr(dm), idr = NarrowAttr(dr);
+  if (idm < 1 || idm > kMaxDecays || idr < 1 || idr > kMaxDecays)
+    return ffi::Error::InvalidArgument("dm and dr must be in [1, 16]");
+  if (args.size() != 3 * rets.size())
+    return ffi::Error::InvalidArgument("expected (params, momentum, rms) per tensor and one result each");
+  std::vector<ScaleSumsArgs> tensors;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    const std::string where = "tensor " + std::to_string(i);
+    auto out = rets.get<ffi::AnyBuffer>(i);
+    if (!out.has_value() || (*out)->element_type() != ffi::DataType::F32)
+      return ffi::Error::InvalidArgument(where + ": cannot decode the float32 result");
+    const std::vector<int64_t> rd = Dims(**out);
+    if (rd.empty() || rd.back() != 2 + idm)
+      return ffi::Error::InvalidArgument(where + ": result must be [..., " + std::to_string(2 + idm) + "]");
+    const std::vector<int64_t> bdims(rd.begin(), rd.end() - 1);
+    int64_t batch = 1;
+    for (int64_t d : bdims) batch *= d;
+    auto p = args.get<ffi::AnyBuffer>(3 * i);
+    if (!p.has_value() || p->element_type() != ffi::DataType::F32)
+      return ffi::Error::InvalidArgument(where + ": params must be float32");
+    const std::vector<int64_t> pd = Dims(*p);
+    if (pd.size() < bdims.size() || !std::equal(bdims.begin(), bdims.end(), pd.begin()))
+      return ffi::Error::InvalidArgument(where + ": parameter shape " + ShapeStr(pd) +
+                                         " lacks the population axes " + ShapeStr(bdims));
+    std::vector<int64_t> m_shape = pd, r_shape = pd;
+    m_shape.push_back(idm);
+    r_shape.push_back(idr);
+    auto m = args.get<ffi::AnyBuffer>(3 * i + 1);
+    auto rms = args.get<ffi::AnyBuffer>(3 * i + 2);
+    if (!m.has_value() || m->element_type() != ffi::DataType::F32 || Dims(*m) != m_shape)
+      return ffi::Error::InvalidArgument(where + " momentum: expected float32 " + ShapeStr(m_shape));
+    if (!rms.has_value() || rms->element_type() != ffi::DataType::F32 || Dims(*rms) != r_shape)
+      return ffi::Error::InvalidArgument(where + " rms: expected float32 " + ShapeStr(r_shape));
+    const int64_t n = batch ? static_cast<int64_t>(p->element_count()) / batch : 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      ScaleSumsArgs a;
+      a.n = n, a.dm = idm, a.dr = idr;
+      a.p = MemberData<const float>(*p, b, batch);
+      a.m = MemberData<const float>(*m, b, batch);
+      a.rms = MemberData<const float>(*rms, b, batch);
+      a.out = MemberData<float>(**out, b, batch);
+      tensors.push_back(a);
+    }
+  }
+  const std::string err = CpuScaleSums(
+      tensors, [&pool](int64_t n, const std::function<void(int64_t)>& fn) { PoolParallelFor(&pool, n, fn); });
+  if (!err.empty()) return ffi::Error::InvalidArgument(err);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Operands and attributes shared by the calls (see ffi_common.h for the order).
@@ -247,6 +302,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedApplyCpu, FusedApplyCpu,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptPartialSumsqCpu, PartialSumsqCpu,
                               BaseBinding().Attr<ffi::Span<const int64_t>>("factored_axes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptScaleSumsCpu, ScaleSumsCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("dm")
+                                  .Attr<int64_t>("dr"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptMlpUpdateCpu, MlpUpdateCpu,
                               ffi::Ffi::Bind()

@@ -95,4 +95,20 @@ struct MlpTensorArgs {
 std::string CpuMlpLOptUpdate(const MlpConfig& cfg, bool write_delta,
                              std::vector<MlpTensorArgs>& tensors, const ParallelFor& parallel_for);
 
+// One tensor of one member for CpuScaleSums: n elements; m holds n records of dm floats and
+// rms n records of dr floats (the NEW accumulators a step returned).
+struct ScaleSumsArgs {
+  int64_t n = 0;
+  int dm = 0, dr = 0;
+  const float* p = nullptr;
+  const float* m = nullptr;
+  const float* rms = nullptr;
+  float* out = nullptr;  // 2 + dm floats: sum p^2, sum m[:, k]^2 for each k, sum of all rms
+};
+
+// The tensor-wide sums ScaledSmallFcLOpt's step scale needs (lopt_ext.scaled.scale_sums),
+// on the pool: XLA:CPU reduces a 10M-element tensor on one thread at ~9 GB/s. Accumulated in
+// double over fixed chunks combined in order: the same bits for any thread count.
+std::string CpuScaleSums(std::vector<ScaleSumsArgs>& tensors, const ParallelFor& parallel_for);
+
 }  // namespace lopt

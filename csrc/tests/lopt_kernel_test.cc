@@ -518,6 +518,44 @@ bool CpuHas(const char* isa) {
 
 }  // namespace
 
+// CpuScaleSums against sums in long double, for any thread count and task order (bit for bit),
+// and its argument checks.
+void TestScaleSums() {
+  const int64_t n = 3 * 65536 + 77;  // several tasks and a tail that fills no lane block
+  for (int dm : {1, 3}) {
+    const int dr = dm == 3 ? 1 : 2;
+    std::vector<float> p(n), m(n * dm), rms(n * dr);
+    for (int64_t i = 0; i < n; ++i) p[i] = std::sin(0.37 * i);
+    for (int64_t i = 0; i < n * dm; ++i) m[i] = std::cos(0.11 * i) * (1 + i % dm);
+    for (int64_t i = 0; i < n * dr; ++i) rms[i] = 1e-3f * (1 + i % 7);
+    long double want[2 + 3] = {};
+    for (int64_t i = 0; i < n; ++i) want[0] += (long double)p[i] * p[i];
+    for (int64_t i = 0; i < n * dm; ++i) want[1 + i % dm] += (long double)m[i] * m[i];
+    for (int64_t i = 0; i < n * dr; ++i) want[1 + dm] += rms[i];
+    std::vector<float> base;
+    for (int threads : {1, 3}) {
+      for (bool reverse : {false, true}) {
+        std::vector<float> out(2 + dm, -1.0f);
+        std::vector<lopt::ScaleSumsArgs> t(1);
+        t[0].n = n, t[0].dm = dm, t[0].dr = dr, t[0].p = p.data(), t[0].m = m.data(), t[0].rms = rms.data();
+        t[0].out = out.data();
+        const std::string err = lopt::CpuScaleSums(t, Threads(threads, reverse));
+        Check(err.empty(), "scale sums: " + err);
+        for (int f = 0; f < 2 + dm; ++f)
+          Check(std::fabs(out[f] - (double)want[f]) <= 1e-6 * std::fabs((double)want[f]),
+                "scale sums: sum " + std::to_string(f) + " (dm " + std::to_string(dm) + ")");
+        if (base.empty()) base = out;
+        Check(BitEqual(out, base), "scale sums: threads/order change the bits");
+      }
+    }
+  }
+  std::vector<lopt::ScaleSumsArgs> bad(1);
+  bad[0].n = 10, bad[0].dm = 0, bad[0].dr = 1;
+  Check(!lopt::CpuScaleSums(bad, Threads(1)).empty(), "scale sums: dm 0 accepted");
+  bad[0].dm = 3;  // no buffers
+  Check(!lopt::CpuScaleSums(bad, Threads(1)).empty(), "scale sums: missing buffers accepted");
+}
+
 int main() {
   TestHandComputedState();
   TestThreadCounts();
@@ -530,6 +568,7 @@ int main() {
   TestBadArguments();
   TestNonFinite();
   TestMlpLOpt();
+  TestScaleSums();
   std::printf("lopt_kernel_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
