@@ -192,3 +192,24 @@ def test_plateau_probe_rejects_bad_arguments(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         _plateau_probe().main(base + argv)
     assert message in capsys.readouterr().err
+
+
+def test_validation_gate_shrinks_steps_as_the_validation_loss_rises_above_its_best():
+    """tools/validation_gate_probe.py's gate against a hand computation: step factor
+    exp(-rate * log(ema_hat / min ema_hat)), ema_hat the bias-corrected moving average."""
+    import os
+    import sys
+    import jax.numpy as jnp
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+    from validation_gate_probe import validation_gate
+    rate, decay = 10.0, 0.9
+    gate = validation_gate(rate, decay)
+    state = gate.init({"w": jnp.ones(3)})
+    ema, best = 0.0, np.inf
+    for i, v in enumerate([1.0, 0.8, 0.7, 0.9, 1.2, 1.5]):
+        u, state = gate.update({"w": jnp.ones(3)}, state, value=v)
+        ema = decay * ema + (1 - decay) * v
+        hat = ema / (1 - decay ** (i + 1))
+        best = min(best, hat)
+        np.testing.assert_allclose(np.asarray(u["w"]), np.exp(-rate * np.log(hat / best)) * np.ones(3), rtol=1e-5)
+    assert float(u["w"][0]) < 0.2  # the loss rose well above its best: the step is nearly stopped
