@@ -53,9 +53,8 @@ def main(argv=None):
         ap.error(f"argument --adam-cache: no file {args.adam_cache}")
 
     import optax
-    from lopt_ext import checkpoint, pretrained, tasks
+    from lopt_ext import pretrained, tasks
     from lopt_ext.metatrain import evaluate as ev
-    from lopt_ext.metatrain.report import render_evaluation
     from lopt_ext.metatrain.population import use_cpu_cores
 
     use_cpu_cores(None)
@@ -78,16 +77,25 @@ def main(argv=None):
     names = args.tasks or tasks.list_tasks("test")
     results = ev.evaluate(names, lopt, theta, seeds=tuple(args.seeds), adam_cache=cache, make_tx=make_tx,
                           validation_value=True)
+    write_report(args.out, source, lopt, args.seeds, results,
+                 "python tools/plateau_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
+def write_report(out, source, lopt, seeds, results, command, **extra):
+    """OUT/evaluation.json and evaluation.md, the evaluation's report of ``results``."""
+    from lopt_ext import checkpoint
+    from lopt_ext.metatrain import evaluate as ev
+    from lopt_ext.metatrain.report import render_evaluation
     doc = {"optimizer": source, "lopt": checkpoint.lopt_to_json(lopt) if lopt is not None else None,
-           "seeds": list(args.seeds), "horizons": list(ev.HORIZONS), "protocol": ev.__doc__,
+           "seeds": list(seeds), "horizons": list(ev.HORIZONS), "protocol": ev.__doc__,
            "summary": ev.summarize(results), "references": ev.reference_summary(results), "results": results,
-           "command": "python tools/plateau_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+           "command": command, **extra}
     report = render_evaluation(doc)
     print(report)
-    checkpoint.atomic_write_bytes(os.path.join(args.out, "evaluation.json"), json.dumps(doc).encode())
-    with open(os.path.join(args.out, "evaluation.md"), "w") as f:
+    checkpoint.atomic_write_bytes(os.path.join(out, "evaluation.json"), json.dumps(doc).encode())
+    with open(os.path.join(out, "evaluation.md"), "w") as f:
         f.write(report + "\n")
-    print(f"wrote {args.out}/evaluation.json and evaluation.md")
+    print(f"wrote {out}/evaluation.json and evaluation.md")
 
 
 if __name__ == "__main__":

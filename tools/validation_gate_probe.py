@@ -71,11 +71,11 @@ def main(argv=None):
 
     import numpy as np
     import optax
-    from lopt_ext import checkpoint, pretrained, tasks
+    from lopt_ext import pretrained, tasks
     from lopt_ext.metatrain import evaluate as ev
     from lopt_ext.metatrain.population import use_cpu_cores
-    from lopt_ext.metatrain.report import render_evaluation
     from lopt_ext.tasks import family
+    from plateau_probe import write_report
     from scale_es import CLIP, TASKS, adam_baselines, score_task
 
     use_cpu_cores(None)
@@ -106,18 +106,9 @@ def main(argv=None):
     make_tx = lambda _hp: optax.chain(lopt.transform(theta), validation_gate(rate, decay))
     results = ev.evaluate(tasks.list_tasks("test"), lopt, theta, adam_cache=cache, make_tx=make_tx,
                           validation_value=True)
-    doc = {"optimizer": f"{source} + validation gate (rate {rate:g}, decay {decay:g})",
-           "lopt": checkpoint.lopt_to_json(lopt), "seeds": [0, 1, 2], "horizons": list(ev.HORIZONS),
-           "protocol": ev.__doc__, "summary": ev.summarize(results), "references": ev.reference_summary(results),
-           "results": results, "grid_scores": scores, "without_gate_score": float(np.mean(plain)),
-           "command": "python tools/validation_gate_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    report = render_evaluation(doc)
-    print(report)
-    checkpoint.atomic_write_bytes(os.path.join(args.out, "evaluation.json"), json.dumps(doc).encode())
-    with open(os.path.join(args.out, "evaluation.md"), "w") as f:
-        f.write(report + "\n")
-    print(f"wrote {args.out}/evaluation.json and evaluation.md")
-
+    write_report(args.out, f"{source} + validation gate (rate {rate:g}, decay {decay:g})", lopt, [0, 1, 2],
+                 results, "python tools/validation_gate_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 grid_scores=scores, without_gate_score=float(np.mean(plain)))
 
 if __name__ == "__main__":
     main()
