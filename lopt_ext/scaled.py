@@ -129,13 +129,7 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         g1 = jnp.reshape(g, (-1, 1))
         m_new = jnp.reshape(m, (-1, m.shape[-1])) * mom_b + (1 - mom_b) * g1
         rms_new = jnp.reshape(rms, (-1, rms.shape[-1])) * rms_c + (1 - rms_c) * g1 * g1
-        return self.scale_inputs_new(iteration, p, m_new, rms_new)
-
-    def scale_inputs_new(self, iteration, p, m_new, rms_new):
-        """u from the NEW accumulators (what a step returns as its new state), without the
-        progress inputs."""
-        n = max(int(np.prod(jnp.shape(p))), 1)
-        return self.scale_inputs_from_sums(iteration, self.scale_sums(p, m_new, rms_new), n)
+        return self.scale_inputs_from_sums(iteration, self.scale_sums(p, m_new, rms_new), _numel(p))
 
     def scale_sums_leaves(self, items, impl: str = "reference"):
         """scale_sums of every (p, m_new, rms_new) in items. impl="fused" with at least
@@ -258,7 +252,7 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         out = []
         sums = self.scale_sums_leaves([(leaf[0], new[0], new[1]) for leaf, new in zip(leaves, new_state)], impl)
         for leaf, new, su in zip(leaves, new_state, sums):
-            u = self.scale_inputs_from_sums(iteration, su, max(int(np.prod(jnp.shape(leaf[0]))), 1))
+            u = self.scale_inputs_from_sums(iteration, su, _numel(leaf[0]))
             if self.progress_inputs:
                 u = jnp.concatenate([u, self.progress_inputs_new(theta, iteration, leaf[0], new)])
             out.append(self._scale(theta, u))
@@ -281,9 +275,14 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         return out
 
 
+def _numel(x) -> int:
+    """Elements of x, at least 1 (the divisor of a tensor's mean; a scalar counts as 1)."""
+    return max(int(np.prod(jnp.shape(x))), 1)
+
+
 def _log_rms(x, eps):
     x1 = jnp.reshape(x, (-1,))
-    n = max(int(x1.shape[0]), 1)
+    n = _numel(x1)
     return 0.5 * jnp.log(jnp.dot(x1, x1, precision=jax.lax.Precision.HIGHEST) / n + eps)
 
 
