@@ -36,6 +36,40 @@ def cuda_precision() -> str:
     return _cuda_precision
 
 
+# How the CPU kernel evaluates the MLP's first and hidden layers:
+#   "fp32": float32 FMAs, agrees with the reference to float32 round-off (default);
+#   "bf16": bf16 inputs and weights with float32 accumulation on AMX (Intel Xeon 4th
+#           generation or later), used from BF16_MIN_HIDDEN (16) hidden units: about 1.4x
+#           faster at hidden size 32, steps agree with the reference to about 1e-2 of the
+#           tensor's largest step (docs/benchmarks.md). Smaller MLPs keep float32.
+# Read when a step is traced: set it before jit-compiling the update.
+CPU_PRECISIONS = {"fp32": 0, "bf16": 1}
+_cpu_precision = os.environ.get("LOPT_CPU_PRECISION", "fp32")
+
+
+def cpu_bf16_available() -> bool:
+    """True when this CPU and OS can run the "bf16" CPU precision (AMX-BF16)."""
+    return available() and bool(_cpu_module().cpu_has_bf16())
+
+
+def set_cpu_precision(name: str) -> None:
+    """Chooses "fp32" (exact, default) or "bf16" (AMX) for later traces of the CPU kernel."""
+    global _cpu_precision
+    if name not in CPU_PRECISIONS:
+        raise ValueError(f"cpu precision must be one of {sorted(CPU_PRECISIONS)}, got {name!r}")
+    if name == "bf16" and not cpu_bf16_available():
+        raise ValueError("cpu precision 'bf16' needs AMX-BF16 (Intel Xeon 4th generation or later) "
+                         "and an OS that allows it; this machine has neither, use 'fp32'")
+    _cpu_precision = name
+
+
+def cpu_precision() -> str:
+    if _cpu_precision not in CPU_PRECISIONS:
+        raise ValueError(f"LOPT_CPU_PRECISION must be one of {sorted(CPU_PRECISIONS)}, "
+                         f"got {_cpu_precision!r}")
+    return _cpu_precision
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_module():
     from lopt_ext import _lopt_cpu  # built by `pip install .`
@@ -140,7 +174,8 @@ def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: boo
     call = jax.ffi.ffi_call(TARGET, results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)
     outs = call(*operands, **_config_attrs(lopt), write_delta=bool(write_delta),
-                precision=np.int64(CUDA_PRECISIONS[cuda_precision()]))
+                precision=np.int64(CUDA_PRECISIONS[cuda_precision()]),
+                cpu_precision=np.int64(CPU_PRECISIONS[cpu_precision()]))
     per_leaf, i = [], 0
     for (scalar, factored, n_acc), (_, _, _, _, v_row, v_col, v_full) in zip(layout, leaves):
         out, m, rms, *acc = outs[i:i + 3 + n_acc]

@@ -350,7 +350,7 @@ def test_ffi_rejects_bad_attributes_and_operands():
     def call(operands=ops, results=outs, **attrs):
         kw = dict(hidden_size=np.int64(4), hidden_layers=np.int64(2), dm=np.int64(3), dr=np.int64(1),
                   da=np.int64(3), exp_mult=np.float32(1e-3), step_mult=np.float32(1e-3), write_delta=False,
-                  precision=np.int64(0))
+                  precision=np.int64(0), cpu_precision=np.int64(0))
         kw.update(attrs)
         return jax.block_until_ready(jax.ffi.ffi_call(_ffi.TARGET, results)(*operands, **kw))
 
@@ -366,7 +366,10 @@ def test_ffi_rejects_bad_attributes_and_operands():
         (dict(operands=ops[:1] + [p, p, jnp.zeros((6, 2)), ops[4], ops[5]]), "momentum"),
         (dict(operands=ops[:1] + [p, p.astype(jnp.float16), *ops[3:]]), "float32"),
         (dict(operands=[packed[:-1], *ops[1:]]), "packed"),
+        (dict(cpu_precision=np.int64(7)), "cpu_precision"),
     ]
+    if not _ffi.cpu_bf16_available():
+        bad.append((dict(cpu_precision=np.int64(1)), "AMX"))
     for kw, word in bad:
         with pytest.raises(Exception, match=word) as info:
             call(**kw)

@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 
 #include "lopt_config.h"
+#include "lopt_cpu.h"
 #include "lopt_cpu_tiles.h"
 #include "xla/ffi/api/c_api.h"
 
@@ -53,4 +54,7 @@ PYBIND11_MODULE(_lopt_cpu, m) {
       py::arg("hidden"), py::arg("layers"));
   m.def("cpu_isa", []() { return std::string(lopt::tiles::SelectKernels().isa); },
         "Instruction set of the CPU loops that the next call will use.");
+  m.def("cpu_has_bf16", &lopt::CpuHasBf16,
+        "True when this CPU and OS run the bf16 (AMX) precision of the fused update.");
+  m.attr("BF16_MIN_HIDDEN") = lopt::kBf16MinHidden;
 }

@@ -111,11 +111,13 @@ void SetExternal(const TensorBuffers& t, In in, Out out, TensorArgs& a) {
 template <typename Fill>
 ffi::Error RunMembers(ffi::ThreadPool& pool, const Config& cfg, bool write_delta,
                       const ffi::AnyBuffer& packed, int64_t batch,
-                      std::vector<TensorBuffers>& bufs, Fill fill) {
+                      std::vector<TensorBuffers>& bufs, Fill fill,
+                      CpuPrecision precision = CpuPrecision::kFp32) {
   std::vector<TensorArgs> tensors = MemberViews(cfg, packed, batch, bufs, true, fill);
   const std::string err = CpuFusedUpdate(
       cfg, write_delta, tensors,
-      [&pool](int64_t n, const std::function<void(int64_t)>& fn) { PoolParallelFor(&pool, n, fn); });
+      [&pool](int64_t n, const std::function<void(int64_t)>& fn) { PoolParallelFor(&pool, n, fn); },
+      precision);
   if (!err.empty()) return ffi::Error::InvalidArgument(err);
   return ffi::Error::Success();
 }
@@ -123,7 +125,10 @@ ffi::Error RunMembers(ffi::ThreadPool& pool, const Config& cfg, bool write_delta
 ffi::Error FusedUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::RemainingArgs args,
                           ffi::RemainingRets rets, int64_t hidden_size, int64_t hidden_layers,
                           int64_t dm, int64_t dr, int64_t da, float exp_mult, float step_mult,
-                          bool write_delta, int64_t /*precision: CUDA only, ignored here*/) {
+                          bool write_delta, int64_t /*precision: CUDA only, ignored here*/,
+                          int64_t cpu_precision) {
+  if (cpu_precision != 0 && cpu_precision != 1)
+    return ffi::Error::InvalidArgument("cpu_precision must be 0 (fp32) or 1 (bf16)");
   const Config cfg = MakeConfig(hidden_size, hidden_layers, dm, dr, da, exp_mult, step_mult);
   int64_t batch = 1;
   std::vector<TensorBuffers> bufs;
@@ -137,7 +142,8 @@ ffi::Error FusedUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Rema
                       } else if (t.ins.size() > 4) {  // none without Adafactor features
                         a.v_full = in(4), a.v_full_out = out(3);
                       }
-                    });
+                    },
+                    static_cast<CpuPrecision>(cpu_precision));
 }
 
 ffi::Error FusedApplyCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::RemainingArgs args,
@@ -291,9 +297,13 @@ auto BaseBinding() {
                              .RemainingRets());
 }
 
-// "precision" selects the CUDA MLP path; the shared call site passes it here too.
+// "precision" selects the CUDA MLP path and "cpu_precision" this one; the shared call
+// site passes both to both handlers.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCpu, FusedUpdateCpu,
-                              BaseBinding().Attr<bool>("write_delta").Attr<int64_t>("precision"));
+                              BaseBinding()
+                                  .Attr<bool>("write_delta")
+                                  .Attr<int64_t>("precision")
+                                  .Attr<int64_t>("cpu_precision"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedApplyCpu, FusedApplyCpu,
                               BaseBinding()

@@ -13,7 +13,7 @@ ffi::Error FusedUpdateCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
                            ffi::AnyBuffer packed, ffi::RemainingArgs args, ffi::RemainingRets rets,
                            int64_t hidden_size, int64_t hidden_layers, int64_t dm, int64_t dr,
                            int64_t da, float exp_mult, float step_mult, bool write_delta,
-                           int64_t precision) {
+                           int64_t precision, int64_t /*cpu_precision: CPU only, ignored here*/) {
   Config cfg;
   cfg.hidden = static_cast<int>(hidden_size);
   cfg.hidden_layers = static_cast<int>(hidden_layers);
@@ -82,6 +82,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCuda, FusedUpdateCuda,
                                                   .RemainingArgs()
                                                   .RemainingRets())
                                   .Attr<bool>("write_delta")
-                                  .Attr<int64_t>("precision"));
+                                  .Attr<int64_t>("precision")
+                                  .Attr<int64_t>("cpu_precision"));
 
 }  // namespace lopt::ffi_glue

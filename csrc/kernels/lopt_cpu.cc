@@ -38,6 +38,8 @@ struct Work {
   const float* v_row_new = nullptr;  // new factored accumulators (tables of pass C)
   const float* v_col_new = nullptr;
   std::vector<float> w0c;
+  std::vector<uint32_t> amx_first, amx_hidden;  // bf16 precision: the layers as AMX tiles
+  std::vector<float> amx_hidden_bias;
   std::vector<double> chunk_sumsq;  // [n_chunks][num_compact]
   // Logical-feature mean squares known before pass B (factored v features).
   std::vector<double> table_mean_sq;
@@ -94,6 +96,8 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
   P.exp_mult = cfg.exp_mult;
   P.step_mult = cfg.step_mult;
   P.write_delta = write_delta;
+  P.amx_first = P.amx_hidden = nullptr;
+  P.amx_hidden_bias = nullptr;
   P.p = a.p;
   P.g = a.g;
   P.m = a.m;
@@ -332,11 +336,20 @@ ParallelFor ChooseParallelFor(int64_t total_elements, const ParallelFor& paralle
   };
 }
 
+bool CpuHasBf16() { return tiles::SelectBf16Kernels() != nullptr; }
+
 std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<TensorArgs>& tensors,
-                           const ParallelFor& pool_parallel_for) {
+                           const ParallelFor& pool_parallel_for, CpuPrecision precision) {
   if (const char* err = ValidateConfig(cfg)) return err;
   const FeatureIndex F(cfg.dm, cfg.dr, cfg.da);
-  const tiles::Kernels& K = tiles::SelectKernels();
+  if (precision != CpuPrecision::kBf16 && precision != CpuPrecision::kFp32)
+    return "unknown CPU precision";
+  if (precision == CpuPrecision::kBf16 && !CpuHasBf16())
+    return "bf16 precision needs a CPU with AMX-BF16 (Intel Xeon 4th generation or later), "
+           "permission to use it, and LOPT_CPU_ISA unset or avx512";
+  // Below 16 hidden units a 16-wide tile is mostly padding: float32 is faster there.
+  const bool bf16 = precision == CpuPrecision::kBf16 && cfg.hidden >= kBf16MinHidden;
+  const tiles::Kernels& K = bf16 ? *tiles::SelectBf16Kernels() : tiles::SelectKernels();
   std::vector<Work> work(tensors.size());
   int64_t total = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -347,6 +360,22 @@ std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<Tens
   }
   const ParallelFor parallel_for = ChooseParallelFor(total, pool_parallel_for);
   try {
+    if (bf16 && cfg.hidden_layers > 1) {
+      const int H = cfg.hidden;
+      const int64_t words = tiles::AmxLayerWords(H, H);
+      for (Work& w : work) {
+        const int64_t bias_floats = 16 * tiles::AmxBiasRows(H);
+        w.amx_hidden.resize((cfg.hidden_layers - 1) * words);
+        w.amx_hidden_bias.resize((cfg.hidden_layers - 1) * bias_floats);
+        for (int l = 1; l < cfg.hidden_layers; ++l) {
+          const float* wb = w.plan.hidden_wb + int64_t{l - 1} * (H * H + H);
+          tiles::PackAmxLayer(wb, H, H, w.amx_hidden.data() + (l - 1) * words);
+          tiles::PackAmxBias(wb + H * H, H, w.amx_hidden_bias.data() + (l - 1) * bias_floats);
+        }
+        w.plan.amx_hidden = w.amx_hidden.data();
+        w.plan.amx_hidden_bias = w.amx_hidden_bias.data();
+      }
+    }
     // Pass A (factored tensors).
     std::vector<std::pair<int, int64_t>> tasks;
     for (size_t i = 0; i < work.size(); ++i) {
@@ -381,8 +410,15 @@ std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<Tens
     tasks.clear();
     for (size_t i = 0; i < work.size(); ++i)
       for (int64_t c = 0; c < work[i].n_chunks; ++c) tasks.emplace_back(static_cast<int>(i), c);
-    parallel_for(static_cast<int64_t>(work.size()),
-                 [&](int64_t i) { FinishB(cfg, F, work[i]); });
+    parallel_for(static_cast<int64_t>(work.size()), [&](int64_t i) {
+      Work& w = work[i];
+      FinishB(cfg, F, w);
+      if (bf16) {  // the first layer's weights exist once the scales are folded in
+        w.amx_first.resize(tiles::AmxLayerWords(w.plan.num_compact, cfg.hidden));
+        tiles::PackAmxLayer(w.plan.w0c, w.plan.num_compact, cfg.hidden, w.amx_first.data());
+        w.plan.amx_first = w.amx_first.data();
+      }
+    });
     // Pass C: the MLP and all writes.
     parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
       Work& w = work[tasks[t].first];

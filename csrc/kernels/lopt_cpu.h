@@ -63,10 +63,22 @@ struct TensorArgs {
   ExternalStats external;         // then v_row/v_col(_out) are not used
 };
 
+// How the MLP's first and hidden layers are evaluated:
+//   kFp32: float32 FMAs, the reference to float32 round-off (default);
+//   kBf16: inputs and weights rounded to bf16, exact products added in float32, on AMX
+//          (refused where the CPU or OS lacks it). Used from kBf16MinHidden hidden units;
+//          smaller MLPs keep float32, which is faster there.
+enum class CpuPrecision { kFp32 = 0, kBf16 = 1 };
+inline constexpr int kBf16MinHidden = 16;
+
+// True when this CPU can run CpuPrecision::kBf16.
+bool CpuHasBf16();
+
 // Applies one step to every tensor. Returns an empty string on success, else an
 // error message; on error nothing has been written.
 std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<TensorArgs>& tensors,
-                           const ParallelFor& parallel_for);
+                           const ParallelFor& parallel_for,
+                           CpuPrecision precision = CpuPrecision::kFp32);
 
 // Local sums of squares of the compact per-element features (the order of
 // tiles::NumCompactFeatures) of every tensor, from external row/column factors

@@ -39,6 +39,14 @@ struct TensorPlan {
   int64_t cross_stride;
   float exp_mult, step_mult;
   bool write_delta;
+  // bf16 precision only (else nullptr): the first layer's w0c and the hidden layers'
+  // weights as AMX tiles (PackAmxLayer), AmxLayerWords(num_compact, H) and (layers - 1)
+  // blocks of AmxLayerWords(H, H) words.
+  // The hidden layers' biases as (layers - 1) blocks of AmxBiasRows(H) rows of 16 floats,
+  // row h = bias[h] on every lane (PackAmxBias).
+  const uint32_t* amx_first;
+  const uint32_t* amx_hidden;
+  const float* amx_hidden_bias;
   const float *p, *g, *m, *rms, *v_full;
   float *out, *m_out, *rms_out, *v_full_out;
 };
@@ -84,9 +92,53 @@ inline int NumCompactFeatures(int dm, int dr, int da, bool factored) {
   return 2 + 2 * dm + 2 * dr + 2 * da + (factored ? 0 : 2 * da);
 }
 
+// float -> bf16 bits as VCVTNE2PS2BF16 rounds: to nearest even, denormals to signed zero,
+// NaN stays a (quiet) NaN.
+inline uint16_t Bf16Bits(float x) {
+  uint32_t u;
+  __builtin_memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// AMX bf16 layers (CpuPrecision::kBf16): a layer of n_in inputs and H outputs is cut into
+// tiles of 16 outputs (ob < AmxBlocks(H, 16)) by 32 inputs (kb < AmxBlocks(n_in, 32)),
+// zero-padded; tile (ob, kb) is 16 rows of 16 words, row r word c = bf16(w[32 kb + 2c][h])
+// in the low half and bf16(w[32 kb + 2c + 1][h]) in the high half, h = 16 ob + r.
+inline int AmxBlocks(int n, int block) { return (n + block - 1) / block; }
+inline int64_t AmxLayerWords(int n_in, int H) {
+  return int64_t{AmxBlocks(H, 16)} * AmxBlocks(n_in, 32) * 256;
+}
+// w: [n_in][H] row-major.
+inline void PackAmxLayer(const float* w, int n_in, int H, uint32_t* out) {
+  const int KB = AmxBlocks(n_in, 32), MB = AmxBlocks(H, 16);
+  auto bits = [&](int j, int h) -> uint32_t {
+    return j < n_in && h < H ? Bf16Bits(w[int64_t{j} * H + h]) : 0u;
+  };
+  for (int ob = 0; ob < MB; ++ob)
+    for (int kb = 0; kb < KB; ++kb)
+      for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c) {
+          const int j = 32 * kb + 2 * c, h = 16 * ob + r;
+          out[((int64_t{ob} * KB + kb) * 16 + r) * 16 + c] = bits(j, h) | (bits(j + 1, h) << 16);
+        }
+}
+
+// bias[h] for h < H, zero in the padding rows.
+inline int AmxBiasRows(int H) { return 16 * AmxBlocks(H, 16); }
+inline void PackAmxBias(const float* bias, int H, float* out) {
+  for (int h = 0; h < AmxBiasRows(H); ++h)
+    for (int t = 0; t < 16; ++t) out[h * 16 + t] = h < H ? bias[h] : 0.0f;
+}
+
 const Kernels& GenericKernels();
 const Kernels& Avx2Kernels();
 const Kernels& Avx512Kernels();
+const Kernels& AmxKernels();  // the avx512 loops with AMX bf16 hidden layers
 const Kernels& SelectKernels();  // best for this CPU; LOPT_CPU_ISA=generic|avx2|avx512 overrides
+// AmxKernels, or nullptr where the CPU, the OS (no AMX permission) or LOPT_CPU_ISA (below
+// avx512) rules them out.
+const Kernels* SelectBf16Kernels();
 
 }  // namespace lopt::tiles

@@ -125,13 +125,14 @@ lopt::ParallelFor Threads(int n_threads, bool reverse = false) {
 }
 
 std::vector<std::vector<float>> RunModel(const lopt::Config& c, const std::vector<std::vector<int64_t>>& shapes,
-                                         const lopt::ParallelFor& pf, std::string* err) {
+                                         const lopt::ParallelFor& pf, std::string* err,
+                                         lopt::CpuPrecision precision = lopt::CpuPrecision::kFp32) {
   const std::vector<float> packed = MakePacked(c, 99);
   std::vector<Tensor> ts;
   for (size_t i = 0; i < shapes.size(); ++i) ts.emplace_back(c, shapes[i], 1000 + 17 * static_cast<uint32_t>(i));
   std::vector<lopt::TensorArgs> args;
   for (Tensor& t : ts) args.push_back(t.Args(packed.data()));
-  *err = lopt::CpuFusedUpdate(c, false, args, pf);
+  *err = lopt::CpuFusedUpdate(c, false, args, pf, precision);
   std::vector<std::vector<float>> all;
   for (const Tensor& t : ts)
     for (auto& o : t.Outputs()) all.push_back(o);
@@ -556,6 +557,86 @@ void TestScaleSums() {
   Check(!lopt::CpuScaleSums(bad, Threads(1)).empty(), "scale sums: missing buffers accepted");
 }
 
+// 6. bf16 precision: the rounding of single values (hand-computed), the weight-tile layout,
+//    and (on CPUs with AMX) steps within a bf16 tolerance of float32, the same bits for any
+//    thread count, float32 bits below kBf16MinHidden; elsewhere a refusal that writes nothing.
+void TestBf16() {
+  using lopt::tiles::Bf16Bits;
+  auto f = [](uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; };
+  Check(Bf16Bits(1.0f) == 0x3f80, "bf16: 1.0");
+  Check(Bf16Bits(f(0x3f808000u)) == 0x3f80, "bf16: tie rounds to the even 0x3f80");
+  Check(Bf16Bits(f(0x3f818000u)) == 0x3f82, "bf16: tie rounds to the even 0x3f82");
+  Check(Bf16Bits(f(0x3f808001u)) == 0x3f81, "bf16: above the tie rounds up");
+  Check(Bf16Bits(-2.5f) == 0xc020, "bf16: -2.5");
+  Check(Bf16Bits(f(0x007fffffu)) == 0x0000 && Bf16Bits(f(0x807fffffu)) == 0x8000, "bf16: denormals to signed zero");
+  Check(Bf16Bits(f(0x7f7fffffu)) == 0x7f80, "bf16: the largest float rounds to inf");
+  Check((Bf16Bits(f(0x7f800001u)) & 0x7fc0) == 0x7fc0, "bf16: a NaN stays NaN");
+  // Layout: H = 20 outputs, 3 inputs: 2 output blocks x 1 input block, zero padding.
+  const int n_in = 3, H = 20;
+  std::vector<float> w(n_in * H);
+  for (int j = 0; j < n_in; ++j)
+    for (int h = 0; h < H; ++h) w[j * H + h] = static_cast<float>(1 + j * 32 + h);  // exact in bf16
+  std::vector<uint32_t> tiles(lopt::tiles::AmxLayerWords(n_in, H));
+  Check(tiles.size() == 2 * 256, "bf16: tile words");
+  lopt::tiles::PackAmxLayer(w.data(), n_in, H, tiles.data());
+  auto word = [&](int ob, int r, int c) { return tiles[(ob * 16 + r) * 16 + c]; };
+  Check(word(0, 5, 0) == (uint32_t(Bf16Bits(w[0 * H + 5])) | uint32_t(Bf16Bits(w[1 * H + 5])) << 16),
+        "bf16: inputs 0, 1 of output 5");
+  Check(word(1, 2, 1) == uint32_t(Bf16Bits(w[2 * H + 18])), "bf16: input 2 of output 18, odd half zero");
+  Check(word(1, 4, 0) == 0 && word(0, 0, 2) == 0, "bf16: padding is zero");
+
+  lopt::Config c;
+  c.hidden = 32;
+  std::string err;
+  if (!lopt::CpuHasBf16()) {
+    Tensor t(c, {8, 8}, 3);
+    const std::vector<float> before = t.out;
+    const std::vector<float> packed = MakePacked(c, 1);
+    std::vector<lopt::TensorArgs> args = {t.Args(packed.data())};
+    err = lopt::CpuFusedUpdate(c, false, args, Threads(1), lopt::CpuPrecision::kBf16);
+    Check(err.find("AMX") != std::string::npos, "bf16: refused without AMX: " + err);
+    Check(BitEqual(t.out, before), "bf16: a refused call writes nothing");
+    std::printf("lopt_kernel_test: no AMX-BF16 here, bf16 steps not run\n");
+    return;
+  }
+  for (int layers : {2, 3}) {
+    c.hidden_layers = layers;
+    const auto ref = RunModel(c, kShapes, Threads(1), &err);
+    const auto base = RunModel(c, kShapes, Threads(1), &err, lopt::CpuPrecision::kBf16);
+    Check(err.empty(), "bf16: " + err);
+    for (int n : {2, 3}) {
+      const auto got = RunModel(c, kShapes, Threads(n), &err, lopt::CpuPrecision::kBf16);
+      bool same = got.size() == base.size();
+      for (size_t i = 0; same && i < got.size(); ++i) same = BitEqual(got[i], base[i]);
+      Check(same, "bf16: " + std::to_string(n) + " threads differ from 1");
+    }
+    // Outputs come as (p, m, rms, accumulators...) per tensor: the new params differ from
+    // float32 by the step's bf16 error only; every state output is the same bits.
+    double worst = 0, step_scale = 0;
+    size_t i = 0;
+    for (size_t k = 0; k < kShapes.size(); ++k) {
+      Tensor probe(c, kShapes[k], 1000 + 17 * static_cast<uint32_t>(k));
+      const size_t outs = probe.Outputs().size();
+      for (size_t e = 0; e < ref[i].size(); ++e) {
+        const double step = std::fabs(double(ref[i][e]) - probe.p[e]);
+        step_scale = std::fmax(step_scale, step);
+        worst = std::fmax(worst, std::fabs(double(base[i][e]) - ref[i][e]));
+      }
+      for (size_t o = 1; o < outs; ++o) Check(BitEqual(base[i + o], ref[i + o]), "bf16: state differs from float32");
+      i += outs;
+    }
+    Check(worst <= 0.04 * step_scale, "bf16: steps too far from float32: " + std::to_string(worst / step_scale));
+  }
+  c.hidden = 8;
+  c.hidden_layers = 2;
+  const auto small32 = RunModel(c, kShapes, Threads(1), &err);
+  const auto small16 = RunModel(c, kShapes, Threads(1), &err, lopt::CpuPrecision::kBf16);
+  bool same = small16.size() == small32.size();
+  for (size_t i = 0; same && i < small16.size(); ++i) same = BitEqual(small16[i], small32[i]);
+  Check(same, "bf16: hidden 8 is not the float32 step");
+  std::printf("lopt_kernel_test: bf16 (AMX) steps tested\n");
+}
+
 int main() {
   TestHandComputedState();
   TestThreadCounts();
@@ -569,6 +650,7 @@ int main() {
   TestNonFinite();
   TestMlpLOpt();
   TestScaleSums();
+  TestBf16();
   std::printf("lopt_kernel_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   const int64_t rows = std::atoll(argv[1]), cols = std::atoll(argv[2]);
   lopt::Config cfg;
   cfg.hidden = std::atoi(argv[3]);
+  if (const char* layers = std::getenv("LOPT_BENCH_LAYERS")) cfg.hidden_layers = std::atoi(layers);
   const int repeats = argc > 4 ? std::atoi(argv[4]) : 5;
   const int64_t n = rows * cols;
   std::mt19937 rng(0);
@@ -51,6 +52,8 @@ int main(int argc, char** argv) {
     for (auto& th : pool) th.join();
   };
   std::vector<lopt::TensorArgs> tensors{t};
+  const lopt::CpuPrecision precision =
+      std::getenv("LOPT_BENCH_BF16") ? lopt::CpuPrecision::kBf16 : lopt::CpuPrecision::kFp32;
   // CPU time as well as wall time: on a shared machine the process's CPU time is
   // what the kernel cost, whatever else was scheduled meanwhile.
   auto cpu_now = [] {
@@ -62,7 +65,7 @@ int main(int argc, char** argv) {
   for (int r = 0; r < repeats; ++r) {
     const double c0 = cpu_now();
     auto t0 = std::chrono::steady_clock::now();
-    std::string err = lopt::CpuFusedUpdate(cfg, true, tensors, pfor);
+    std::string err = lopt::CpuFusedUpdate(cfg, true, tensors, pfor, precision);
     auto t1 = std::chrono::steady_clock::now();
     const double c1 = cpu_now();
     if (!err.empty()) { std::fprintf(stderr, "error: %s\n", err.c_str()); return 1; }
@@ -71,9 +74,10 @@ int main(int argc, char** argv) {
     best_cpu = (c1 - c0) < best_cpu ? (c1 - c0) : best_cpu;
   }
   const double flops = 2.0 * (28 * cfg.hidden + cfg.hidden * cfg.hidden + 2 * cfg.hidden) * n;
-  std::printf("%lldx%lld H=%d threads=%d: %.2f ms wall, %.2f ms cpu, %.1f Mparam/s, "
+  std::printf("%s%lldx%lld H=%d threads=%d: %.2f ms wall, %.2f ms cpu, %.1f Mparam/s, "
               "%.1f GFLOP/s (useful, wall)\n",
-              (long long)rows, (long long)cols, cfg.hidden, threads, best * 1e3, best_cpu * 1e3,
+              precision == lopt::CpuPrecision::kBf16 ? "bf16 " : "", (long long)rows,
+              (long long)cols, cfg.hidden, threads, best * 1e3, best_cpu * 1e3,
               n / best / 1e6, flops / best / 1e9);
   return 0;
 }
