@@ -33,9 +33,18 @@ from lopt_bench.metrics import (HIDDEN_LAYERS, MIN_BYTES_PER_PARAM, NUM_FEATURES
 
 # pretrained: what lopt_ext.pretrained.load() gives a user (the shipped default rule, its own
 # configuration and trained theta) through the fused kernel
-OPTIMIZERS = ("fused", "reference", "pretrained", "adam", "adafactor")
-LOPT_OPTIMIZERS = ("fused", "reference")  # the ones with a hidden size
+# fused_bf16: the fused step with the opt-in bf16 (AMX) CPU precision, at H=32 only (below 16
+# hidden units it is the float32 step), and only on CPUs that have it.
+OPTIMIZERS = ("fused", "fused_bf16", "reference", "pretrained", "adam", "adafactor")
+LOPT_OPTIMIZERS = ("fused", "fused_bf16", "reference")  # the ones with a hidden size
 HIDDEN_SIZES = (4, 32)
+
+
+def hidden_sizes(opt: str) -> Tuple[Optional[int], ...]:
+    if opt == "fused_bf16":
+        from lopt_ext import _ffi
+        return (32,) if _ffi.cpu_bf16_available() else ()
+    return HIDDEN_SIZES if opt in LOPT_OPTIMIZERS else (None,)
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -183,11 +192,11 @@ def cases(size_set: Optional[str] = None) -> List[Tuple[Workload, str, Optional[
     out = []
     for wl in workloads(size_set):
         for opt in OPTIMIZERS:
-            for h in (HIDDEN_SIZES if opt in LOPT_OPTIMIZERS else (None,)):
+            for h in hidden_sizes(opt):
                 if opt == "reference" and wl.num_params * wl.members > reference_max(h):
                     continue
                 out.append((wl, opt, h))
-                if wl.kind == "model" and opt == "fused":
+                if wl.kind == "model" and opt in ("fused", "fused_bf16"):
                     out.append((comparison_tensor(wl), opt, h))
     return out
 
@@ -247,7 +256,7 @@ def build_step(opt: str, hidden_size: Optional[int], members: int = 0):
         else:
             lopt = SmallFcLOpt(hidden_size=hidden_size, hidden_layers=HIDDEN_LAYERS)
             theta = lopt.init_theta(jax.random.PRNGKey(0))
-        impl = "reference" if opt == "reference" else "fused"
+        impl = "reference" if opt == "reference" else "fused"  # fused_bf16: see prepare
 
         def step(params, state, grads, theta):
             return fused_update(lopt, theta, state, params, grads, impl=impl)
@@ -282,9 +291,15 @@ def prepare(wl: Workload, opt: str, hidden_size: Optional[int], seed: int = 0) -
     params, grads = make_params_grads(wl, seed)
     state = init(params)
     jitted = jax.jit(step, donate_argnums=(0, 1))
-    t0 = time.perf_counter()
-    compiled = jitted.lower(params, state, grads, *extra).compile()
-    compile_s = time.perf_counter() - t0
+    from lopt_ext import _ffi
+    old_precision = _ffi.cpu_precision()
+    _ffi.set_cpu_precision("bf16" if opt == "fused_bf16" else "fp32")  # read while tracing
+    try:
+        t0 = time.perf_counter()
+        compiled = jitted.lower(params, state, grads, *extra).compile()
+        compile_s = time.perf_counter() - t0
+    finally:
+        _ffi.set_cpu_precision(old_precision)
     return Prepared(wl, opt, hidden_size, compiled, (params, state), (grads, *extra),
                     _tree_bytes(state), compile_s, memory_analysis(compiled))
 

@@ -11,7 +11,7 @@ NUM_FEATURES = 28  # normalised per-tensor features for the default decays (spec
 #   adam: read p, g, mu, nu; write p, mu, nu -> 7 floats.
 #   adafactor (factored matrices): read p, g; write p -> 3 floats (its factored statistics
 #   are O(rows + cols); a real implementation reads g twice, the minimum counts it once).
-MIN_BYTES_PER_PARAM = {"fused": 44.0, "reference": 44.0, "pretrained": 44.0, "adam": 28.0, "adafactor": 12.0}
+MIN_BYTES_PER_PARAM = {"fused": 44.0, "fused_bf16": 44.0, "reference": 44.0, "pretrained": 44.0, "adam": 28.0, "adafactor": 12.0}
 
 
 def useful_flops_per_param(hidden_size: int, hidden_layers: int = HIDDEN_LAYERS,
