@@ -213,3 +213,44 @@ def test_validation_gate_shrinks_steps_as_the_validation_loss_rises_above_its_be
         best = min(best, hat)
         np.testing.assert_allclose(np.asarray(u["w"]), np.exp(-rate * np.log(hat / best)) * np.ones(3), rtol=1e-5)
     assert float(u["w"][0]) < 0.2  # the loss rose well above its best: the step is nearly stopped
+
+
+def _lr_oracle_probe():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+    import lr_oracle_probe
+    return lr_oracle_probe
+
+
+def test_lr_oracle_picks_the_scale_with_the_lowest_mean_final_per_horizon():
+    """Two scales, hand-made curves (every 10 steps, 20-step smoothing = 2 points): scale 0.1
+    ends lower at step 100, scale 1 at step 200; a non-finite seed rules a scale out."""
+    ev = __import__("lopt_ext.metatrain.evaluate", fromlist=["x"])
+    n = 21
+    slow = np.linspace(1.0, 0.2, n)                                # ends 0.2 at 200, ~0.6 at 100
+    fast = np.concatenate([np.linspace(1.0, 0.3, 11), np.full(10, 0.5)])  # 0.3 at 100, 0.5 at 200
+    def run(curves, tag):
+        return [{"task": "t", "every": 10, "lopt_curve": np.asarray(curves).tolist(),
+                 "by_horizon": {str(T): {"adam": {"tag": tag}} for T in (100, 200)}}]
+    runs = {0.1: run([fast, fast], "fast"), 1.0: run([slow, slow], "slow")}
+    results, picked = _lr_oracle_probe().pick_per_task(runs, (100, 200))
+    assert picked == {"t": {"100": 0.1, "200": 1.0}}
+    assert results[0]["by_horizon"]["100"]["adam"]["tag"] == "fast"
+    assert results[0]["by_horizon"]["200"]["adam"]["tag"] == "slow"
+    broken = np.asarray(fast)
+    broken[-1] = np.nan
+    runs[0.1] = run([fast, broken], "fast")
+    _, picked = _lr_oracle_probe().pick_per_task(runs, (200,))
+    assert picked["t"]["200"] == 1.0
+    assert ev.smooth(np.asarray([fast]), 10)[0, 10] == pytest.approx((fast[9] + fast[10]) / 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scales", "0", "1"], "argument --scales"), (["--scales", "1", "1"], "argument --scales"),
+    (["--adam-cache", "/nonexistent.json"], "argument --adam-cache")])
+def test_lr_oracle_probe_rejects_bad_arguments(tmp_path, capsys, argv, message):
+    base = ["--pretrained", "scaled_small_fc_lopt_h4_es", "--out", str(tmp_path / "p"), "--adam-cache", __file__]
+    with pytest.raises(SystemExit):
+        _lr_oracle_probe().main(base + argv)
+    assert message in capsys.readouterr().err

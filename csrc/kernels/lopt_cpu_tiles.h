@@ -106,7 +106,7 @@ inline uint16_t Bf16Bits(float x) {
 // tiles of 16 outputs (ob < AmxBlocks(H, 16)) by 32 inputs (kb < AmxBlocks(n_in, 32)),
 // zero-padded; tile (ob, kb) is 16 rows of 16 words, row r word c = bf16(w[32 kb + 2c][h])
 // in the low half and bf16(w[32 kb + 2c + 1][h]) in the high half, h = 16 ob + r.
-inline int AmxBlocks(int n, int block) { return (n + block - 1) / block; }
+constexpr int AmxBlocks(int n, int block) { return (n + block - 1) / block; }
 inline int64_t AmxLayerWords(int n_in, int H) {
   return int64_t{AmxBlocks(H, 16)} * AmxBlocks(n_in, 32) * 256;
 }
