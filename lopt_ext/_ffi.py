@@ -29,19 +29,23 @@ def set_cuda_precision(name: str) -> None:
     _cuda_precision = name
 
 
+def _checked(value: str, choices, env_name: str) -> str:
+    """A precision setting, which may have come from the environment variable env_name."""
+    if value not in choices:
+        raise ValueError(f"{env_name} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
 def cuda_precision() -> str:
-    if _cuda_precision not in CUDA_PRECISIONS:
-        raise ValueError(f"LOPT_CUDA_PRECISION must be one of {sorted(CUDA_PRECISIONS)}, "
-                         f"got {_cuda_precision!r}")
-    return _cuda_precision
+    return _checked(_cuda_precision, CUDA_PRECISIONS, "LOPT_CUDA_PRECISION")
 
 
 # How the CPU kernel evaluates the MLP's first and hidden layers:
 #   "fp32": float32 FMAs, agrees with the reference to float32 round-off (default);
 #   "bf16": bf16 inputs and weights with float32 accumulation on AMX (Intel Xeon 4th
-#           generation or later), used from BF16_MIN_HIDDEN (16) hidden units: about 1.4x
-#           faster at hidden size 32, steps agree with the reference to about 1e-2 of the
-#           tensor's largest step (docs/benchmarks.md). Smaller MLPs keep float32.
+#           generation or later), used from BF16_MIN_HIDDEN (16) hidden units: about 1.5x
+#           faster at hidden size 32, steps within 4% of the update's largest step of the
+#           reference (measured worst 1.7%; docs/benchmarks.md). Smaller MLPs keep float32.
 # Read when a step is traced: set it before jit-compiling the update.
 CPU_PRECISIONS = {"fp32": 0, "bf16": 1}
 _cpu_precision = os.environ.get("LOPT_CPU_PRECISION", "fp32")
@@ -64,10 +68,7 @@ def set_cpu_precision(name: str) -> None:
 
 
 def cpu_precision() -> str:
-    if _cpu_precision not in CPU_PRECISIONS:
-        raise ValueError(f"LOPT_CPU_PRECISION must be one of {sorted(CPU_PRECISIONS)}, "
-                         f"got {_cpu_precision!r}")
-    return _cpu_precision
+    return _checked(_cpu_precision, CPU_PRECISIONS, "LOPT_CPU_PRECISION")
 
 
 @functools.lru_cache(maxsize=None)

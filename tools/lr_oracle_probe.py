@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,14 +73,9 @@ def main(argv=None):
     import optax
     from lopt_ext import pretrained, tasks
     from lopt_ext.metatrain import evaluate as ev
-    from lopt_ext.metatrain.population import use_cpu_cores
-    from plateau_probe import write_report
+    from plateau_probe import prepare_out, write_report
 
-    use_cpu_cores(None)
-    os.makedirs(args.out, exist_ok=True)
-    cache = os.path.join(args.out, "baselines.json")
-    if os.path.abspath(cache) != os.path.abspath(args.adam_cache):
-        shutil.copyfile(args.adam_cache, cache)
+    cache = prepare_out(args.out, args.adam_cache)
     lopt, theta, source = pretrained.resolve(args.theta, args.pretrained)
     names = args.tasks or tasks.list_tasks("test")
     runs = {}

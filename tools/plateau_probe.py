@@ -55,13 +55,8 @@ def main(argv=None):
     import optax
     from lopt_ext import pretrained, tasks
     from lopt_ext.metatrain import evaluate as ev
-    from lopt_ext.metatrain.population import use_cpu_cores
 
-    use_cpu_cores(None)
-    os.makedirs(args.out, exist_ok=True)
-    cache = os.path.join(args.out, "baselines.json")
-    if os.path.abspath(cache) != os.path.abspath(args.adam_cache):
-        shutil.copyfile(args.adam_cache, cache)
+    cache = prepare_out(args.out, args.adam_cache)
     plateau = optax.contrib.reduce_on_plateau(factor=args.factor, patience=args.patience,
                                               cooldown=args.cooldown, accumulation_size=args.accumulation)
     if args.adam is not None:
@@ -79,6 +74,18 @@ def main(argv=None):
                           validation_value=True)
     write_report(args.out, source, lopt, args.seeds, results,
                  "python tools/plateau_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
+def prepare_out(out, adam_cache):
+    """One jax CPU device per core, OUT created, the tuned baselines' cache copied into it
+    (the probe's runs add nothing to the committed file); returns the copy's path."""
+    from lopt_ext.metatrain.population import use_cpu_cores
+    use_cpu_cores(None)
+    os.makedirs(out, exist_ok=True)
+    cache = os.path.join(out, "baselines.json")
+    if os.path.abspath(cache) != os.path.abspath(adam_cache):
+        shutil.copyfile(adam_cache, cache)
+    return cache
 
 
 def write_report(out, source, lopt, seeds, results, command, **extra):

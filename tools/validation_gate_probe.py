@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,13 +72,11 @@ def main(argv=None):
     import optax
     from lopt_ext import pretrained, tasks
     from lopt_ext.metatrain import evaluate as ev
-    from lopt_ext.metatrain.population import use_cpu_cores
     from lopt_ext.tasks import family
-    from plateau_probe import write_report
+    from plateau_probe import prepare_out, write_report
     from scale_es import CLIP, TASKS, adam_baselines, score_task
 
-    use_cpu_cores(None)
-    os.makedirs(args.out, exist_ok=True)
+    cache = prepare_out(args.out, args.adam_cache)
     lopt, theta, source = pretrained.resolve(args.theta, args.pretrained)
     train_tasks = [family.make_task(family.TRAIN_SPECS[i]) for i in TASKS]
     base = adam_baselines(train_tasks, args.seeds, 1000, os.path.join(args.out, "adam_train.json"))
@@ -101,8 +98,6 @@ def main(argv=None):
     rate, decay = (float(x) for x in best.split(","))
     print(json.dumps({"scores": scores, "without_gate": float(np.mean(plain)), "best": best}))
 
-    cache = os.path.join(args.out, "baselines.json")
-    shutil.copyfile(args.adam_cache, cache)
     make_tx = lambda _hp: optax.chain(lopt.transform(theta), validation_gate(rate, decay))
     results = ev.evaluate(tasks.list_tasks("test"), lopt, theta, adam_cache=cache, make_tx=make_tx,
                           validation_value=True)
