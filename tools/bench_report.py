@@ -270,21 +270,17 @@ def check_targets(rows) -> List[Dict[str, Any]]:
     def add(key, name, ok, value, where):
         res.append({"id": key, "target": name, "ok": bool(ok), "value": value, "where": where})
 
-    # H=32 fraction of sgemm, at the largest single tensor.
-    for n, wl in reversed(tensors):
-        r = idx.get((wl, "fused", 32))
-        if r and r.get("frac_sgemm") is not None:
-            add("h32_sgemm_fraction", f"H=32: fused useful GFLOP/s >= {TARGET_SGEMM_FRAC_H32:.0%} of sgemm", r["frac_sgemm"] >= TARGET_SGEMM_FRAC_H32,
-                f"{r['frac_sgemm']:.1%} ({r['gflop_per_s']:.1f} GFLOP/s)", wl)
-            break
-    # The opt-in bf16 (AMX) precision against the same bar, where the run has it.
-    for n, wl in reversed(tensors):
-        r = idx.get((wl, "fused_bf16", 32))
-        if r and r.get("frac_sgemm") is not None:
-            add("h32_bf16_sgemm_fraction",
-                f"H=32, opt-in bf16 (AMX): fused useful GFLOP/s >= {TARGET_SGEMM_FRAC_H32:.0%} of float32 sgemm",
-                r["frac_sgemm"] >= TARGET_SGEMM_FRAC_H32, f"{r['frac_sgemm']:.1%} ({r['gflop_per_s']:.1f} GFLOP/s)", wl)
-            break
+    # H=32 fraction of sgemm, at the largest single tensor; the opt-in bf16 (AMX) precision
+    # against the same bar, where the run has it.
+    for opt, key, what in (("fused", "h32_sgemm_fraction", "H=32: fused useful GFLOP/s >= {} of sgemm"),
+                           ("fused_bf16", "h32_bf16_sgemm_fraction",
+                            "H=32, opt-in bf16 (AMX): fused useful GFLOP/s >= {} of float32 sgemm")):
+        for n, wl in reversed(tensors):
+            r = idx.get((wl, opt, 32))
+            if r and r.get("frac_sgemm") is not None:
+                add(key, what.format(f"{TARGET_SGEMM_FRAC_H32:.0%}"), r["frac_sgemm"] >= TARGET_SGEMM_FRAC_H32,
+                    f"{r['frac_sgemm']:.1%} ({r['gflop_per_s']:.1f} GFLOP/s)", wl)
+                break
     # H=32 speed-up over the reference, at the largest workload both ran.
     both = [(idx[(w, "fused", 32)], idx[(w, "reference", 32)]) for _, w in tensors
             if (w, "fused", 32) in idx and (w, "reference", 32) in idx]

@@ -361,19 +361,28 @@ std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<Tens
   const ParallelFor parallel_for = ChooseParallelFor(total, pool_parallel_for);
   try {
     if (bf16 && cfg.hidden_layers > 1) {
+      // The hidden layers belong to the member, not the tensor: packed once per member
+      // (tensors of one member share its packed buffer) and shared by its tensors' plans.
       const int H = cfg.hidden;
-      const int64_t words = tiles::AmxLayerWords(H, H);
+      const int64_t words = tiles::AmxLayerWords(H, H), bias_floats = 16 * tiles::AmxBiasRows(H);
+      std::vector<const Work*> packed_by;  // the Work holding each member's packed layers
       for (Work& w : work) {
-        const int64_t bias_floats = 16 * tiles::AmxBiasRows(H);
-        w.amx_hidden.resize((cfg.hidden_layers - 1) * words);
-        w.amx_hidden_bias.resize((cfg.hidden_layers - 1) * bias_floats);
-        for (int l = 1; l < cfg.hidden_layers; ++l) {
-          const float* wb = w.plan.hidden_wb + int64_t{l - 1} * (H * H + H);
-          tiles::PackAmxLayer(wb, H, H, w.amx_hidden.data() + (l - 1) * words);
-          tiles::PackAmxBias(wb + H * H, H, w.amx_hidden_bias.data() + (l - 1) * bias_floats);
+        const Work* owner = nullptr;
+        for (const Work* o : packed_by)
+          if (o->plan.hidden_wb == w.plan.hidden_wb) owner = o;
+        if (!owner) {
+          w.amx_hidden.resize((cfg.hidden_layers - 1) * words);
+          w.amx_hidden_bias.resize((cfg.hidden_layers - 1) * bias_floats);
+          for (int l = 1; l < cfg.hidden_layers; ++l) {
+            const float* wb = w.plan.hidden_wb + int64_t{l - 1} * (H * H + H);
+            tiles::PackAmxLayer(wb, H, H, w.amx_hidden.data() + (l - 1) * words);
+            tiles::PackAmxBias(wb + H * H, H, w.amx_hidden_bias.data() + (l - 1) * bias_floats);
+          }
+          packed_by.push_back(&w);
+          owner = &w;
         }
-        w.plan.amx_hidden = w.amx_hidden.data();
-        w.plan.amx_hidden_bias = w.amx_hidden_bias.data();
+        w.plan.amx_hidden = owner->amx_hidden.data();
+        w.plan.amx_hidden_bias = owner->amx_hidden_bias.data();
       }
     }
     // Pass A (factored tensors).

@@ -45,8 +45,6 @@ bool HasAvx512() {
 #endif
 }
 
-}  // namespace
-
 // AMX-BF16 on the CPU and, on Linux, the tile data permission (asked for once per process).
 bool HasAmxBf16() {
 #if defined(LOPT_HAVE_X86_ISAS) && defined(LOPT_HAVE_AMX) && defined(__linux__) && \
@@ -64,7 +62,6 @@ bool HasAmxBf16() {
 #endif
 }
 
-namespace {
 bool Avx512Allowed() {
   const char* forced = std::getenv("LOPT_CPU_ISA");
   return !forced || std::strcmp(forced, "avx512") == 0;

@@ -41,9 +41,8 @@ struct TensorPlan {
   bool write_delta;
   // bf16 precision only (else nullptr): the first layer's w0c and the hidden layers'
   // weights as AMX tiles (PackAmxLayer), AmxLayerWords(num_compact, H) and (layers - 1)
-  // blocks of AmxLayerWords(H, H) words.
-  // The hidden layers' biases as (layers - 1) blocks of AmxBiasRows(H) rows of 16 floats,
-  // row h = bias[h] on every lane (PackAmxBias).
+  // blocks of AmxLayerWords(H, H) words; the hidden layers' biases as (layers - 1) blocks of
+  // AmxBiasRows(H) rows of 16 floats, row h = bias[h] on every lane (PackAmxBias).
   const uint32_t* amx_first;
   const uint32_t* amx_hidden;
   const float* amx_hidden_bias;
