@@ -5,10 +5,14 @@ A learned optimizer is a frozen dataclass (the reference's keyword names) that i
 - ``theta_shapes()`` / ``init_theta(key)``: its meta-parameters, in the reference's layout;
 - ``state_type`` (a NamedTuple with ``iteration``, ``skipped`` and one tree per name in
   ``state_fields``) and ``leaf_state_shapes(shape)``: the float32 state of one parameter;
-- ``reference_leaves(theta, iteration, leaves)``: the pure-JAX rule, per leaf
+- ``reference_leaves(theta, iteration, leaves, context)``: the pure-JAX rule, per leaf
   (p, g, *state fields) -> (step, *new state fields), p_new = p - step;
-- ``fused_leaves(theta, iteration, leaves, write_delta)``: the same through its compiled
-  kernel, per leaf -> (p_new or -step, *new state fields);
+- ``fused_leaves(theta, iteration, leaves, write_delta, context)``: the same through its
+  compiled kernel, per leaf -> (p_new or -step, *new state fields);
+- optionally, for rules that read the loss or the horizon (``uses_loss``, ``uses_horizon``;
+  lopt_ext.celo): ``global_fields`` (state fields that are arrays, not per-leaf trees) with
+  ``global_shapes()`` and ``init_globals(num_steps)``, and ``step_context(theta, state, value,
+  num_steps)`` -> (context passed to the leaves functions, new global fields);
 - optionally ``has_step_scales = True`` and ``step_scales(theta, iteration, leaves, new_state, impl)``:
   per-tensor multipliers of the step, from the leaves and the new state fields of each, and
   ``step_decays`` (the same arguments and those scales): None, or per tensor a weight decay
@@ -29,6 +33,9 @@ MAX_HIDDEN_LAYERS = 16
 
 class LearnedOptimizer:
     state_fields: Tuple[str, ...] = ()
+    global_fields: Tuple[str, ...] = ()  # state fields that are not per-leaf trees
+    uses_loss = False      # True: every step needs the loss (optax's ``value``)
+    uses_horizon = False   # True: the step needs num_steps, the length of training
 
     def _check_mlp_fields(self) -> None:
         """hidden_size / hidden_layers ints in range, exp_mult / step_mult finite floats: the
@@ -60,11 +67,23 @@ class LearnedOptimizer:
     def leaf_state_shapes(self, shape) -> Tuple[Tuple[int, ...], ...]:
         raise NotImplementedError
 
-    def reference_leaves(self, theta, iteration, leaves) -> List[tuple]:
+    def reference_leaves(self, theta, iteration, leaves, context=None) -> List[tuple]:
         raise NotImplementedError
 
-    def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool) -> List[tuple]:
+    def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool, context=None) -> List[tuple]:
         raise NotImplementedError(f"{type(self).__name__} has no fused kernel: use impl='reference'")
+
+    def global_shapes(self) -> Dict[str, Any]:
+        """name -> (shape, dtype) of each of ``global_fields``."""
+        return {}
+
+    def init_globals(self, num_steps) -> Dict[str, Any]:
+        return {}
+
+    def step_context(self, theta, state, value, num_steps):
+        """(context for the leaves functions, new global fields) of one step; value is the
+        loss and num_steps the horizon (None where the caller gave none)."""
+        return None, {}
 
     has_step_scales = False  # True: step_scales multiplies each tensor's step
 
@@ -79,7 +98,9 @@ class LearnedOptimizer:
         scale * step + lambda * p; ``scales`` are step_scales' for the same arguments."""
         return None
 
-    def transform(self, theta, impl: str = "fused", skip_nonfinite: bool = False):
-        """An optax GradientTransformation applying this learned optimizer with ``theta``."""
+    def transform(self, theta, impl: str = "fused", skip_nonfinite: bool = False, num_steps=None):
+        """An optax GradientTransformationExtraArgs applying this learned optimizer with ``theta``:
+        ``tx.update(grads, state, params, value=loss)``; num_steps: the training horizon (rules
+        that read it require it, the others ignore it)."""
         from lopt_ext import optax_api
-        return optax_api.transform(self, theta, impl=impl, skip_nonfinite=skip_nonfinite)
+        return optax_api.transform(self, theta, impl=impl, skip_nonfinite=skip_nonfinite, num_steps=num_steps)

@@ -159,11 +159,11 @@ class SmallFcLOpt(LearnedOptimizer):
             v_full = EMPTY_SHAPE
         return shape + (dm,), shape + (dr,), v_row, v_col, v_full
 
-    def reference_leaves(self, theta: Theta, iteration, leaves):
+    def reference_leaves(self, theta: Theta, iteration, leaves, context=None):
         from lopt_ext import reference
         return reference.step_leaves(self, theta, iteration, leaves)
 
-    def fused_leaves(self, theta: Theta, iteration, leaves, *, write_delta: bool):
+    def fused_leaves(self, theta: Theta, iteration, leaves, *, write_delta: bool, context=None):
         from lopt_ext import _ffi
         return _ffi.step_leaves(self, theta, iteration, leaves, write_delta=write_delta)
 

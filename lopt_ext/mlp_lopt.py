@@ -86,12 +86,12 @@ class MLPLOpt(LearnedOptimizer):
         return (tuple(int(d) for d in shape) + (len(MOMENTUM_DECAYS),),)
 
     # ----- the rule
-    def reference_leaves(self, theta, iteration, leaves):
+    def reference_leaves(self, theta, iteration, leaves, context=None):
         """Per leaf (p, g, m) float32 -> (step, new m)."""
         feat = step_features(iteration)
         return [self._leaf_step(theta, feat, p, g, m) for p, g, m in leaves]
 
-    def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool):
+    def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool, context=None):
         from lopt_ext import _ffi
         return _ffi.mlp_step_leaves(self, theta, iteration, leaves, write_delta=write_delta)
 

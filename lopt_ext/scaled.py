@@ -82,12 +82,12 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         shapes = super().leaf_state_shapes(shape)
         return shapes + (((NUM_PROGRESS_INPUTS,),) if self.progress_inputs else ())
 
-    def reference_leaves(self, theta, iteration, leaves):
+    def reference_leaves(self, theta, iteration, leaves, context=None):
         if not self.progress_inputs:
             return super().reference_leaves(theta, iteration, leaves)
         return self._with_ref(iteration, leaves, super().reference_leaves(theta, iteration, [x[:-1] for x in leaves]))
 
-    def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool):
+    def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool, context=None):
         if not self.progress_inputs:
             return super().fused_leaves(theta, iteration, leaves, write_delta=write_delta)
         res = super().fused_leaves(theta, iteration, [x[:-1] for x in leaves], write_delta=write_delta)

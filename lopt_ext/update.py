@@ -10,7 +10,7 @@ from jax import lax
 
 from lopt_ext.base import LearnedOptimizer
 from lopt_ext.config import SmallFcLOpt
-from lopt_ext.state import check_lopt  # noqa: F401  (re-exported: the one lopt check)
+from lopt_ext.state import check_lopt, check_num_steps  # noqa: F401  (re-exported: the one lopt check)
 
 IMPLS = ("fused", "reference")
 STATE_FIELDS = SmallFcLOpt.state_fields  # small_fc_lopt's state fields (the sharded path's)
@@ -122,18 +122,52 @@ def check_inputs(lopt: LearnedOptimizer, theta, state, params, grads, grads_name
             raise TypeError(f"state.{name} must be an integer scalar, got {jnp.result_type(value)}")
         if jnp.shape(value) != ():
             raise ValueError(f"state.{name} must be a scalar, got shape {jnp.shape(value)}")
+    for name, (shape, dtype) in lopt.global_shapes().items():
+        value = getattr(state, name)
+        if _dtype(value, f"state.{name}") != dtype or tuple(jnp.shape(value)) != tuple(shape):
+            raise TypeError(f"state.{name} must be {jnp.dtype(dtype).name} of shape {tuple(shape)} (as init_state "
+                            f"makes it), got {jnp.result_type(value)} of shape {tuple(jnp.shape(value))}")
     return treedef, p_leaves, g_leaves, fields
 
 
+def check_value(lopt: LearnedOptimizer, value):
+    """The loss of the step (optax's ``value``): a real scalar where the rule reads it, else ignored."""
+    if not lopt.uses_loss:
+        return None
+    if value is None:
+        raise ValueError(f"{type(lopt).__name__} reads the loss: pass it as value= (tx.update(grads, state, params, "
+                         "value=loss), or fused_update(..., value=loss))")
+    dtype = _dtype(value, "value")
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)) or jnp.shape(value) != ():
+        raise TypeError(f"value (the loss) must be a real scalar, got {dtype} of shape {jnp.shape(value)}")
+    return jnp.asarray(value, jnp.float32)
+
+
+def check_horizon(lopt: LearnedOptimizer, state, num_steps):
+    """num_steps for this step: the call's, else the state's (init_state(..., num_steps))."""
+    num_steps = check_num_steps(num_steps)
+    if not lopt.uses_horizon or num_steps is not None:
+        return num_steps
+    stored = getattr(state, "num_steps", None)
+    if stored is not None and _is_concrete(stored) and int(stored) < 1:
+        raise ValueError(f"{type(lopt).__name__} reads the training horizon: pass num_steps= to transform, "
+                         "init_state or fused_update")
+    return None
+
+
 def apply_step(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str,
-               write_delta: bool, skip_nonfinite: bool = False, grads_name: str = "grads"):
+               write_delta: bool, skip_nonfinite: bool = False, grads_name: str = "grads",
+               value=None, num_steps=None):
     """One step. Returns (tree of new params, or of updates when write_delta; new state).
 
+    value: the loss, num_steps: the horizon (read by the rules that use them, else ignored).
     Everything is computed in float32; outputs take each parameter's dtype.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     treedef, p_leaves, g_leaves, fields = check_inputs(lopt, theta, state, params, grads, grads_name)
+    value = check_value(lopt, value)
+    num_steps = check_horizon(lopt, state, num_steps)
     check_theta_finite(theta)
     # Both paths compute in float32 (theta in float64 under x64 would make the reference's
     # state float64 and break the lax.cond below).
@@ -142,17 +176,23 @@ def apply_step(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str
     f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
     leaves = [(f32(p_leaves[i]), f32(g_leaves[i]), *(f[i] for f in fields)) for i in live]
 
+    old_globals = {name: getattr(state, name) for name in lopt.global_fields}
+
     def step(_):
+        context, new_globals = lopt.step_context(theta, state, value, num_steps)
+        return leaf_steps(context), {**old_globals, **new_globals}
+
+    def leaf_steps(context):
         if not leaves:
             return []
         if impl == "fused":
             if not lopt.has_step_scales:
-                return lopt.fused_leaves(theta, state.iteration, leaves, write_delta=write_delta)
-            res = lopt.fused_leaves(theta, state.iteration, leaves, write_delta=True)
+                return lopt.fused_leaves(theta, state.iteration, leaves, write_delta=write_delta, context=context)
+            res = lopt.fused_leaves(theta, state.iteration, leaves, write_delta=True, context=context)
             steps = [-out for out, *_ in res]
             rests = [rest for _, *rest in res]
         else:
-            res = lopt.reference_leaves(theta, state.iteration, leaves)
+            res = lopt.reference_leaves(theta, state.iteration, leaves, context=context)
             steps = [s for s, *_ in res]
             rests = [rest for _, *rest in res]
         if lopt.has_step_scales:  # from the new accumulators the step itself produced
@@ -164,15 +204,18 @@ def apply_step(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str
         return [((-s) if write_delta else (leaf[0] - s), *rest) for s, rest, leaf in zip(steps, rests, leaves)]
 
     def skip(_):  # the identity step: zero updates (or the same params), same state
-        return [((jnp.zeros_like(leaf[0]) if write_delta else leaf[0]), *leaf[2:]) for leaf in leaves]
+        return ([((jnp.zeros_like(leaf[0]) if write_delta else leaf[0]), *leaf[2:]) for leaf in leaves],
+                old_globals)
 
     finite = jnp.bool_(True)
     if skip_nonfinite and leaves:
         finite = count_bad_grads([leaf[1] for leaf in leaves]) == 0
-        results = lax.cond(finite, step, skip, None)
+        if value is not None:  # a NaN/Inf loss would poison a loss-reading rule's state for good
+            finite = finite & jnp.isfinite(value)
+        results, new_globals = lax.cond(finite, step, skip, None)
     else:
-        results = step(None)
-    return assemble(lopt, treedef, p_leaves, fields, live, results, finite, state, write_delta)
+        results, new_globals = step(None)
+    return assemble(lopt, treedef, p_leaves, fields, live, results, finite, state, write_delta, new_globals)
 
 
 def count_bad_grads(grads) -> jax.Array:
@@ -182,7 +225,7 @@ def count_bad_grads(grads) -> jax.Array:
                for g in grads)
 
 
-def assemble(lopt, treedef, p_leaves, fields, live, results, applied, state, write_delta):
+def assemble(lopt, treedef, p_leaves, fields, live, results, applied, state, write_delta, new_globals=None):
     """(tree of outputs, new state) from the per-live-leaf step results.
 
     results[k] = (out, *new state fields) for leaf live[k]; leaves not in live
@@ -200,18 +243,22 @@ def assemble(lopt, treedef, p_leaves, fields, live, results, applied, state, wri
     new_state = lopt.state_type(
         iteration=state.iteration + applied,
         skipped=state.skipped + (1 - applied),
-        **{name: unflat(f) for name, f in zip(lopt.state_fields, new_fields)})
+        **{name: unflat(f) for name, f in zip(lopt.state_fields, new_fields)},
+        **(new_globals or {}))
     return unflat(outs), new_state
 
 
 def fused_update(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str = "fused",
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, value=None, num_steps=None):
     """(new_params, new_state) for one step of the learned optimizer on a whole pytree.
 
     Argument order: ``params`` comes BEFORE ``grads`` here, while optax's
     ``tx.update(grads, state, params)`` takes the gradients first. Swapped arguments of equal
     shapes cannot be detected and run silently, so pass both by keyword:
     ``fused_update(lopt, theta, state, params=params, grads=grads)``.
+
+    value: the loss at params; num_steps: the training horizon (for this step, instead of the
+    one init_state kept). Rules that read them (Celo) require them; the others ignore them.
     """
     return apply_step(lopt, theta, state, params, grads, impl=impl, write_delta=False,
-                      skip_nonfinite=skip_nonfinite)
+                      skip_nonfinite=skip_nonfinite, value=value, num_steps=num_steps)
