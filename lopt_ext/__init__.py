@@ -1,4 +1,4 @@
-"""lopt_ext: fused XLA FFI kernels for learned optimizers (small_fc_lopt, MLPLOpt) in JAX."""
+"""lopt_ext: fused XLA FFI kernels for learned optimizers (small_fc_lopt, MLPLOpt, Celo) in JAX."""
 import pkgutil as _pkgutil
 
 # Run from a source checkout after `pip install .`, this package is the checkout's
@@ -8,10 +8,11 @@ __path__ = _pkgutil.extend_path(__path__, __name__)
 from lopt_ext.config import SmallFcLOpt, step_features, factored_dims
 from lopt_ext.scaled import ScaledSmallFcLOpt
 from lopt_ext.mlp_lopt import MLPLOpt, MLPLOptState
+from lopt_ext.celo import Celo, CeloState
 from lopt_ext.state import ScaledSmallFcLOptState, SmallFcLOptState, init_state
 from lopt_ext.update import fused_update
 
-__all__ = ["SmallFcLOpt", "ScaledSmallFcLOpt", "MLPLOpt", "MLPLOptState", "SmallFcLOptState", "ScaledSmallFcLOptState", "fused_update", "init_state", "step_features",
+__all__ = ["SmallFcLOpt", "ScaledSmallFcLOpt", "MLPLOpt", "MLPLOptState", "Celo", "CeloState", "SmallFcLOptState", "ScaledSmallFcLOptState", "fused_update", "init_state", "step_features",
            "factored_dims", "kernels_available"]
 __version__ = "0.1.0"
 

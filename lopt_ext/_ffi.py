@@ -243,6 +243,78 @@ def mlp_step_leaves(lopt, theta, iteration, leaves, *, write_delta: bool):
     return per_leaf
 
 
+# Celo's 14 first-layer input groups (w0__0 ... w0__13) in the kernel's feature order
+# (csrc/kernels/lopt_config.h FeatureIndex): g, p, m, rms, m*rsqrt, rsqrt, fac_g, row v, col v,
+# row rsqrt, col rsqrt, fac_m, then Celo's clip(g, 0.1) and g*rsqrt(rms).
+CELO_GROUP_ORDER = (0, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 1, 8)
+
+
+def pack_celo_theta(lopt, theta) -> jax.Array:
+    """Celo's per-member float32 buffer in the small_fc_lopt layout (PackedLayout with celo):
+    its fixed decays, the first-layer rows reordered, the output layer's unused third column
+    dropped."""
+    mom_b, rms_b, fac_b = lopt.decays()
+    rms_c, fac_c = jnp.clip(rms_b, 0.0, 1.0), jnp.clip(fac_b, 0.0, 1.0)
+    ff = theta["ff_mod_stack"]["~"]
+    w0 = jnp.concatenate([ff[f"w0__{i}"][0] for i in CELO_GROUP_ORDER], axis=0)
+    parts = [mom_b, 1 - mom_b, rms_c, 1 - rms_c, fac_c, 1 - fac_c, w0, ff["b0"][0]]
+    for i in range(1, lopt.ff_hidden_layers):
+        parts += [ff[f"w{i}"][0], ff[f"b{i}"][0]]
+    last = lopt.ff_hidden_layers
+    parts += [ff[f"w{last}"][0][:, :2], ff[f"b{last}"][0][:2]]
+    packed = jnp.concatenate([jnp.asarray(x, jnp.float32).ravel() for x in parts])
+    expected = _cpu_module().packed_size(lopt.ff_hidden_size, lopt.ff_hidden_layers, *lopt.num_decays, celo=True)
+    assert packed.shape == (expected,), (packed.shape, expected)
+    return packed
+
+
+def celo_step_leaves(lopt, theta, lr_mult, leaves, *, write_delta: bool):
+    """Celo's per-element rule through one fused custom call for all leaves (CPU only).
+
+    leaves: (p, g, m, rms, v_row, v_col, v_full) float32 tuples, none empty; lr_mult: [n] the
+    scheduler's per-tensor multipliers. Returns per leaf (out, m, rms, v_row, v_col, v_full).
+    """
+    ensure_registered()
+    if jax.default_backend() != "cpu":
+        raise NotImplementedError("Celo's fused kernel runs on the CPU only; use impl='reference' "
+                                  f"on {jax.default_backend()}")
+    operands = [pack_celo_theta(lopt, theta), jnp.asarray(lr_mult, jnp.float32)]
+    results, aliases, layout = [], {}, []
+    for p, g, m, rms, v_row, v_col, v_full in leaves:
+        scalar = p.ndim == 0
+        if scalar:  # the kernel sees a scalar as shape [1]
+            p, g, m, rms, v_full = p[None], g[None], m[None], rms[None], v_full[None]
+        factored = p.ndim >= 2
+        acc = (v_row, v_col) if factored else (v_full,)
+        ins = [p, g, m, rms, *acc]
+        base_in, base_out = len(operands), len(results)
+        aliases[base_in + (1 if write_delta else 0)] = base_out  # g or p buffer -> out
+        for k in range(2, len(ins)):
+            aliases[base_in + k] = base_out + k - 1
+        operands += ins
+        results += [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in [p, m, rms, *acc]]
+        layout.append((scalar, factored))
+    call = jax.ffi.ffi_call("lopt_celo_update", results, vmap_method="broadcast_all",
+                            input_output_aliases=aliases)
+    dm, dr, da = lopt.num_decays
+    outs = call(*operands, hidden_size=np.int64(lopt.ff_hidden_size), hidden_layers=np.int64(lopt.ff_hidden_layers),
+                dm=np.int64(dm), dr=np.int64(dr), da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
+                step_mult=np.float32(lopt.step_mult), write_delta=bool(write_delta))
+    per_leaf, i = [], 0
+    for (scalar, factored), (_, _, _, _, v_row, v_col, v_full) in zip(layout, leaves):
+        n = 5 if factored else 4
+        out, m, rms, *acc = outs[i:i + n]
+        i += n
+        if scalar:
+            out, m, rms, *acc = (x[0] for x in (out, m, rms, *acc))
+        if factored:
+            v_row, v_col = acc
+        else:
+            (v_full,) = acc
+        per_leaf.append((out, m, rms, v_row, v_col, v_full))
+    return per_leaf
+
+
 def apply_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bool):
     """The MLP/apply pass alone, with statistics computed elsewhere (e.g. psum'd shards).
 

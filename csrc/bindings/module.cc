@@ -9,6 +9,7 @@
 namespace lopt::ffi_glue {
 extern "C" XLA_FFI_Error* LoptFusedUpdateCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* LoptFusedApplyCpu(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* LoptCeloUpdateCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* LoptPartialSumsqCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* LoptMlpUpdateCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* LoptScaleSumsCpu(XLA_FFI_CallFrame* call_frame);
@@ -26,6 +27,8 @@ PYBIND11_MODULE(_lopt_cpu, m) {
         py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptFusedApplyCpu));
     d["lopt_partial_sumsq"] =
         py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptPartialSumsqCpu));
+    d["lopt_celo_update"] =
+        py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptCeloUpdateCpu));
     d["lopt_mlp_update"] = py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptMlpUpdateCpu));
     d["lopt_scale_sums"] = py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptScaleSumsCpu));
     return d;
@@ -34,16 +37,19 @@ PYBIND11_MODULE(_lopt_cpu, m) {
   m.attr("MAX_DECAYS") = lopt::kMaxDecays;
   m.attr("MAX_HIDDEN") = lopt::kMaxHidden;
   m.attr("MAX_HIDDEN_LAYERS") = lopt::kMaxHiddenLayers;
-  m.def("num_normalized_features", &lopt::NumNormalizedFeatures, py::arg("dm"), py::arg("dr"),
-        py::arg("da"));
+  m.def(
+      "num_normalized_features",
+      [](int dm, int dr, int da, bool celo) { return lopt::NumNormalizedFeatures(dm, dr, da, celo); },
+      py::arg("dm"), py::arg("dr"), py::arg("da"), py::arg("celo") = false);
   m.def(
       "packed_size",
-      [](int hidden, int layers, int dm, int dr, int da) {
+      [](int hidden, int layers, int dm, int dr, int da, bool celo) {
         lopt::Config c;
-        c.hidden = hidden, c.hidden_layers = layers, c.dm = dm, c.dr = dr, c.da = da;
+        c.hidden = hidden, c.hidden_layers = layers, c.dm = dm, c.dr = dr, c.da = da, c.celo = celo;
         return lopt::PackedLayout(c).size;
       },
-      py::arg("hidden"), py::arg("layers"), py::arg("dm"), py::arg("dr"), py::arg("da"));
+      py::arg("hidden"), py::arg("layers"), py::arg("dm"), py::arg("dr"), py::arg("da"),
+      py::arg("celo") = false);
   m.def(
       "mlp_packed_size",
       [](int hidden, int layers) {

@@ -146,6 +146,39 @@ ffi::Error FusedUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Rema
                     static_cast<CpuPrecision>(cpu_precision));
 }
 
+// Celo's per-element rule (Config::celo): operands packed, lr_mult [population..., tensors]
+// (the scheduler's per-tensor multipliers), then the tensors as lopt_fused_update's.
+ffi::Error CeloUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::AnyBuffer lr_mult,
+                         ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t hidden_size,
+                         int64_t hidden_layers, int64_t dm, int64_t dr, int64_t da, float exp_mult,
+                         float step_mult, bool write_delta) {
+  Config cfg = MakeConfig(hidden_size, hidden_layers, dm, dr, da, exp_mult, step_mult);
+  cfg.celo = true;
+  int64_t batch = 1;
+  std::vector<TensorBuffers> bufs;
+  if (ffi::Error err = CollectOperands(cfg, packed, args, rets, &batch, &bufs); err.failure())
+    return err;
+  std::vector<int64_t> want = Dims(packed);
+  want.back() = static_cast<int64_t>(bufs.size());
+  if (lr_mult.element_type() != ffi::DataType::F32 || Dims(lr_mult) != want)
+    return ffi::Error::InvalidArgument("lr_mult must be float32 of shape " + ShapeStr(want) +
+                                       " (population axes, then one per tensor)");
+  const int64_t n = static_cast<int64_t>(bufs.size());
+  int64_t index = 0;  // MemberViews visits member-major, tensors in order
+  return RunMembers(pool, cfg, write_delta, packed, batch, bufs,
+                    [&](const TensorBuffers& t, auto in, auto out, TensorArgs& a) {
+                      const int64_t b = index / n, i = index % n;
+                      ++index;
+                      a.lr_mult = MemberData<const float>(lr_mult, b, batch)[i];
+                      if (t.factored) {
+                        a.v_row = in(4), a.v_col = in(5);
+                        a.v_row_out = out(3), a.v_col_out = out(4);
+                      } else {
+                        a.v_full = in(4), a.v_full_out = out(3);
+                      }
+                    });
+}
+
 ffi::Error FusedApplyCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::RemainingArgs args,
                          ffi::RemainingRets rets, int64_t hidden_size, int64_t hidden_layers,
                          int64_t dm, int64_t dr, int64_t da, float exp_mult, float step_mult,
@@ -304,6 +337,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCpu, FusedUpdateCpu,
                                   .Attr<bool>("write_delta")
                                   .Attr<int64_t>("precision")
                                   .Attr<int64_t>("cpu_precision"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptCeloUpdateCpu, CeloUpdateCpu,
+                              WithConfigAttrs(ffi::Ffi::Bind()
+                                                  .Ctx<ffi::ThreadPool>()
+                                                  .Arg<ffi::AnyBuffer>()  // packed meta-parameters
+                                                  .Arg<ffi::AnyBuffer>()  // lr_mult per tensor
+                                                  .RemainingArgs()
+                                                  .RemainingRets())
+                                  .Attr<bool>("write_delta"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedApplyCpu, FusedApplyCpu,
                               BaseBinding()

@@ -26,34 +26,46 @@ inline constexpr float kMomFacEps = 1e-6f;      // m * (v + 1e-6)^-0.5, rank <= 
 inline constexpr float kGradSqEps = 1e-30f;     // g^2 + 1e-30 in factored accumulators
 inline constexpr float kNormEps = 1e-5f;        // second-moment normaliser
 
+// Celo's per-element rule (Config::celo; lopt_ext/celo.py): gradients clipped to +-1000 before
+// everything, two more features (clip(g, +-0.1) and g * rsqrt(rms + 1e-6)), m * v^-0.5 (no
+// epsilon) for rank <= 1 tensors, and the step times sqrt(mean(p^2) + 1e-9) and the tensor's
+// lr_mult (TensorArgs).
+inline constexpr float kCeloGradClip = 1000.0f;
+inline constexpr float kCeloGradFeatureClip = 0.1f;
+inline constexpr float kCeloParamScaleEps = 1e-9f;
+
 struct Config {
   int hidden = 4;         // H
   int hidden_layers = 2;  // L
   int dm = 3, dr = 1, da = 3;
   float exp_mult = 1e-3f;
   float step_mult = 1e-3f;
+  bool celo = false;  // Celo's variant of the rule (see kCeloGradClip)
 };
 
-// Number of per-tensor normalised features (28 for the default decays).
-constexpr int NumNormalizedFeatures(int dm, int dr, int da) {
-  return 2 + 2 * dm + 2 * dr + 6 * da;
+// Number of per-tensor normalised features (28 for the default decays, Celo 30).
+constexpr int NumNormalizedFeatures(int dm, int dr, int da, bool celo = false) {
+  return 2 + 2 * dm + 2 * dr + 6 * da + (celo ? 1 + dr : 0);
 }
 
-// Indices of the logical (reference-order) features.
+// Indices of the logical (reference-order) features; Celo's two extra ones come last (the
+// Python side orders Celo's first-layer rows to match).
 struct FeatureIndex {
   int g, p, m, rms, m_rsqrt, rsqrt_rms, fac_g, row_v, col_v, row_rsqrt, col_rsqrt, fac_m;
+  int clip_g, g_rsqrt;  // Celo only
   int count;
-  explicit constexpr FeatureIndex(int dm, int dr, int da)
+  explicit constexpr FeatureIndex(int dm, int dr, int da, bool celo = false)
       : g(0), p(1), m(2), rms(2 + dm), m_rsqrt(2 + dm + dr), rsqrt_rms(2 + 2 * dm + dr),
         fac_g(2 + 2 * dm + 2 * dr), row_v(fac_g + da), col_v(fac_g + 2 * da),
         row_rsqrt(fac_g + 3 * da), col_rsqrt(fac_g + 4 * da), fac_m(fac_g + 5 * da),
-        count(NumNormalizedFeatures(dm, dr, da)) {}
+        clip_g(fac_g + 6 * da), g_rsqrt(clip_g + 1), count(NumNormalizedFeatures(dm, dr, da, celo)) {}
 };
 
 // Layout of the packed float32 buffer that carries one population member's
 // traced meta-parameters into a kernel, in this order:
 //   mom_beta[dm] mom_1mb[dm] rms_beta[dr] rms_1mb[dr] fac_beta[da] fac_1mb[da]
-//   w0[F][H] (rows of the normalised features only) b0[H] (step features folded in)
+//   w0[F][H] (rows of the normalised features only, FeatureIndex order) b0[H] (step
+//   features folded in; Celo has none)
 //   (w_l[H][H] b_l[H]) for l = 1 .. L-1
 //   w_out[H][2] b_out[2]
 struct PackedLayout {
@@ -63,7 +75,7 @@ struct PackedLayout {
       : mom_beta(0), mom_1mb(c.dm), rms_beta(2 * c.dm), rms_1mb(2 * c.dm + c.dr),
         fac_beta(2 * c.dm + 2 * c.dr), fac_1mb(2 * c.dm + 2 * c.dr + c.da),
         w0(2 * c.dm + 2 * c.dr + 2 * c.da),
-        b0(w0 + int64_t{NumNormalizedFeatures(c.dm, c.dr, c.da)} * c.hidden),
+        b0(w0 + int64_t{NumNormalizedFeatures(c.dm, c.dr, c.da, c.celo)} * c.hidden),
         hidden(b0 + c.hidden),
         w_out(hidden + int64_t{c.hidden_layers - 1} * (c.hidden * c.hidden + c.hidden)),
         b_out(w_out + 2 * c.hidden), size(b_out + 2) {}
@@ -86,6 +98,7 @@ inline const char* ValidateConfig(const Config& c) {
   if (c.da != c.dm && c.da != 0)
     return "the adafactor decay count must equal the momentum decay count (or be 0)";
   if (c.dr != 1 && c.dr != c.dm) return "the rms decay count must be 1 or the momentum decay count";
+  if (c.celo && c.da == 0) return "Celo's rule has Adafactor features (adafactor decay count >= 1)";
   return nullptr;
 }
 

@@ -62,6 +62,7 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
   if (!a.p || !a.g || !a.m || !a.rms || !a.out || !a.m_out || !a.rms_out || !a.packed)
     return "missing buffer";
   const ExternalStats& ext = a.external;
+  if (cfg.celo && a.has_external) return "Celo's rule has no external-statistics path";
   if (a.has_external) {
     if (!ext.scales) return "missing external scales";
     if (factored && (!ext.v_row_new || !ext.v_col_new || !ext.row_factor || !ext.col_factor))
@@ -80,8 +81,10 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
   P.dm = cfg.dm;
   P.dr = cfg.dr;
   P.da = cfg.da;
-  P.num_compact = tiles::NumCompactFeatures(cfg.dm, cfg.dr, cfg.da, factored);
+  P.num_compact = tiles::NumCompactFeatures(cfg.dm, cfg.dr, cfg.da, factored, cfg.celo);
   P.factored = factored;
+  P.celo = cfg.celo;
+  P.mom_fac_eps = cfg.celo ? 0.0f : kMomFacEps;
   P.numel = numel;
   P.mom_beta = a.packed + L.mom_beta;
   P.mom_1mb = a.packed + L.mom_1mb;
@@ -94,7 +97,7 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
   P.w_out = a.packed + L.w_out;
   P.b_out = a.packed + L.b_out;
   P.exp_mult = cfg.exp_mult;
-  P.step_mult = cfg.step_mult;
+  P.step_mult = cfg.step_mult;  // Celo: times lr_mult and the parameter scale (FinishB)
   P.write_delta = write_delta;
   P.amx_first = P.amx_hidden = nullptr;
   P.amx_hidden_bias = nullptr;
@@ -146,7 +149,7 @@ void PassA(const tiles::Kernels& K, Work& w, int64_t task) {
   double* cross = w.cross_partial.data() + task * P.W;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t line = (a * P.N1 + i) * P.B + b;
-    K.gsq_line(P.g + line * P.W, P.W, P.C, w.line_sums.data() + line * P.C, cross);
+    K.gsq_line(P.g + line * P.W, P.W, P.C, P.celo, w.line_sums.data() + line * P.C, cross);
   }
 }
 
@@ -276,6 +279,13 @@ void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
     for (int k = 0; k < da; ++k) { twin[f] = F.col_v + k; logical[f++] = F.row_v + k; }
     for (int k = 0; k < da; ++k) { twin[f] = F.col_rsqrt + k; logical[f++] = F.row_rsqrt + k; }
   }
+  if (cfg.celo) {
+    logical[f++] = F.clip_g;
+    for (int j = 0; j < dr; ++j) logical[f++] = F.g_rsqrt + j;
+    // Celo's step is scaled by the tensor's RMS, sqrt(mean(p^2) + 1e-9): pass B summed p^2.
+    const float mean_p2 = static_cast<float>(sumsq[1] / static_cast<double>(P.numel));
+    w.plan.step_mult = cfg.step_mult * a.lr_mult * std::sqrt(mean_p2 + kCeloParamScaleEps);
+  }
   std::vector<float> scale(F.count, 0.0f);
   if (a.has_external) {
     scale.assign(a.external.scales, a.external.scales + F.count);
@@ -341,7 +351,7 @@ bool CpuHasBf16() { return tiles::SelectBf16Kernels() != nullptr; }
 std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<TensorArgs>& tensors,
                            const ParallelFor& pool_parallel_for, CpuPrecision precision) {
   if (const char* err = ValidateConfig(cfg)) return err;
-  const FeatureIndex F(cfg.dm, cfg.dr, cfg.da);
+  const FeatureIndex F(cfg.dm, cfg.dr, cfg.da, cfg.celo);
   if (precision != CpuPrecision::kBf16 && precision != CpuPrecision::kFp32)
     return "unknown CPU precision";
   if (precision == CpuPrecision::kBf16 && !CpuHasBf16())

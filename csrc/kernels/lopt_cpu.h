@@ -59,6 +59,7 @@ struct TensorArgs {
   float* v_col_out = nullptr;
   float* v_full_out = nullptr;
   const float* packed = nullptr;  // this member's PackedLayout buffer
+  float lr_mult = 1.0f;           // Config::celo: the scheduler's step multiplier of this tensor
   bool has_external = false;      // use `external` instead of passes A and B;
   ExternalStats external;         // then v_row/v_col(_out) are not used
 };

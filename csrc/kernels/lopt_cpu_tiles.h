@@ -15,6 +15,8 @@ struct TensorPlan {
   int hidden, layers, dm, dr, da;
   int num_compact;  // per-element features actually computed (see CompactFeatures)
   bool factored;
+  bool celo;          // Config::celo: clipped gradients and the two extra features
+  float mom_fac_eps;  // rank <= 1: m * (v + mom_fac_eps)^-0.5
   int64_t numel;
   // Factored tensors are viewed as (A, N1, B, N2, C): N1, N2 the two factored axes
   // in memory order. A "line" is one (a, i, b) with W = N2 * C contiguous elements.
@@ -71,8 +73,8 @@ inline constexpr int kTileLanes = 16;  // elements per tile (one AVX-512 vector 
 struct Kernels {
   const char* isa;
   // Sum of g^2 + 1e-30 over one line: line_sums[c] += over t with t % C == c;
-  // cross_acc[t] += for every t (length W).
-  void (*gsq_line)(const float* g, int64_t W, int64_t C, double* line_sums, double* cross_acc);
+  // cross_acc[t] += for every t (length W); g clipped to +-kCeloGradClip first when clip.
+  void (*gsq_line)(const float* g, int64_t W, int64_t C, bool clip, double* line_sums, double* cross_acc);
   // Adds the squares of the compact per-element features of elements [e0, e1).
   void (*stats)(const TensorPlan& plan, int64_t e0, int64_t e1, double* sumsq);
   // Writes new state and params (or the update) for elements [e0, e1).
@@ -86,9 +88,10 @@ struct Kernels {
 // Compact per-element feature order. Both kinds start with
 //   g, p, m[dm], rms[dr], m*rsqrt(rms+1e-6)[dm], rsqrt(rms+1e-6)[dr], fac_g[da], fac_m[da]
 // and rank <= 1 tensors add v[da], rsqrt(v + 1e-8)[da] (each stands for two
-// identical reference features). Factored v features come from line/cross tables.
-inline int NumCompactFeatures(int dm, int dr, int da, bool factored) {
-  return 2 + 2 * dm + 2 * dr + 2 * da + (factored ? 0 : 2 * da);
+// identical reference features); Celo then adds clip(g, +-0.1), g*rsqrt(rms+1e-6)[dr].
+// Factored v features come from line/cross tables.
+inline int NumCompactFeatures(int dm, int dr, int da, bool factored, bool celo = false) {
+  return 2 + 2 * dm + 2 * dr + 2 * da + (factored ? 0 : 2 * da) + (celo ? 1 + dr : 0);
 }
 
 // float -> bf16 bits as VCVTNE2PS2BF16 rounds: to nearest even, denormals to signed zero,

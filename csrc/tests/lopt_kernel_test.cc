@@ -254,6 +254,7 @@ void TestIndex64(const lopt::tiles::Kernels& K) {
     P.w0c = w0c.data(), P.b0 = b0.data(), P.hidden_wb = hidden_wb.data();
     P.w_out = w_out.data(), P.b_out = b_out.data();
     P.exp_mult = 0.01f, P.step_mult = 0.01f, P.write_delta = false;
+    P.mom_fac_eps = lopt::kMomFacEps;
     return P;
   };
   const int64_t n = 1000;  // elements actually touched
@@ -329,8 +330,8 @@ void TestIndex64(const lopt::tiles::Kernels& K) {
     compare("factored line " + std::to_string(line), bb, bs, sum_big, sum_small, false);
     // Pass A's line reduction reads a line at an offset beyond 2^31 the same way.
     std::vector<double> ls_big(C, 0.0), ls_small(C, 0.0), cr_big(W, 0.0), cr_small(W, 0.0);
-    K.gsq_line(big.g + e0, W, C, ls_big.data(), cr_big.data());
-    K.gsq_line(small.g, W, C, ls_small.data(), cr_small.data());
+    K.gsq_line(big.g + e0, W, C, false, ls_big.data(), cr_big.data());
+    K.gsq_line(small.g, W, C, false, ls_small.data(), cr_small.data());
     Check(ls_big == ls_small && cr_big == cr_small, "index64 " + isa + " gsq_line differs");
   }
 }

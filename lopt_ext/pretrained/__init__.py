@@ -6,10 +6,14 @@
 
 Each entry is NAME.safetensors (theta, lopt_ext.checkpoint format, config in its metadata) plus
 NAME.json (provenance: command, config, outer steps, budget, meta-loss, evaluation summary).
+
+Published optimizers of other projects load by name too, from their own files (not shipped):
+    lopt, theta = pretrained.load("celo", path="theta.state")   # Celo (MIT), see load()
 """
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from typing import Any, Dict, List
 
@@ -18,6 +22,42 @@ AVAILABLE = ("scaled_small_fc_lopt_h4_es", "scaled_small_fc_lopt_h4", "small_fc_
 # (docs/evaluation/; scaled_small_fc_lopt_h4 is the rule it was searched from and
 # small_fc_lopt_h4 the first release, both kept for comparison).
 DEFAULT = "scaled_small_fc_lopt_h4_es"
+
+
+# Celo (Moudgil et al., MIT license): its published theta.state, from its HuggingFace repository.
+CELO_REPO, CELO_FILE = "amoudgl/celo", "theta.state"
+EXTERNAL = ("celo",)
+
+
+def cache_dir() -> str:
+    """Where downloaded weights are kept: $LOPT_EXT_CACHE, else $XDG_CACHE_HOME/lopt_ext
+    (~/.cache/lopt_ext)."""
+    if os.environ.get("LOPT_EXT_CACHE"):
+        return os.environ["LOPT_EXT_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "lopt_ext")
+
+
+def celo_path(path: str | None = None) -> str:
+    """The Celo theta.state to read: ``path`` when given, else the cached copy, else one downloaded
+    with huggingface_hub (when installed and online) into the cache. Raises FileNotFoundError
+    saying how to get the file otherwise."""
+    if path is not None:
+        return os.fspath(path)
+    cached = os.path.join(cache_dir(), "celo", CELO_FILE)
+    if os.path.exists(cached):
+        return cached
+    how = (f"Celo's weights are not shipped with lopt_ext. Get them (MIT license) with "
+           f"`huggingface-cli download {CELO_REPO} {CELO_FILE} --local-dir DIR` and call "
+           f"pretrained.load('celo', path='DIR/{CELO_FILE}'), or put the file at {cached}")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise FileNotFoundError(f"{how} (or pip install huggingface_hub to download it here).") from None
+    try:
+        return hf_hub_download(CELO_REPO, CELO_FILE, local_dir=os.path.dirname(cached))
+    except Exception as e:  # offline, no such repo, ...
+        raise FileNotFoundError(f"{how}. Downloading it failed: {type(e).__name__}: {e}") from None
 
 
 def default_name() -> str:
@@ -33,7 +73,8 @@ def _file(name: str, suffix: str):
         hint = (" lopt_ext ships hidden_size=4 weights meta-trained on its offline task family as "
                 "'small_fc_lopt_h4'; PyLO's hidden_size=32 small_fc_lopt weights can be imported with "
                 "lopt_ext.checkpoint.import_pylo(path).") if name.startswith("small_fc_lopt") else ""
-        raise KeyError(f"no pretrained optimizer named {name!r}; available: {list(AVAILABLE)}.{hint}")
+        raise KeyError(f"no pretrained optimizer named {name!r}; available: {list(AVAILABLE)} "
+                       f"(and {list(EXTERNAL)} from its own file).{hint}")
     return resources.files(__name__).joinpath(name + suffix)
 
 
@@ -42,9 +83,17 @@ def info(name: str = DEFAULT) -> Dict[str, Any]:
     return json.loads(_file(name, ".json").read_text())
 
 
-def load(name: str = DEFAULT):
+def load(name: str = DEFAULT, path: str | None = None):
     """(learned optimizer config, theta) of a shipped pretrained optimizer; no network access.
-    Without a name: the best shipped one (``DEFAULT``)."""
+    Without a name: the best shipped one (``DEFAULT``).
+
+    ``load("celo", path=PATH)``: Celo's published optimizer from its theta.state file; without
+    a path, the cached copy or a download (see celo_path)."""
+    if name == "celo":
+        from lopt_ext.celo import load_theta_state
+        return load_theta_state(celo_path(path))
+    if path is not None:
+        raise ValueError(f"path is for the optimizers of other projects ({list(EXTERNAL)}); {name!r} is shipped")
     from lopt_ext import checkpoint
     with resources.as_file(_file(name, ".safetensors")) as path:
         return checkpoint.load_theta(str(path))
