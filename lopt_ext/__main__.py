@@ -301,9 +301,11 @@ def _add_others(sub):
                                         "judged on held-out loss at several horizons")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--theta", type=_input_file, default=None, metavar="PATH",
-                     help="theta .safetensors to evaluate (default: the shipped pretrained optimizer)")
-    src.add_argument("--pretrained", default=None, choices=_pretrained_names(),
-                     help="shipped learned optimizer to evaluate (default: the best one, pretrained.load())")
+                     help="theta .safetensors, or a Celo theta.state, to evaluate (default: the shipped "
+                          "pretrained optimizer)")
+    src.add_argument("--pretrained", default=None, choices=_pretrained_names() + ["celo"],
+                     help="shipped learned optimizer to evaluate (default: the best one, pretrained.load()); "
+                          "celo: Celo's published weights (from the cache or huggingface_hub; or pass --theta)")
     p.add_argument("--split", default="test", choices=_splits(),
                    help="task split to evaluate on (test: the held-out in-family MLPs that are judged)")
     p.add_argument("--tasks", nargs="+", type=_task_name, default=None, metavar="TASK",
@@ -367,7 +369,10 @@ def cmd_evaluate(args):
         ev.evaluate(names, None, None, seeds=seeds, horizons=horizons, adam_cache=cache, adam_only=True)
         print(f"wrote {cache}")
         return
-    lopt, theta, source = pretrained.resolve(args.theta, args.pretrained)
+    try:
+        lopt, theta, source = pretrained.resolve(args.theta, args.pretrained)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{PROG} evaluate: error: {e}") from None
     results = ev.evaluate(names, lopt, theta, seeds=seeds, horizons=horizons, impl=args.impl, adam_cache=cache)
     from lopt_ext.metatrain.report import render_evaluation
     doc = {"optimizer": source, "lopt": checkpoint.lopt_to_json(lopt), "seeds": list(seeds),

@@ -35,9 +35,10 @@ KIND_KEY = "kind"  # the configuration class, when it is not SmallFcLOpt
 
 
 def _lopt_classes():
+    from lopt_ext.celo import Celo
     from lopt_ext.mlp_lopt import MLPLOpt
     from lopt_ext.scaled import ScaledSmallFcLOpt
-    return {cls.__name__: cls for cls in (SmallFcLOpt, ScaledSmallFcLOpt, MLPLOpt)}
+    return {cls.__name__: cls for cls in (SmallFcLOpt, ScaledSmallFcLOpt, MLPLOpt, Celo)}
 
 
 class CheckpointMismatchError(ValueError):

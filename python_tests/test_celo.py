@@ -265,3 +265,30 @@ def test_bad_theta_files_give_clear_errors(tmp_path):
         load_theta_state(str(tmp_path / "shape"))
     with pytest.raises(FileNotFoundError, match="missing"):
         load_theta_state(str(tmp_path / "missing"))
+
+
+@needs_theta
+def test_evaluate_gives_celo_the_minibatch_loss_and_the_run_length():
+    """evaluate's learned-optimizer run against a plain loop written here: each step's minibatch
+    loss as value, the run's length as num_steps."""
+    from lopt_ext import tasks
+    from lopt_ext.metatrain import evaluate as ev
+    lopt, theta = _published()
+    task = tasks.get_task("mlp_wine_16_gelu_b64_s1_noise0.3")
+    steps = 100
+    held, _ = ev.run_curves(task, ev.lopt_tx_factory(lopt, theta, "reference", num_steps=steps), [0.0], [0], steps,
+                            train_value=True)
+    params, key = ev._init_run(task, 0)
+    tx = lopt.transform(theta, impl="reference", num_steps=steps)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, i):
+        loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(jax.random.fold_in(key, i)))
+        updates, state = tx.update(grads, state, params, value=loss)
+        return optax.apply_updates(params, updates), state
+
+    for i in range(steps):
+        params, state = step(params, state, i)
+    np.testing.assert_allclose(held[0, 0, -1], task.eval_loss(params), rtol=1e-4)
+    assert int(state.num_steps) == steps

@@ -81,17 +81,20 @@ def cosine_adam_tx(horizon: int):
     return make
 
 
-def lopt_tx_factory(lopt, theta, impl="fused"):
-    return lambda _hp: lopt.transform(theta, impl=impl)
+def lopt_tx_factory(lopt, theta, impl="fused", num_steps=None):
+    return lambda _hp: lopt.transform(theta, impl=impl, num_steps=num_steps)
 
 
 @functools.lru_cache(maxsize=None)
-def _curve_fn(task, make_tx, steps: int, every: int, train_every: int, validation_value: bool = False):
+def _curve_fn(task, make_tx, steps: int, every: int, train_every: int, validation_value: bool = False,
+              train_value: bool = False):
     """jit(vmap over members, spread over the devices) of a training run recording the held-out loss every ``every``
     steps and the training loss every ``train_every`` steps. make_tx(hp) -> optax
     transformation; hp is the member's (traced) hyper-parameter. validation_value: pass each
     step's loss on a validation batch (never trained on, not the test data) to the
-    transformation as ``value`` (optax's extra argument, e.g. for reduce_on_plateau)."""
+    transformation as ``value`` (optax's extra argument, e.g. for reduce_on_plateau);
+    train_value: pass the step's minibatch loss instead (what loss-reading rules such as
+    Celo are meta-trained with)."""
     n_chunks = steps // every
     ratio = train_every // every
 
@@ -102,9 +105,13 @@ def _curve_fn(task, make_tx, steps: int, every: int, train_every: int, validatio
         def step(carry, i):
             params, state = carry
             batch = task.sample_batch(jax.random.fold_in(seed_key, i))
-            grads = jax.grad(task.loss)(params, batch)
+            if train_value:
+                value, grads = jax.value_and_grad(task.loss)(params, batch)
+            else:
+                grads = jax.grad(task.loss)(params, batch)
             if validation_value:
                 value = task.loss(params, task.valid_batch(jax.random.fold_in(seed_key, i)))
+            if validation_value or train_value:
                 updates, state = tx.update(grads, state, params, value=value)
             else:
                 updates, state = tx.update(grads, state, params)
@@ -123,10 +130,10 @@ def _curve_fn(task, make_tx, steps: int, every: int, train_every: int, validatio
 
 
 def run_curves(task, make_tx, hps, seeds, steps=1000, every=EVERY, train_every=TRAIN_EVERY,
-               validation_value=False):
+               validation_value=False, train_value=False):
     """Held-out curves [len(hps), len(seeds), steps//every + 1] and training-loss curves
     [len(hps), len(seeds), steps//train_every + 1]; index 0 is the initial loss.
-    validation_value: see _curve_fn."""
+    validation_value, train_value: see _curve_fn."""
     if steps % every or train_every % every or steps % train_every:
         raise ValueError(f"steps ({steps}) must be a multiple of train_every ({train_every}), "
                          f"itself a multiple of every ({every})")
@@ -138,7 +145,7 @@ def run_curves(task, make_tx, hps, seeds, steps=1000, every=EVERY, train_every=T
     init_eval = np.asarray(jax.vmap(task.eval_loss)(params))
     init_train = np.asarray(jax.vmap(task.train_loss)(params))
     rep = lambda x: jnp.broadcast_to(x[None], (H,) + x.shape).reshape((H * S,) + x.shape[1:])
-    fn = _curve_fn(task, make_tx, steps, every, train_every, bool(validation_value))
+    fn = _curve_fn(task, make_tx, steps, every, train_every, bool(validation_value), bool(train_value))
     held_out, train = fn(jnp.repeat(hps, S, axis=0), rep(keys), jax.tree_util.tree_map(rep, params))
     held_out = np.asarray(held_out, np.float64).reshape(H, S, -1)
     train = np.asarray(train, np.float64).reshape(H, S, -1)[:, :, train_every // every - 1::train_every // every]
@@ -254,12 +261,14 @@ def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=E
                   impl="fused", adam_cache: Optional[str] = None, make_tx=None,
                   validation_value: bool = False) -> Dict[str, Any]:
     """make_tx: hp -> the optax transformation judged (default: the learned optimizer's);
-    validation_value: see _curve_fn."""
+    validation_value: see _curve_fn. A rule that reads the horizon is told the run's length
+    (the longest horizon) and one that reads the loss gets each step's minibatch loss."""
     steps = max(horizons)
     t0 = time.perf_counter()
-    make_tx = make_tx or lopt_tx_factory(lopt, theta, impl)
+    reads_loss = make_tx is None and lopt.uses_loss and not validation_value
+    make_tx = make_tx or lopt_tx_factory(lopt, theta, impl, num_steps=steps if lopt.uses_horizon else None)
     l_held, l_train = run_curves(task, make_tx, [0.0], list(seeds), steps, every,
-                                 validation_value=validation_value)
+                                 validation_value=validation_value, train_value=reads_loss)
     res = {"task": task.name, "seeds": list(seeds), "every": every, "smooth": SMOOTH, "horizons": list(horizons),
            "lopt_time_s": time.perf_counter() - t0, "lopt_curve": l_held[0].tolist(),
            "lopt_train_curve": l_train[0].tolist(), "by_horizon": {}}

@@ -100,9 +100,12 @@ def load(name: str = DEFAULT, path: str | None = None):
 
 
 def resolve(theta_path: str | None = None, name: str | None = None):
-    """(lopt, theta, source) from a theta file when given, else from a shipped entry (default:
-    DEFAULT); source is the path or "pretrained:NAME", as evaluations record it."""
+    """(lopt, theta, source) from a theta file when given (a Celo theta.state, or lopt_ext's
+    .safetensors), else from a shipped entry or "celo" (default: DEFAULT); source is the path
+    or "pretrained:NAME", as evaluations record it."""
     from lopt_ext import checkpoint
+    if name == "celo" or (theta_path and theta_path.endswith(".state")):  # Celo's theta.state
+        return (*load("celo", path=theta_path), theta_path or "pretrained:celo")
     if theta_path:
         return (*checkpoint.load_theta(theta_path), theta_path)
     name = name or DEFAULT
