@@ -269,15 +269,13 @@ def pack_celo_theta(lopt, theta) -> jax.Array:
 
 
 def celo_step_leaves(lopt, theta, lr_mult, leaves, *, write_delta: bool):
-    """Celo's per-element rule through one fused custom call for all leaves (CPU only).
+    """Celo's per-element rule through one fused custom call for all leaves (CPU, and CUDA
+    where its module is built).
 
     leaves: (p, g, m, rms, v_row, v_col, v_full) float32 tuples, none empty; lr_mult: [n] the
     scheduler's per-tensor multipliers. Returns per leaf (out, m, rms, v_row, v_col, v_full).
     """
     ensure_registered()
-    if jax.default_backend() != "cpu":
-        raise NotImplementedError("Celo's fused kernel runs on the CPU only; use impl='reference' "
-                                  f"on {jax.default_backend()}")
     operands = [pack_celo_theta(lopt, theta), jnp.asarray(lr_mult, jnp.float32)]
     results, aliases, layout = [], {}, []
     for p, g, m, rms, v_row, v_col, v_full in leaves:

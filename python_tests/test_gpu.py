@@ -266,3 +266,23 @@ def test_donated_buffers(precision):
         got = jax.device_get(jax.jit(f, donate_argnums=(1, 2))(theta, state, params, grads))
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_celo_fused_on_gpu_matches_the_reference():
+    """Celo's per-element kernel on the GPU against the pure-JAX reference on the GPU: a few
+    steps from the same state, per tensor at the spec's bar (the LSTM runs in JAX in both)."""
+    lopt = lopt_ext.Celo()
+    theta = jax.tree_util.tree_map(lambda x: x + 0.1, lopt.init_theta(jax.random.PRNGKey(3)))
+    dev = _gpu_devices()[0]
+    params = _on(dev, make_params([(300, 200), (7,), (), (4, 3, 2)], seed=5))
+    fused = jax.jit(lambda s, p, g: lopt_ext.fused_update(lopt, theta, s, params=p, grads=g, value=1.5))
+    ref = jax.jit(lambda s, p, g: lopt_ext.fused_update(lopt, theta, s, params=p, grads=g, value=1.5,
+                                                        impl="reference"))
+    state = _on(dev, lopt_ext.init_state(lopt, params, num_steps=20))
+    for t in range(4):
+        grads = _on(dev, make_grads(params, 10 + t))
+        a, _ = fused(state, params, grads)
+        params, state = ref(state, params, grads)
+        assert_trajectories_agree([a], [params], f"celo step {t} ")

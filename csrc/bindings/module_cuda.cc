@@ -9,6 +9,7 @@
 
 namespace lopt::ffi_glue {
 extern "C" XLA_FFI_Error* LoptFusedUpdateCuda(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* LoptCeloUpdateCuda(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace py = pybind11;
@@ -19,6 +20,8 @@ PYBIND11_MODULE(_lopt_cuda, m) {
     py::dict d;
     d["lopt_fused_update"] =
         py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptFusedUpdateCuda));
+    d["lopt_celo_update"] =
+        py::capsule(reinterpret_cast<void*>(&lopt::ffi_glue::LoptCeloUpdateCuda));
     return d;
   });
   m.attr("PRECISION_FP32") = static_cast<int>(lopt::cuda::Precision::kFp32);

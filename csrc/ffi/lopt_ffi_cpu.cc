@@ -169,7 +169,7 @@ ffi::Error CeloUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::AnyBu
                     [&](const TensorBuffers& t, auto in, auto out, TensorArgs& a) {
                       const int64_t b = index / n, i = index % n;
                       ++index;
-                      a.lr_mult = MemberData<const float>(lr_mult, b, batch)[i];
+                      a.lr_mult = MemberData<const float>(lr_mult, b, batch) + i;
                       if (t.factored) {
                         a.v_row = in(4), a.v_col = in(5);
                         a.v_row_out = out(3), a.v_col_out = out(4);

@@ -9,19 +9,11 @@
 namespace lopt::ffi_glue {
 namespace {
 
-ffi::Error FusedUpdateCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
-                           ffi::AnyBuffer packed, ffi::RemainingArgs args, ffi::RemainingRets rets,
-                           int64_t hidden_size, int64_t hidden_layers, int64_t dm, int64_t dr,
-                           int64_t da, float exp_mult, float step_mult, bool write_delta,
-                           int64_t precision, int64_t /*cpu_precision: CPU only, ignored here*/) {
-  Config cfg;
-  cfg.hidden = static_cast<int>(hidden_size);
-  cfg.hidden_layers = static_cast<int>(hidden_layers);
-  cfg.dm = static_cast<int>(dm);
-  cfg.dr = static_cast<int>(dr);
-  cfg.da = static_cast<int>(da);
-  cfg.exp_mult = exp_mult;
-  cfg.step_mult = step_mult;
+// Enqueues the step of every member's tensors; lr_mult (Celo only, else nullptr) holds
+// [population..., tensors] per-tensor step multipliers.
+ffi::Error RunCuda(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Config& cfg,
+                   ffi::AnyBuffer packed, const ffi::AnyBuffer* lr_mult, ffi::RemainingArgs& args,
+                   ffi::RemainingRets& rets, bool write_delta, int64_t precision) {
   if (precision != 0 && precision != 1)
     return ffi::Error::InvalidArgument("precision must be 0 (fp32) or 1 (tf32)");
   if (cfg.da == 0)
@@ -31,21 +23,22 @@ ffi::Error FusedUpdateCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   std::vector<TensorBuffers> bufs;
   if (ffi::Error err = CollectOperands(cfg, packed, args, rets, &batch, &bufs); err.failure())
     return err;
+  if (lr_mult) {
+    std::vector<int64_t> want = Dims(packed);
+    want.back() = static_cast<int64_t>(bufs.size());
+    if (lr_mult->element_type() != ffi::DataType::F32 || Dims(*lr_mult) != want)
+      return ffi::Error::InvalidArgument("lr_mult must be float32 of shape " + ShapeStr(want) +
+                                         " (population axes, then one per tensor)");
+  }
   const int64_t packed_size = PackedLayout(cfg).size;
   std::vector<TensorArgs> tensors;
   tensors.reserve(batch * bufs.size());
   for (int64_t b = 0; b < batch; ++b) {
-    for (TensorBuffers& t : bufs) {
+    for (size_t i = 0; i < bufs.size(); ++i) {
+      TensorBuffers& t = bufs[i];
       if (t.ins[0].element_count() == 0) continue;  // nothing to do for empty tensors
-      // Each operand is [population..., per-member shape]: member b starts at b * per.
-      auto in = [&](size_t k) {
-        const float* base = t.ins[k].typed_data<float>();
-        return base + b * (static_cast<int64_t>(t.ins[k].element_count()) / batch);
-      };
-      auto out = [&](size_t k) {
-        float* base = t.outs[k]->typed_data<float>();
-        return base + b * (static_cast<int64_t>(t.outs[k]->element_count()) / batch);
-      };
+      auto in = [&](size_t k) { return MemberData<const float>(t.ins[k], b, batch); };
+      auto out = [&](size_t k) { return MemberData<float>(*t.outs[k], b, batch); };
       TensorArgs a;
       a.shape = t.shape;
       a.packed = packed.typed_data<float>() + b * packed_size;
@@ -58,6 +51,7 @@ ffi::Error FusedUpdateCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
         a.v_full = in(4);
         a.v_full_out = out(3);
       }
+      if (lr_mult) a.lr_mult = MemberData<const float>(*lr_mult, b, batch) + i;  // device memory
       tensors.push_back(std::move(a));
     }
   }
@@ -72,6 +66,38 @@ ffi::Error FusedUpdateCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   return ffi::Error::Success();
 }
 
+Config MakeConfig(int64_t hidden_size, int64_t hidden_layers, int64_t dm, int64_t dr, int64_t da,
+                  float exp_mult, float step_mult) {
+  Config cfg;
+  cfg.hidden = static_cast<int>(hidden_size);
+  cfg.hidden_layers = static_cast<int>(hidden_layers);
+  cfg.dm = static_cast<int>(dm);
+  cfg.dr = static_cast<int>(dr);
+  cfg.da = static_cast<int>(da);
+  cfg.exp_mult = exp_mult;
+  cfg.step_mult = step_mult;
+  return cfg;
+}
+
+ffi::Error FusedUpdateCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                           ffi::AnyBuffer packed, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                           int64_t hidden_size, int64_t hidden_layers, int64_t dm, int64_t dr,
+                           int64_t da, float exp_mult, float step_mult, bool write_delta,
+                           int64_t precision, int64_t /*cpu_precision: CPU only, ignored here*/) {
+  const Config cfg = MakeConfig(hidden_size, hidden_layers, dm, dr, da, exp_mult, step_mult);
+  return RunCuda(stream, scratch, cfg, packed, nullptr, args, rets, write_delta, precision);
+}
+
+// Celo's per-element rule (Config::celo): lr_mult then the tensors, as on the CPU.
+ffi::Error CeloUpdateCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer packed,
+                          ffi::AnyBuffer lr_mult, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                          int64_t hidden_size, int64_t hidden_layers, int64_t dm, int64_t dr,
+                          int64_t da, float exp_mult, float step_mult, bool write_delta) {
+  Config cfg = MakeConfig(hidden_size, hidden_layers, dm, dr, da, exp_mult, step_mult);
+  cfg.celo = true;
+  return RunCuda(stream, scratch, cfg, packed, &lr_mult, args, rets, write_delta, 0);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCuda, FusedUpdateCuda,
@@ -84,5 +110,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptFusedUpdateCuda, FusedUpdateCuda,
                                   .Attr<bool>("write_delta")
                                   .Attr<int64_t>("precision")
                                   .Attr<int64_t>("cpu_precision"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptCeloUpdateCuda, CeloUpdateCuda,
+                              WithConfigAttrs(ffi::Ffi::Bind()
+                                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                                  .Ctx<ffi::ScratchAllocator>()
+                                                  .Arg<ffi::AnyBuffer>()  // packed meta-parameters
+                                                  .Arg<ffi::AnyBuffer>()  // lr_mult per tensor
+                                                  .RemainingArgs()
+                                                  .RemainingRets())
+                                  .Attr<bool>("write_delta"));
 
 }  // namespace lopt::ffi_glue

@@ -63,6 +63,7 @@ std::string Plan(const Config& cfg, bool write_delta, Work& w) {
     return "missing buffer";
   const ExternalStats& ext = a.external;
   if (cfg.celo && a.has_external) return "Celo's rule has no external-statistics path";
+  if (cfg.celo && !a.lr_mult) return "missing lr_mult";
   if (a.has_external) {
     if (!ext.scales) return "missing external scales";
     if (factored && (!ext.v_row_new || !ext.v_col_new || !ext.row_factor || !ext.col_factor))
@@ -284,7 +285,7 @@ void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
     for (int j = 0; j < dr; ++j) logical[f++] = F.g_rsqrt + j;
     // Celo's step is scaled by the tensor's RMS, sqrt(mean(p^2) + 1e-9): pass B summed p^2.
     const float mean_p2 = static_cast<float>(sumsq[1] / static_cast<double>(P.numel));
-    w.plan.step_mult = cfg.step_mult * a.lr_mult * std::sqrt(mean_p2 + kCeloParamScaleEps);
+    w.plan.step_mult = cfg.step_mult * *a.lr_mult * std::sqrt(mean_p2 + kCeloParamScaleEps);
   }
   std::vector<float> scale(F.count, 0.0f);
   if (a.has_external) {

@@ -59,7 +59,9 @@ struct TensorArgs {
   float* v_col_out = nullptr;
   float* v_full_out = nullptr;
   const float* packed = nullptr;  // this member's PackedLayout buffer
-  float lr_mult = 1.0f;           // Config::celo: the scheduler's step multiplier of this tensor
+  // Config::celo: where the scheduler's step multiplier of this tensor is (one float, in the
+  // memory of the device that runs the step: the kernels read it, the host need not).
+  const float* lr_mult = nullptr;
   bool has_external = false;      // use `external` instead of passes A and B;
   ExternalStats external;         // then v_row/v_col(_out) are not used
 };

@@ -33,10 +33,10 @@ namespace lopt::cuda {
 namespace {
 
 constexpr int kMaxJobs = 64;  // tensors x members per launch (kernel parameter table)
-// Compact MLP inputs: per-element features (2 + 2dm + 2dr + 2da, + 2da for rank <= 1)
-// plus, for factored tensors, the 4da broadcast v features.
-constexpr int kMaxCompact = 2 + 2 * kMaxDecays + 2 * kMaxDecays + 6 * kMaxDecays;
-constexpr int kMaxLogical = kMaxCompact;  // 2 + 2dm + 2dr + 6da at most
+// Compact MLP inputs: per-element features (2 + 2dm + 2dr + 2da, + 2da for rank <= 1, + Celo's
+// 1 + dr) plus, for factored tensors, the 4da broadcast v features.
+constexpr int kMaxCompact = 2 + 2 * kMaxDecays + 2 * kMaxDecays + 6 * kMaxDecays + 1 + kMaxDecays;
+constexpr int kMaxLogical = kMaxCompact;  // 2 + 2dm + 2dr + 6da (+ 1 + dr) at most
 
 constexpr int kReduceThreads = 256;
 constexpr int64_t kCoopMinRows = 512;       // Y == 1 rows longer than this: a block per chunk
@@ -59,6 +59,8 @@ struct Params {
   int H, L, dm, dr, da;
   float exp_mult, step_mult;
   int write_delta;
+  int celo;           // Config::celo: clipped gradients, two more features, per-tensor step scale
+  float mom_fac_eps;  // rank <= 1: m * (v + mom_fac_eps)^-0.5
   int64_t mom_beta, mom_1mb, rms_beta, rms_1mb, fac_beta, fac_1mb, w0, b0, packed_size;
   int weights_in_smem;  // fp32 path: weights copied to shared memory
 };
@@ -76,6 +78,8 @@ struct Job {
   float *out, *m_out, *rms_out, *v_line, *v_cross, *v_full_out;
   double *line_part, *cross_part, *group_part, *tab_part, *stats_part;
   float *line_fac, *cross_fac, *w0c;
+  const float* lr_mult;  // celo: the scheduler's multiplier of this tensor's step (device)
+  float* tensor_step;  // celo: step_mult * lr_mult * sqrt(mean(p^2) + 1e-9), written by Fold
   int64_t nch_line, nch_cross, nch_group;
   int64_t n_tab_blocks, n_stats_blocks;
 };
@@ -93,7 +97,7 @@ struct Reduction {
   const float* in;
   double* part;
   int64_t X, R, Y, rc, nch;
-  int square;  // 1: g^2 + 1e-30, 0: the value itself
+  int square;  // 1: g^2 + 1e-30, 2: the same of g clipped to +-kCeloGradClip, 0: the value itself
   int coop;    // Y == 1 and long rows: a block per (x, chunk)
 };
 
@@ -120,6 +124,16 @@ __device__ __forceinline__ float RSqrt(float x) { return 1.0f / sqrtf(x); }
 __device__ __forceinline__ float MaxNan(float x, float floor) { return floor > x ? floor : x; }
 __device__ __forceinline__ float SafeRSqrt(float x) { return RSqrt(MaxNan(x, kSafeRsqrtFloor)); }
 __device__ __forceinline__ float Relu(float x) { return 0.0f > x ? 0.0f : x; }
+// clip(x, -c, c) that propagates NaN like jnp.clip.
+__device__ __forceinline__ float Clip(float x, float c) {
+  x = x > c ? c : x;
+  return x < -c ? -c : x;
+}
+// A term of the middle-axis reductions (Reduction::square).
+__device__ __forceinline__ double ReduceTerm(float v, int square) {
+  if (square == 2) v = Clip(v, kCeloGradClip);
+  return square ? double(v * v + kGradSqEps) : double(v);
+}
 
 // Fixed-order warp reduction: the result is in lane 0.
 __device__ __forceinline__ double WarpSum(double v) {
@@ -154,8 +168,7 @@ __global__ void __launch_bounds__(kReduceThreads) ReduceStage1(const __grid_cons
     const float* base = r.in + x * r.R;
     double s = 0;
     for (int64_t k = r0 + threadIdx.x; k < r1; k += blockDim.x) {
-      const float v = base[k];
-      s += r.square ? double(v * v + kGradSqEps) : double(v);
+      s += ReduceTerm(base[k], r.square);
     }
     s = BlockSum(s, red);
     if (threadIdx.x == 0) r.part[x * r.nch + ch] = s;
@@ -170,8 +183,7 @@ __global__ void __launch_bounds__(kReduceThreads) ReduceStage1(const __grid_cons
   const float* base = r.in + x * r.R * r.Y + y;
   double s = 0;
   for (int64_t k = r0; k < r1; ++k) {
-    const float v = base[k * r.Y];
-    s += r.square ? double(v * v + kGradSqEps) : double(v);
+    s += ReduceTerm(base[k * r.Y], r.square);
   }
   r.part[(x * r.nch + ch) * r.Y + y] = s;
 }
@@ -282,12 +294,13 @@ __global__ void __launch_bounds__(kEntryThreads) Factors(const __grid_constant__
 // Per-element features. Compact order (the CPU driver's, lopt_cpu_tiles.h):
 //   g, p, m[dm], rms[dr], m*rsqrt(rms+1e-6)[dm], rsqrt(rms+1e-6)[dr], fac_g[da], fac_m[da]
 //   rank <= 1: v[da], rsqrt(v+1e-8)[da]     (each also stands for its twin feature)
+//   Celo: clip(g, 0.1), g*rsqrt(rms+1e-6)[dr]
 //   factored, MLP inputs only: row_v[da], col_v[da], row_rsqrt[da], col_rsqrt[da]
 template <int DM, int DR>
 struct Dec {
   static constexpr int kM = DM ? DM : kMaxDecays;
   static constexpr int kR = DR ? DR : kMaxDecays;
-  static constexpr int kCompact = DM ? 2 + 2 * DM + 2 * DR + 6 * DM : kMaxCompact;
+  static constexpr int kCompact = DM ? 2 + 2 * DM + 2 * DR + 6 * DM + 1 + DR : kMaxCompact;
   // Loops are unrolled only when their bounds are compile-time constants.
   static constexpr int kUM = DM ? DM : 1, kUR = DR ? DR : 1, kUC = DM ? kCompact : 1;
 };
@@ -297,13 +310,15 @@ __device__ __forceinline__ void Features(const Params& cp, const Job& jb, int64_
                                          bool tables, bool write_state) {
   const int dm = DM ? DM : cp.dm, dr = DR ? DR : cp.dr, da = dm;
   const float* pk = jb.packed;
-  const float g = jb.g[e], p = jb.p[e];
+  const float g = cp.celo ? Clip(jb.g[e], kCeloGradClip) : jb.g[e], p = jb.p[e];
   float mn[Dec<DM, DR>::kM], rn[Dec<DM, DR>::kR], rs[Dec<DM, DR>::kR];
   x[0] = g;
   x[1] = p;
   const int o_m = 2, o_rms = 2 + dm, o_mrs = 2 + dm + dr, o_rs = 2 + 2 * dm + dr;
   const int o_fg = 2 + 2 * dm + 2 * dr, o_fm = o_fg + da, o_v = o_fg + 2 * da,
             o_rsv = o_fg + 3 * da;
+  // Celo's two features follow the per-element ones; the factored tables come after them.
+  const int o_ex = o_fg + (jb.factored ? 2 : 4) * da, o_tab = o_v + (cp.celo ? 1 + dr : 0);
 #pragma unroll(Dec<DM, DR>::kUM)
   for (int k = 0; k < Dec<DM, DR>::kM; ++k) {
     if (k >= dm) break;
@@ -322,6 +337,14 @@ __device__ __forceinline__ void Features(const Params& cp, const Job& jb, int64_
   for (int k = 0; k < Dec<DM, DR>::kM; ++k) {
     if (k >= dm) break;
     x[o_mrs + k] = mn[k] * rs[dr == 1 ? 0 : k];
+  }
+  if (cp.celo) {
+    x[o_ex] = Clip(g, kCeloGradFeatureClip);
+#pragma unroll(Dec<DM, DR>::kUR)
+    for (int j = 0; j < Dec<DM, DR>::kR; ++j) {
+      if (j >= dr) break;
+      x[o_ex + 1 + j] = g * rs[j];
+    }
   }
   if (jb.factored) {
     int64_t li, xi;
@@ -354,10 +377,10 @@ __device__ __forceinline__ void Features(const Params& cp, const Job& jb, int64_
       x[o_fm + k] = mn[k] * rf * cf;
       if (tables) {
         const float vr = row_v[ri * da + k], vc = col_v[ci * da + k];
-        x[o_v + k] = vr;
-        x[o_v + da + k] = vc;
-        x[o_v + 2 * da + k] = RSqrt(vr + kFacRsqrtEps);
-        x[o_v + 3 * da + k] = RSqrt(vc + kFacRsqrtEps);
+        x[o_tab + k] = vr;
+        x[o_tab + da + k] = vc;
+        x[o_tab + 2 * da + k] = RSqrt(vr + kFacRsqrtEps);
+        x[o_tab + 3 * da + k] = RSqrt(vc + kFacRsqrtEps);
       }
     }
   } else {
@@ -368,7 +391,7 @@ __device__ __forceinline__ void Features(const Params& cp, const Job& jb, int64_
       if (k >= da) break;
       const float v = fb[k] * jb.v_full[e * da + k] + f1[k] * (g * g + kGradSqEps);
       x[o_fg + k] = g * RSqrt(MaxNan(v + kFullFacEps, kSafeRsqrtFloor));
-      x[o_fm + k] = mn[k] * RSqrt(v + kMomFacEps);
+      x[o_fm + k] = mn[k] * RSqrt(v + cp.mom_fac_eps);
       x[o_v + k] = v;
       x[o_rsv + k] = RSqrt(v + kFacRsqrtEps);
       if (write_state) jb.v_full_out[e * da + k] = v;
@@ -426,12 +449,14 @@ __global__ void __launch_bounds__(kStatsThreads, 2) Stats(const __grid_constant_
   }
 }
 
-// Logical (reference-order) feature of compact feature c, and its twin (or -1).
-__device__ __forceinline__ void LogicalOf(int c, int dm, int dr, int da, bool factored, int* lg,
-                                          int* twin) {
+// Logical (reference-order, lopt_config.h FeatureIndex) feature of compact feature c, and its
+// twin (or -1).
+__device__ __forceinline__ void LogicalOf(int c, int dm, int dr, int da, bool factored, bool celo,
+                                          int* lg, int* twin) {
   const int fac_g = 2 + 2 * dm + 2 * dr;
   const int row_v = fac_g + da, col_v = fac_g + 2 * da, row_rs = fac_g + 3 * da,
-            col_rs = fac_g + 4 * da, fac_m = fac_g + 5 * da;
+            col_rs = fac_g + 4 * da, fac_m = fac_g + 5 * da, clip_g = fac_g + 6 * da;
+  const int extras = celo ? 1 + dr : 0;
   *twin = -1;
   if (c < fac_g + da) {  // g p m rms m_rs rs fac_g: same order in both
     *lg = c;
@@ -447,12 +472,19 @@ __device__ __forceinline__ void LogicalOf(int c, int dm, int dr, int da, bool fa
     if (c < da) {
       *lg = row_v + c;
       *twin = col_v + c;
-    } else {
+    } else if (c < 2 * da) {
       *lg = row_rs + (c - da);
       *twin = col_rs + (c - da);
+    } else {
+      *lg = clip_g + (c - 2 * da);  // Celo's clip(g, 0.1) then g*rsqrt(rms)[dr]
     }
     return;
   }
+  if (c < extras) {
+    *lg = clip_g + c;
+    return;
+  }
+  c -= extras;
   const int kind = c / da, k = c % da;  // row_v, col_v, row_rs, col_rs
   *lg = (kind == 0 ? row_v : kind == 1 ? col_v : kind == 2 ? row_rs : col_rs) + k;
 }
@@ -467,9 +499,12 @@ __global__ void __launch_bounds__(kFoldThreads) Fold(const __grid_constant__ Lau
   for (int f = threadIdx.x; f < jb.kpe; f += blockDim.x) {
     double s = 0;
     for (int64_t b = 0; b < jb.n_stats_blocks; ++b) s += jb.stats_part[b * jb.kpe + f];
-    const float sc = RSqrt(kNormEps + static_cast<float>(s / static_cast<double>(jb.numel)));
+    const float mean_sq = static_cast<float>(s / static_cast<double>(jb.numel));
+    const float sc = RSqrt(kNormEps + mean_sq);
+    // Celo's step is scaled by the tensor's RMS: compact feature 1 is p
+    if (cp.celo && f == 1) *jb.tensor_step = cp.step_mult * *jb.lr_mult * sqrtf(mean_sq + kCeloParamScaleEps);
     int lg, tw;
-    LogicalOf(f, dm, dr, da, factored, &lg, &tw);
+    LogicalOf(f, dm, dr, da, factored, cp.celo != 0, &lg, &tw);
     scale[lg] = sc;
     if (tw >= 0) scale[tw] = sc;
   }
@@ -480,7 +515,7 @@ __global__ void __launch_bounds__(kFoldThreads) Fold(const __grid_constant__ Lau
       const bool row = (f / da) % 2 == 0;  // row_v, col_v, row_rs, col_rs
       const int64_t n = row == (jb.line_is_row != 0) ? jb.n_line : jb.n_cross;
       int lg, tw;
-      LogicalOf(jb.kpe + f, dm, dr, da, true, &lg, &tw);
+      LogicalOf(jb.kpe + f, dm, dr, da, true, cp.celo != 0, &lg, &tw);
       scale[lg] = RSqrt(kNormEps + static_cast<float>(s / static_cast<double>(n)));
     }
   }
@@ -489,15 +524,17 @@ __global__ void __launch_bounds__(kFoldThreads) Fold(const __grid_constant__ Lau
   for (int i = threadIdx.x; i < jb.kc * H; i += blockDim.x) {
     const int c = i / H, h = i % H;
     int lg, tw;
-    LogicalOf(c, dm, dr, da, factored, &lg, &tw);
+    LogicalOf(c, dm, dr, da, factored, cp.celo != 0, &lg, &tw);
     float v = scale[lg] * w0[lg * H + h];
     if (tw >= 0) v += scale[tw] * w0[tw * H + h];
     jb.w0c[i] = v;
   }
 }
 
-__device__ __forceinline__ float StepOutput(const Params& cp, float dir, float mag, float p) {
-  const float step = dir * expf(mag * cp.exp_mult) * cp.step_mult;
+__device__ __forceinline__ float StepOutput(const Params& cp, const Job& jb, float dir, float mag,
+                                            float p) {
+  const float step_mult = cp.celo ? *jb.tensor_step : cp.step_mult;
+  const float step = dir * expf(mag * cp.exp_mult) * step_mult;
   return cp.write_delta ? -step : p - step;
 }
 
@@ -575,7 +612,7 @@ __global__ void __launch_bounds__(kApplyThreads) ApplyFp32(const __grid_constant
     dir += w_out[2 * j] * ha[j];
     mag += w_out[2 * j + 1] * ha[j];
   }
-  jb.out[e] = StepOutput(cp, dir, mag, x[1]);
+  jb.out[e] = StepOutput(cp, jb, dir, mag, x[1]);
 }
 
 // ---------------------------------------------------------------------------
@@ -788,7 +825,7 @@ __global__ void __launch_bounds__(kMmaThreads) ApplyTf32(const __grid_constant__
         if (e < blk_e1) {
           const float dir = wos[2 * HH] + (q == 0 ? d0 : d1);
           const float mag = wos[2 * HH + 1] + (q == 0 ? m0 : m1);
-          jb.out[e] = StepOutput(cp, dir, mag, xw[row * XS + 1]);
+          jb.out[e] = StepOutput(cp, jb, dir, mag, xw[row * XS + 1]);
         }
       }
     }
@@ -902,7 +939,7 @@ struct Kernels {
 };
 
 int MaxKc(const Config& c) {  // factored tensors have the most MLP inputs
-  return 2 + 2 * c.dm + 2 * c.dr + 6 * c.da;
+  return 2 + 2 * c.dm + 2 * c.dr + 6 * c.da + (c.celo ? 1 + c.dr : 0);
 }
 
 }  // namespace
@@ -931,6 +968,8 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
   cp.exp_mult = cfg.exp_mult;
   cp.step_mult = cfg.step_mult;
   cp.write_delta = write_delta ? 1 : 0;
+  cp.celo = cfg.celo ? 1 : 0;
+  cp.mom_fac_eps = cfg.celo ? 0.0f : kMomFacEps;
   cp.mom_beta = PL.mom_beta;
   cp.mom_1mb = PL.mom_1mb;
   cp.rms_beta = PL.rms_beta;
@@ -976,7 +1015,9 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
     j.numel = numel;
     j.p = a.p, j.g = a.g, j.m = a.m, j.rms = a.rms, j.v_full = a.v_full, j.packed = a.packed;
     j.out = a.out, j.m_out = a.m_out, j.rms_out = a.rms_out, j.v_full_out = a.v_full_out;
-    j.kpe = 2 + 2 * cfg.dm + 2 * cfg.dr + 2 * da + (j.factored ? 0 : 2 * da);
+    j.kpe = 2 + 2 * cfg.dm + 2 * cfg.dr + 2 * da + (j.factored ? 0 : 2 * da) + (cfg.celo ? 1 + cfg.dr : 0);
+    if (cfg.celo && !a.lr_mult) return where + "missing lr_mult";
+    j.lr_mult = a.lr_mult;
     j.kc = j.kpe + (j.factored ? 4 * da : 0);
     j.A = j.N1 = j.B = j.C = 1;
     j.N2 = j.W = numel;
@@ -1012,7 +1053,7 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
     }
     j.n_stats_blocks = CeilDiv(numel, kStatsChunk);
     o.stats_part = plan.Take(j.n_stats_blocks * j.kpe * 8);
-    o.w0c = plan.Take(size_t(j.kc) * H * 4);
+    o.w0c = plan.Take((size_t(j.kc) * H + 1) * 4);  // + Celo's tensor step multiplier
   }
   char* base = static_cast<char*>(scratch(plan.bytes));
   if (!base) return "could not allocate " + std::to_string(plan.bytes) + " bytes of GPU scratch";
@@ -1029,6 +1070,7 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
     }
     j.stats_part = reinterpret_cast<double*>(base + o.stats_part);
     j.w0c = reinterpret_cast<float*>(base + o.w0c);
+    j.tensor_step = j.w0c + size_t(j.kc) * H;
   }
 
   const bool fast = cfg.dm == 3 && cfg.dr == 1;
@@ -1045,9 +1087,10 @@ std::string CudaFusedUpdate(const Config& cfg, bool write_delta, Precision preci
     for (int i = 0; i < n; ++i) {
       const Job& j = group[i];
       if (!j.factored) continue;
-      Reduction rl = MakeReduction(j.g, j.A * j.N1 * j.B, j.N2, j.C, 1);
+      const int sq = cfg.celo ? 2 : 1;  // Celo clips g first
+      Reduction rl = MakeReduction(j.g, j.A * j.N1 * j.B, j.N2, j.C, sq);
       rl.part = j.line_part;
-      Reduction rx = MakeReduction(j.g, j.A, j.N1, j.B * j.W, 1);
+      Reduction rx = MakeReduction(j.g, j.A, j.N1, j.B * j.W, sq);
       rx.part = j.cross_part;
       rs.push_back(rl);
       rs.push_back(rx);

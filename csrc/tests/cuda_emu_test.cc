@@ -44,7 +44,7 @@ std::vector<float> Packed(const Config& c, std::mt19937& rng) {
   decays(L.mom_beta, L.mom_1mb, c.dm, 0.5f);
   decays(L.rms_beta, L.rms_1mb, c.dr, 0.9f);
   decays(L.fac_beta, L.fac_1mb, c.da, 0.5f);
-  const int F = lopt::NumNormalizedFeatures(c.dm, c.dr, c.da) + lopt::kNumStepFeatures;
+  const int F = lopt::NumNormalizedFeatures(c.dm, c.dr, c.da, c.celo) + lopt::kNumStepFeatures;
   for (int64_t i = L.w0; i < L.b0; ++i) p[i] = n01(rng) / std::sqrt(float(F));
   for (int64_t i = L.b0; i < L.hidden; ++i) p[i] = 0.1f * n01(rng);
   for (int l = 1; l < c.hidden_layers; ++l) {
@@ -118,12 +118,17 @@ int RunCase(const char* name, const Config& cfg, lopt::cuda::Precision prec, boo
   std::mt19937 rng(seed);
   std::vector<std::vector<float>> packed;
   std::vector<Tensor> ref, gpu;
+  std::vector<float> lr_mult;  // Celo: the scheduler's per-tensor multipliers
+  std::uniform_real_distribution<float> lr(0.05f, 0.3f);
   for (int b = 0; b < members; ++b) {
     packed.push_back(Packed(cfg, rng));
     int i = 0;
     for (const auto& s : shapes) {
-      const float gscale = std::pow(10.f, float(i++ % 5) - 3.f);
+      // Celo: every fifth tensor's gradients pass its +-1000 clip
+      const float gscale = std::pow(10.f, float(i % 5) - 3.f) * (cfg.celo && i % 5 == 4 ? 300.f : 1.f);
+      ++i;
       ref.push_back(Make(cfg, s, rng, gscale));
+      lr_mult.push_back(lr(rng));
     }
   }
   gpu = ref;
@@ -133,6 +138,7 @@ int RunCase(const char* name, const Config& cfg, lopt::cuda::Precision prec, boo
     const float* pk = packed[i / shapes.size()].data();
     ra.push_back(Args(ref[i], ref_out[i], pk, write_delta));
     ga.push_back(Args(gpu[i], gpu[i], pk, write_delta));  // in place
+    if (cfg.celo) ra.back().lr_mult = ga.back().lr_mult = &lr_mult[i];
   }
   std::string err = lopt::CpuFusedUpdate(cfg, write_delta, ra, [](int64_t n, const std::function<void(int64_t)>& fn) {
     for (int64_t i = 0; i < n; ++i) fn(i);
@@ -218,6 +224,18 @@ int main() {
   Config g16 = odd;
   g16.hidden = 16;
   fails += RunCase("tf32 generic decays H=16", g16, P::kTf32, true, shapes, 1, 9);
+  // Celo's per-element rule (Config::celo): clipped gradients, its two extra features, the
+  // step scaled by sqrt(mean(p^2) + 1e-9) and each tensor's lr_mult.
+  Config celo;
+  celo.celo = true;
+  fails += RunCase("celo fp32 H=4", celo, P::kFp32, false, shapes, 1, 10);
+  fails += RunCase("celo population delta", celo, P::kFp32, true, small, 3, 11);
+  Config celo_odd = odd;
+  celo_odd.celo = true;
+  fails += RunCase("celo fp32 generic decays H=8", celo_odd, P::kFp32, true, shapes, 1, 12);
+  Config celo32 = h32;
+  celo32.celo = true;
+  fails += RunCase("celo tf32 H=32", celo32, P::kTf32, true, shapes, 1, 13);
   std::printf(fails ? "FAILED %d cases\n" : "all cases passed\n", fails);
   return fails ? 1 : 0;
 }
