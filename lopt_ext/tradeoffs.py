@@ -7,7 +7,8 @@ Optimizers
 - hand-designed (optax): sgd, sgd_momentum (momentum 0.9), adam, adafactor (optax.adafactor with
   only its learning rate set);
 - learned: every entry of ``lopt_ext.variants.STUDY``, theta from
-  ``docs/tradeoffs/theta/<name>.safetensors`` (``--quick``: an untrained theta,
+  ``docs/tradeoffs/theta/<name>.safetensors``, Celo's from its published theta.state
+  (``pretrained.load("celo")``: the cached copy or a download) (``--quick``: an untrained theta,
   ``init_theta(PRNGKey(0))``). Each has an unfused path (``impl="reference"``, pure JAX) and a
   fused one (``impl="fused"``, the compiled kernel); a fused kernel that is not available (yet)
   is recorded as null with the reason, and everything else is still measured.
@@ -128,9 +129,21 @@ def theta_path(name: str, theta_dir: str = THETA_DIR) -> str:
 
 
 def missing_thetas(names: Sequence[str], theta_dir: str = THETA_DIR) -> List[str]:
-    """Theta files a full run needs that do not exist."""
-    from lopt_ext import variants
-    return [theta_path(n, theta_dir) for n in names if n in variants.STUDY and not os.path.isfile(theta_path(n, theta_dir))]
+    """Theta files a full run needs that do not exist (Celo's: its cached theta.state, unless
+    huggingface_hub could download it)."""
+    import importlib.util
+    from lopt_ext import pretrained, variants
+    missing = []
+    for n in names:
+        if n not in variants.STUDY:
+            continue
+        if variants.STUDY[n].kind == variants.CELO:
+            cached = os.path.join(pretrained.cache_dir(), "celo", pretrained.CELO_FILE)
+            if not os.path.isfile(cached) and importlib.util.find_spec("huggingface_hub") is None:
+                missing.append(cached)
+        elif not os.path.isfile(theta_path(n, theta_dir)):
+            missing.append(theta_path(n, theta_dir))
+    return missing
 
 
 def load_learned(name: str, quick: bool, theta_dir: str = THETA_DIR):
@@ -140,6 +153,11 @@ def load_learned(name: str, quick: bool, theta_dir: str = THETA_DIR):
     expected = variants.STUDY[name].lopt()
     if quick:
         return expected, expected.init_theta(jax.random.PRNGKey(0)), UNTRAINED, None
+    if variants.STUDY[name].kind == variants.CELO:
+        from lopt_ext import pretrained
+        path = pretrained.celo_path()
+        lopt, theta = pretrained.load("celo", path=path)
+        return lopt, theta, f"Celo's published {pretrained.CELO_FILE}", None
     path = theta_path(name, theta_dir)
     lopt, theta, info = checkpoint.load_theta(path, with_info=True)
     if (checkpoint.flatten_theta_shapes(lopt.theta_shapes()) != checkpoint.flatten_theta_shapes(expected.theta_shapes())
@@ -189,18 +207,28 @@ def fused_probe(lopt, theta) -> Optional[str]:
     params = {"w": jnp.full((8, 16), 0.5, jnp.float32), "b": jnp.full((16,), 0.25, jnp.float32)}
     grads = jax.tree_util.tree_map(lambda p: 0.01 * p, params)
     try:
-        tx = lopt.transform(theta, impl="fused")
+        tx = learned_tx(lopt, theta, "fused")
         state = tx.init(params)
 
         @jax.jit
         def step(p, s, g):
-            u, s = tx.update(g, s, p)
+            u, s = tx.update(g, s, p, value=TIMING_LOSS)
             return optax.apply_updates(p, u), s
 
         jax.block_until_ready(step(params, state, grads))
     except Exception as e:  # noqa: BLE001  (any failure of the kernel: record it, keep going)
         return _reason(e)
     return None
+
+
+# What the memory and timing steps pass to rules that read the loss and the horizon (Celo):
+# a constant loss, and the study's horizon; neither changes the work a step does.
+TIMING_LOSS = 1.0
+TIMING_HORIZON = 1000
+
+
+def learned_tx(lopt, theta, impl: str):
+    return lopt.transform(theta, impl=impl, num_steps=TIMING_HORIZON)
 
 
 def _reason(e: BaseException) -> str:
@@ -272,9 +300,10 @@ def state_bytes_per_param(tx, shapes) -> float:
 
 def _step_fn(tx):
     import optax
+    tx = optax.with_extra_args_support(tx)  # hand-designed ones take no value
 
     def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
+        updates, state = tx.update(grads, state, params, value=TIMING_LOSS)
         return optax.apply_updates(params, updates), state
 
     return step
@@ -324,7 +353,9 @@ def flops_breakdown(spec) -> Dict[str, int]:
       mlp_bias_act   bias add and ReLU per hidden unit, output bias: 2 L H + 2
       output         d exp(mag exp_mult) step_mult (4); p - step (1)                      -> 5
     SmallFcLOpt: F = 2 + 2 Dm + 2 Dr + 6 Da (28 by default). MLPLOpt: F = 8 (g, p, 6 momenta),
-    Dm = 6, no rms or Adafactor accumulators (Dr = Da = 0).
+    Dm = 6, no rms or Adafactor accumulators (Dr = Da = 0). Celo: F = 30 and celo_extras
+    (gradient clip, its two extra features, the per-tensor output scale: 6 + Dr); its LSTM is
+    per tensor, not counted.
     """
     if isinstance(spec, str):
         table = {"sgd": {"update": 1, "apply": 1},
@@ -335,7 +366,14 @@ def flops_breakdown(spec) -> Dict[str, int]:
         if spec not in table:
             raise ValueError(f"unknown hand-designed optimizer {spec!r}")
         return dict(table[spec])
-    if hasattr(spec, "num_decays"):  # SmallFcLOpt and its variants
+    extra = {}
+    if hasattr(spec, "lstm_hidden_size"):  # Celo: 30 inputs, no step features
+        dm, dr, da = spec.num_decays
+        features = spec.num_inputs
+        # the +-1000 gradient clip (2), clip(g, 0.1) (2), g rsqrt(rms) (Dr), the output's
+        # parameter scale and lr_mult (2)
+        extra = {"celo_extras": 6 + dr}
+    elif hasattr(spec, "num_decays"):  # SmallFcLOpt and its variants
         dm, dr, da = spec.num_decays
         features = spec.num_features
     else:  # MLPLOpt
@@ -346,7 +384,7 @@ def flops_breakdown(spec) -> Dict[str, int]:
     accum = 3 * dm + (1 + 3 * dr if dr else 0) + (3 if da else 0)
     feats = (dm + 2 * dr if dr else 0) + 3 * da
     return {"accumulators": accum, "features": feats, "normalisation": 3 * features,
-            "mlp": mlp_flops(features, h, layers), "mlp_bias_act": 2 * layers * h + 2, "output": 5}
+            "mlp": mlp_flops(features, h, layers), "mlp_bias_act": 2 * layers * h + 2, "output": 5, **extra}
 
 
 def mlp_flops(num_features: int, hidden_size: int, hidden_layers: int = 2) -> int:
@@ -588,9 +626,9 @@ def memory_and_compute(name: str, lopt=None, theta=None, sizes: Optional[Dict[st
     else:
         reason = fused_probe(lopt, theta)
         rec["fused_available"] = reason is None
-        impls = {"unfused": lopt.transform(theta, impl="reference")}
+        impls = {"unfused": learned_tx(lopt, theta, "reference")}
         if reason is None:
-            impls["fused"] = lopt.transform(theta, impl="fused")
+            impls["fused"] = learned_tx(lopt, theta, "fused")
         else:
             rec["null_reasons"]["fused"] = f"fused kernel unavailable: {reason}"
         rec["flops_breakdown"] = flops_breakdown(lopt)
@@ -724,7 +762,9 @@ def run_study(out_dir: str, quick: bool = False, only: Optional[Sequence[str]] =
             perf["meta_training_cpu_hours"] = hours
             if hours is None:
                 rec["null_reasons"]["meta_training_cpu_hours"] = (
-                    "untrained theta (--quick)" if label == UNTRAINED else "no budget recorded in the theta file")
+                    "untrained theta (--quick)" if label == UNTRAINED else
+                    "published weights meta-trained elsewhere (Celo: 24 GPU-hours)" if lopt.uses_loss else
+                    "no budget recorded in the theta file")
         rec["performance"] = perf
     if bar is not None:
         bar.close()

@@ -185,14 +185,16 @@ def apply_step(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str
     def leaf_steps(context):
         if not leaves:
             return []
+        # only rules with a per-step context get one (rules written before it need not take it)
+        ctx = {} if context is None else {"context": context}
         if impl == "fused":
             if not lopt.has_step_scales:
-                return lopt.fused_leaves(theta, state.iteration, leaves, write_delta=write_delta, context=context)
-            res = lopt.fused_leaves(theta, state.iteration, leaves, write_delta=True, context=context)
+                return lopt.fused_leaves(theta, state.iteration, leaves, write_delta=write_delta, **ctx)
+            res = lopt.fused_leaves(theta, state.iteration, leaves, write_delta=True, **ctx)
             steps = [-out for out, *_ in res]
             rests = [rest for _, *rest in res]
         else:
-            res = lopt.reference_leaves(theta, state.iteration, leaves, context=context)
+            res = lopt.reference_leaves(theta, state.iteration, leaves, **ctx)
             steps = [s for s, *_ in res]
             rests = [rest for _, *rest in res]
         if lopt.has_step_scales:  # from the new accumulators the step itself produced

@@ -13,6 +13,7 @@ import functools
 from typing import Callable, Dict
 
 from lopt_ext.base import LearnedOptimizer
+from lopt_ext.celo import Celo
 from lopt_ext.config import SmallFcLOpt
 from lopt_ext.mlp_lopt import MLPLOpt
 from lopt_ext.scaled import ScaledSmallFcLOpt
@@ -40,7 +41,12 @@ class Variant:
     description: str
 
     def lopt(self) -> LearnedOptimizer:
+        if self.kind == CELO:  # not a meta-training kind: the published weights are studied
+            return Celo(ff_hidden_size=self.hidden_size)
         return KINDS[self.kind](hidden_size=self.hidden_size)
+
+
+CELO = "celo"  # the study's Celo entry: its published theta.state (lopt_ext.pretrained.load("celo"))
 
 
 STUDY = {v.name: v for v in (
@@ -53,4 +59,7 @@ STUDY = {v.name: v for v in (
             "small_fc_lopt H=4 with 1 momentum, 1 rms and 1 Adafactor decay"),
     Variant("mlp_lopt_h32", "mlp_lopt", 32,
             "MLPLOpt (LOLv2), hidden size 32: 6 momenta, 19 inputs, 2 hidden layers"),
+    Variant("celo", CELO, 4,
+            "Celo (Moudgil et al.), its published weights: small_fc_lopt's accumulators, 30 inputs, "
+            "H=4, scaled by a per-tensor LSTM on the loss and the fraction of training done"),
 )}

@@ -277,4 +277,7 @@ def test_committed_study_has_every_optimizer_on_all_three_axes():
                 assert _is_number(comp[f"step_time_ratio_{size}_fused"]), (name, size)
         assert _is_number(perf["median_final_ratio"]) and perf["task_seeds"] == 48, name
         if learned:
-            assert _is_number(mem["temp_bytes_per_param_fused"]) and _is_number(perf["meta_training_cpu_hours"])
+            assert _is_number(mem["temp_bytes_per_param_fused"])
+            # published weights of another project (Celo) have no CPU-hours of ours: the reason says so
+            assert (_is_number(perf["meta_training_cpu_hours"])
+                    or "published" in rec["null_reasons"]["meta_training_cpu_hours"]), name
