@@ -155,15 +155,26 @@ def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: boo
     Returns per leaf (out, m, rms, v_row, v_col, v_full), out = p_new or -step.
     """
     ensure_registered()
-    operands = [pack_theta(lopt, theta, iteration)]
+    return _accumulator_call(TARGET, [pack_theta(lopt, theta, iteration)], leaves, lopt.has_adafactor,
+                             write_delta, dict(**_config_attrs(lopt), write_delta=bool(write_delta),
+                                               precision=np.int64(CUDA_PRECISIONS[cuda_precision()]),
+                                               cpu_precision=np.int64(CPU_PRECISIONS[cpu_precision()])))
+
+
+def _accumulator_call(target, head, leaves, has_adafactor: bool, write_delta: bool, attrs):
+    """The custom call of small_fc_lopt's kernel layout (lopt_fused_update, lopt_celo_update):
+    operands ``head`` then per leaf p, g, m, rms (v_row, v_col | v_full | none without Adafactor
+    features), each state buffer aliased to its result; returns per leaf
+    (out, m, rms, v_row, v_col, v_full)."""
+    operands = list(head)
     results, aliases, layout = [], {}, []
     for p, g, m, rms, v_row, v_col, v_full in leaves:
         scalar = p.ndim == 0
         if scalar:  # the kernels see a scalar as shape [1]
             p, g, m, rms, v_full = p[None], g[None], m[None], rms[None], v_full[None]
-        factored = p.ndim >= 2 and lopt.has_adafactor
+        factored = p.ndim >= 2 and has_adafactor
         # no Adafactor features: no accumulator operands
-        acc = () if not lopt.has_adafactor else (v_row, v_col) if factored else (v_full,)
+        acc = () if not has_adafactor else (v_row, v_col) if factored else (v_full,)
         ins = [p, g, m, rms, *acc]
         base_in, base_out = len(operands), len(results)
         aliases[base_in + (1 if write_delta else 0)] = base_out  # g or p buffer -> out
@@ -172,11 +183,8 @@ def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: boo
         operands += ins
         results += [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in [p, m, rms, *acc]]
         layout.append((scalar, factored, len(acc)))
-    call = jax.ffi.ffi_call(TARGET, results, vmap_method="broadcast_all",
-                            input_output_aliases=aliases)
-    outs = call(*operands, **_config_attrs(lopt), write_delta=bool(write_delta),
-                precision=np.int64(CUDA_PRECISIONS[cuda_precision()]),
-                cpu_precision=np.int64(CPU_PRECISIONS[cpu_precision()]))
+    call = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all", input_output_aliases=aliases)
+    outs = call(*operands, **attrs)
     per_leaf, i = [], 0
     for (scalar, factored, n_acc), (_, _, _, _, v_row, v_col, v_full) in zip(layout, leaves):
         out, m, rms, *acc = outs[i:i + 3 + n_acc]
@@ -276,41 +284,12 @@ def celo_step_leaves(lopt, theta, lr_mult, leaves, *, write_delta: bool):
     scheduler's per-tensor multipliers. Returns per leaf (out, m, rms, v_row, v_col, v_full).
     """
     ensure_registered()
-    operands = [pack_celo_theta(lopt, theta), jnp.asarray(lr_mult, jnp.float32)]
-    results, aliases, layout = [], {}, []
-    for p, g, m, rms, v_row, v_col, v_full in leaves:
-        scalar = p.ndim == 0
-        if scalar:  # the kernel sees a scalar as shape [1]
-            p, g, m, rms, v_full = p[None], g[None], m[None], rms[None], v_full[None]
-        factored = p.ndim >= 2
-        acc = (v_row, v_col) if factored else (v_full,)
-        ins = [p, g, m, rms, *acc]
-        base_in, base_out = len(operands), len(results)
-        aliases[base_in + (1 if write_delta else 0)] = base_out  # g or p buffer -> out
-        for k in range(2, len(ins)):
-            aliases[base_in + k] = base_out + k - 1
-        operands += ins
-        results += [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in [p, m, rms, *acc]]
-        layout.append((scalar, factored))
-    call = jax.ffi.ffi_call("lopt_celo_update", results, vmap_method="broadcast_all",
-                            input_output_aliases=aliases)
     dm, dr, da = lopt.num_decays
-    outs = call(*operands, hidden_size=np.int64(lopt.ff_hidden_size), hidden_layers=np.int64(lopt.ff_hidden_layers),
-                dm=np.int64(dm), dr=np.int64(dr), da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
-                step_mult=np.float32(lopt.step_mult), write_delta=bool(write_delta))
-    per_leaf, i = [], 0
-    for (scalar, factored), (_, _, _, _, v_row, v_col, v_full) in zip(layout, leaves):
-        n = 5 if factored else 4
-        out, m, rms, *acc = outs[i:i + n]
-        i += n
-        if scalar:
-            out, m, rms, *acc = (x[0] for x in (out, m, rms, *acc))
-        if factored:
-            v_row, v_col = acc
-        else:
-            (v_full,) = acc
-        per_leaf.append((out, m, rms, v_row, v_col, v_full))
-    return per_leaf
+    attrs = dict(hidden_size=np.int64(lopt.ff_hidden_size), hidden_layers=np.int64(lopt.ff_hidden_layers),
+                 dm=np.int64(dm), dr=np.int64(dr), da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
+                 step_mult=np.float32(lopt.step_mult), write_delta=bool(write_delta))
+    head = [pack_celo_theta(lopt, theta), jnp.asarray(lr_mult, jnp.float32)]
+    return _accumulator_call("lopt_celo_update", head, leaves, True, write_delta, attrs)
 
 
 def apply_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bool):

@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from lopt_ext.base import LearnedOptimizer
-from lopt_ext.config import EMPTY_SHAPE, MAX_DECAYS, factored_dims
+from lopt_ext.config import accumulator_shapes, check_decay_fields
 
 _HI = lax.Precision.HIGHEST
 GRAD_CLIP = 1000.0
@@ -47,8 +47,10 @@ LR_MULT_SCALE = 0.1
 
 class CeloState(NamedTuple):
     """iteration / skipped: int32 scalars. Per-leaf trees (like params): m S + [Dm], rms S + [Dr],
-    v_row / v_col / v_full as SmallFcLOptState's, lstm_hidden / lstm_cell [lstm_hidden_size].
-    Global: num_steps (int32, the horizon), loss_means / loss_min [10] (the loss buffer)."""
+    v_row / v_col / v_full as SmallFcLOptState's, lstm_hidden / lstm_cell [lstm_hidden_size]
+    (zero until the first step, which starts from theta's lstm_init_state). Global: num_steps
+    (int32, the horizon; 0: not given, each step must pass it), loss_means / loss_min [10] (the
+    loss buffer)."""
 
     iteration: jax.Array
     skipped: jax.Array
@@ -84,17 +86,10 @@ class Celo(LearnedOptimizer):
 
     uses_loss = True
     uses_horizon = True
+    has_adafactor = True  # the factored accumulators of small_fc_lopt, always
 
     def __post_init__(self):
-        for name in ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays"):
-            value = getattr(self, name)
-            try:
-                value = tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise TypeError(f"Celo: {name} must be a sequence of floats, got {value!r}") from None
-            object.__setattr__(self, name, value)
-            if not 1 <= len(value) <= MAX_DECAYS or not all(np.isfinite(v) and 0.0 <= v < 1.0 for v in value):
-                raise ValueError(f"Celo: {name} needs 1..{MAX_DECAYS} values in [0, 1), got {value!r}")
+        check_decay_fields(self)
         dm, dr, da = self.num_decays
         if da != dm or dr not in (1, dm):
             raise ValueError("Celo: initial_adafactor_decays must have as many values as initial_momentum_decays, "
@@ -170,19 +165,8 @@ class Celo(LearnedOptimizer):
         return CeloState
 
     def leaf_state_shapes(self, shape):
-        shape = tuple(int(d) for d in shape)
-        dm, dr, da = self.num_decays
-        dims = factored_dims(shape)
-        if dims is None:
-            v_row = v_col = EMPTY_SHAPE
-            v_full = shape + (da,)
-        else:
-            d1, d0 = dims
-            v_row = tuple(np.delete(shape, d0).tolist()) + (da,)
-            v_col = tuple(np.delete(shape, d1).tolist()) + (da,)
-            v_full = EMPTY_SHAPE
         nh = (self.lstm_hidden_size,)
-        return shape + (dm,), shape + (dr,), v_row, v_col, v_full, nh, nh
+        return accumulator_shapes(shape, *self.num_decays) + (nh, nh)
 
     def global_shapes(self):
         return {"num_steps": ((), jnp.int32), "loss_means": ((NUM_LOSS_DECAYS,), jnp.float32),
@@ -264,35 +248,18 @@ def loss_decays(num_steps) -> jax.Array:
 
 def celo_features(lopt: Celo, decays, p, g, m, rms, v_row, v_col, v_full):
     """Accumulator updates and Celo's 30 un-normalised features of one tensor of rank >= 1
-    (g already clipped): (groups in Celo's order, m, rms, v_row, v_col, v_full)."""
-    from lopt_ext.reference import _safe_rsqrt
-    mom_b, rms_b, fac_b = decays
-    m = mom_b * m + (1 - mom_b) * g[..., None]
-    rms_c = jnp.clip(rms_b, 0.0, 1.0)
-    rms = rms_c * rms + (1 - rms_c) * (g * g)[..., None]
-    fac_c = jnp.clip(fac_b, 0.0, 1.0)
-    gsq = g * g + 1e-30
-    rsqrt = lax.rsqrt(rms + 1e-6)
-    g1 = g[..., None]
-    groups = [g1, jnp.clip(g1, -0.1, 0.1), p[..., None], m, rms, m * rsqrt, rsqrt]
-    dims = factored_dims(p.shape)
-    if dims is not None:
-        d1, d0 = dims
-        v_row = fac_c * v_row + (1 - fac_c) * jnp.mean(gsq, axis=d0)[..., None]
-        v_col = fac_c * v_col + (1 - fac_c) * jnp.mean(gsq, axis=d1)[..., None]
-        reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row_col_mean = jnp.mean(v_row, axis=reduced_d1, keepdims=True)
-        rf = jnp.expand_dims(_safe_rsqrt(v_row / (row_col_mean + 1e-9)), d0)
-        cf = jnp.expand_dims(_safe_rsqrt(v_col), d1)
-        full = p.shape + (v_row.shape[-1],)
-        row_feat = jnp.broadcast_to(jnp.expand_dims(v_row, d0), full)
-        col_feat = jnp.broadcast_to(jnp.expand_dims(v_col, d1), full)
-        groups += [g1 * rf * cf, g1 * rsqrt, row_feat, col_feat,
-                   lax.rsqrt(row_feat + 1e-8), lax.rsqrt(col_feat + 1e-8), m * rf * cf]
-    else:
-        v_full = fac_c * v_full + (1 - fac_c) * gsq[..., None]
-        groups += [g1 * _safe_rsqrt(v_full + 1e-9), g1 * rsqrt, v_full, v_full,
-                   lax.rsqrt(v_full + 1e-8), lax.rsqrt(v_full + 1e-8), m * v_full ** -0.5]
+    (g already clipped): (groups in Celo's order, m, rms, v_row, v_col, v_full). The
+    accumulators and 28 of the features are small_fc_lopt's (reference.leaf_features)."""
+    from lopt_ext.reference import leaf_features
+    x, m, rms, v_row, v_col, v_full, _, _ = leaf_features(lopt, decays, p, g, m, rms, v_row, v_col, v_full)
+    dm, dr, da = lopt.num_decays
+    widths = (1, 1, dm, dr, dm, dr, da, da, da, da, da, da)
+    g1, p1, m1, rms1, m_rs, rs, fac_g, row, col, row_rs, col_rs, fac_m = jnp.split(
+        x, np.cumsum(widths)[:-1].tolist(), axis=-1)
+    if p.ndim < 2:  # Celo's m * v^-0.5 has no epsilon (small_fc_lopt's spec adds 1e-6)
+        fac_m = m * v_full ** -0.5
+    groups = [g1, jnp.clip(g1, -0.1, 0.1), p1, m1, rms1, m_rs, rs, fac_g, g1 * rs,
+              row, col, row_rs, col_rs, fac_m]
     return groups, m, rms, v_row, v_col, v_full
 
 

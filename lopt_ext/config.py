@@ -39,20 +39,8 @@ class SmallFcLOpt(LearnedOptimizer):
     initial_adafactor_decays: Tuple[float, ...] = (0.9, 0.99, 0.999)
 
     def __post_init__(self):
-        for name in ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays"):
-            value = getattr(self, name)
-            try:
-                value = tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise TypeError(f"SmallFcLOpt: {name} must be a sequence of floats, got {value!r}") from None
-            object.__setattr__(self, name, value)
-            # no adafactor decays: the ablation without the row/column (Adafactor) features
-            fewest = 0 if name == "initial_adafactor_decays" else 1
-            if not fewest <= len(value) <= MAX_DECAYS:
-                raise ValueError(f"SmallFcLOpt: {name} needs {fewest}..{MAX_DECAYS} values, got {len(value)}")
-            # log(1 - beta0) must be finite: NaN, >= 1 or -inf would make every step NaN.
-            if not all(np.isfinite(v) and 0.0 <= v < 1.0 for v in value):
-                raise ValueError(f"SmallFcLOpt: {name} must lie in [0, 1), got {value!r}")
+        # no adafactor decays: the ablation without the row/column (Adafactor) features
+        check_decay_fields(self, fewest_adafactor=0)
         self._check_mlp_fields()
         dm, dr, da = self.num_decays
         if da not in (0, dm):
@@ -144,20 +132,7 @@ class SmallFcLOpt(LearnedOptimizer):
     def leaf_state_shapes(self, shape):
         """Shapes of (m, rms, v_row, v_col, v_full) for a parameter of ``shape``; unused slots
         are (0,)."""
-        shape = tuple(int(d) for d in shape)
-        dm, dr, da = self.num_decays
-        dims = factored_dims(shape)
-        if da == 0:  # no Adafactor features: no second-moment accumulators
-            return shape + (dm,), shape + (dr,), EMPTY_SHAPE, EMPTY_SHAPE, EMPTY_SHAPE
-        if dims is None:
-            v_row = v_col = EMPTY_SHAPE
-            v_full = shape + (da,)
-        else:
-            d1, d0 = dims
-            v_row = tuple(np.delete(shape, d0).tolist()) + (da,)
-            v_col = tuple(np.delete(shape, d1).tolist()) + (da,)
-            v_full = EMPTY_SHAPE
-        return shape + (dm,), shape + (dr,), v_row, v_col, v_full
+        return accumulator_shapes(shape, *self.num_decays)
 
     def reference_leaves(self, theta: Theta, iteration, leaves, context=None):
         from lopt_ext import reference
@@ -169,6 +144,41 @@ class SmallFcLOpt(LearnedOptimizer):
 
 
 EMPTY_SHAPE = (0,)
+DECAY_FIELDS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
+
+
+def check_decay_fields(lopt, fewest_adafactor: int = 1) -> None:
+    """Normalises lopt's three initial-decay fields to tuples of floats (on the frozen dataclass)
+    and checks them: 1..MAX_DECAYS values (``fewest_adafactor`` for the Adafactor ones) in [0, 1)."""
+    cls = type(lopt).__name__
+    for name in DECAY_FIELDS:
+        value = getattr(lopt, name)
+        try:
+            value = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{cls}: {name} must be a sequence of floats, got {value!r}") from None
+        object.__setattr__(lopt, name, value)
+        fewest = fewest_adafactor if name == "initial_adafactor_decays" else 1
+        if not fewest <= len(value) <= MAX_DECAYS:
+            raise ValueError(f"{cls}: {name} needs {fewest}..{MAX_DECAYS} values, got {len(value)}")
+        # log(1 - beta0) must be finite: NaN, >= 1 or -inf would make every step NaN.
+        if not all(np.isfinite(v) and 0.0 <= v < 1.0 for v in value):
+            raise ValueError(f"{cls}: {name} must lie in [0, 1), got {value!r}")
+
+
+def accumulator_shapes(shape, dm: int, dr: int, da: int):
+    """Shapes of (m, rms, v_row, v_col, v_full) for a parameter of ``shape`` (small_fc_lopt's
+    accumulators, also Celo's); unused slots are (0,)."""
+    shape = tuple(int(d) for d in shape)
+    if da == 0:  # no Adafactor features: no second-moment accumulators
+        return shape + (dm,), shape + (dr,), EMPTY_SHAPE, EMPTY_SHAPE, EMPTY_SHAPE
+    dims = factored_dims(shape)
+    if dims is None:
+        return shape + (dm,), shape + (dr,), EMPTY_SHAPE, EMPTY_SHAPE, shape + (da,)
+    d1, d0 = dims
+    v_row = tuple(np.delete(shape, d0).tolist()) + (da,)
+    v_col = tuple(np.delete(shape, d1).tolist()) + (da,)
+    return shape + (dm,), shape + (dr,), v_row, v_col, EMPTY_SHAPE
 
 
 def step_features(iteration) -> jax.Array:

@@ -23,23 +23,13 @@ horizons shorter and longer than the 30 steps run.
 """
 import os
 import sys
-import types
 
 import numpy as np
 
-for name in ("tensorflow", "tensorflow.compat", "tensorflow.compat.v2", "flax.metrics.tensorboard"):
-    sys.modules.setdefault(name, types.ModuleType(name))
-sys.modules["tensorflow.compat.v2"].enable_v2_behavior = lambda: None
-sys.modules["flax.metrics.tensorboard"].SummaryWriter = object
-
+import lo_compat  # noqa: E402,F401  (before learned_optimization: see tools/lo_compat.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-for name, fn in (("tree_map", jax.tree_util.tree_map), ("tree_multimap", jax.tree_util.tree_map),
-                 ("tree_leaves", jax.tree_util.tree_leaves), ("tree_flatten", jax.tree_util.tree_flatten),
-                 ("tree_unflatten", jax.tree_util.tree_unflatten),
-                 ("tree_structure", jax.tree_util.tree_structure)):
-    setattr(jax, name, fn)
 import flax.serialization  # noqa: E402
 from celo.optimizers import celo as celo_lopt  # noqa: E402
 

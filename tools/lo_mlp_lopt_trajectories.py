@@ -17,25 +17,13 @@ Cases: hidden sizes (32, 2 layers) and (4, 1), theta from MLPLOpt.init and pertu
 0.3 * N(0, 1), gradients of scale 1 and 1e-6, tensors of rank 0 to 4, 30 steps.
 """
 import os
-import sys
-import types
 
 import numpy as np
 
-for name in ("tensorflow", "tensorflow.compat", "tensorflow.compat.v2", "flax.metrics.tensorboard"):
-    sys.modules.setdefault(name, types.ModuleType(name))
-sys.modules["tensorflow.compat.v2"].enable_v2_behavior = lambda: None
-sys.modules["flax.metrics.tensorboard"].SummaryWriter = object
-
+import lo_compat  # noqa: E402,F401  (before learned_optimization: see tools/lo_compat.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-# the 2022 code calls jax's old top-level tree functions
-for name, fn in (("tree_map", jax.tree_util.tree_map), ("tree_multimap", jax.tree_util.tree_map),
-                 ("tree_leaves", jax.tree_util.tree_leaves), ("tree_flatten", jax.tree_util.tree_flatten),
-                 ("tree_unflatten", jax.tree_util.tree_unflatten),
-                 ("tree_structure", jax.tree_util.tree_structure)):
-    setattr(jax, name, fn)
 from learned_optimization.learned_optimizers import mlp_lopt  # noqa: E402
 
 SHAPES = [(), (1,), (7,), (5, 3), (4, 3, 2), (2, 1, 6), (3, 4, 5, 2)]
