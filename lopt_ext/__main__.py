@@ -106,6 +106,14 @@ def _input_file(text: str) -> str:
     return text
 
 
+def _metatrain_log(text: str) -> str:
+    """A meta-train log.jsonl, or the OUT directory holding one."""
+    path = os.path.join(text, "log.jsonl") if os.path.isdir(text) else text
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no meta-train log at {text!r} (give OUT/log.jsonl or the OUT directory)")
+    return text
+
+
 def _output_dir(text: str) -> str:
     """A directory to create or reuse (checked before anything runs, created only when used)."""
     if not text or os.path.isfile(text):
@@ -241,7 +249,7 @@ def _add_metatrain(sub):
                                 "tensor_scale/w_lin tensor_scale/b); the rest keeps its initial value "
                                 "(default: all of theta)")
         elif f.name == "init_theta":
-            p.add_argument(flag, default=None, metavar="PATH",
+            p.add_argument(flag, type=_input_file, default=None, metavar="PATH",
                            help="theta .safetensors to start from (default: a random theta, "
                                 "SmallFcLOpt.init_theta seeded by --seed)")
         else:
@@ -312,7 +320,7 @@ def _add_others(sub):
                    help=f"these tasks instead of --split ({TASKS_HINT})")
     p.add_argument("--seeds", nargs="+", type=_nonnegative_int, default=[0, 1, 2], metavar="SEED",
                    help="seeds of the initial params and batch streams")
-    p.add_argument("--horizons", nargs="+", type=_positive_int, default=[1000, 3000], metavar="STEPS",
+    p.add_argument("--horizons", nargs="+", type=_horizon, default=[1000, 3000], metavar="STEPS",
                    help="training horizons judged (multiples of 100; Adam is tuned for each)")
     p.add_argument("--impl", default="fused", choices=["fused", "reference"],
                    help="learned optimizer implementation")
@@ -326,7 +334,7 @@ def _add_others(sub):
     add_cpu_devices_option(p)
 
     p = sub.add_parser("plot", help="meta-loss vs outer step (PNG) from a meta-train log.jsonl")
-    p.add_argument("log", help="OUT/log.jsonl of a meta-train run, or the OUT directory")
+    p.add_argument("log", type=_metatrain_log, help="OUT/log.jsonl of a meta-train run, or the OUT directory")
     p.add_argument("--png", type=_output_file, default=None, metavar="PATH",
                    help="PNG to write (default: metaloss.png next to the log)")
     p.add_argument("--window", type=_positive_int, default=50, metavar="N",
@@ -357,10 +365,6 @@ def _rounded(obj, digits=6):
 def cmd_evaluate(args):
     from lopt_ext import checkpoint, pretrained, tasks
     from lopt_ext.metatrain import evaluate as ev
-    for h in args.horizons:
-        if h % ev.TRAIN_EVERY:
-            raise SystemExit(f"{PROG} evaluate: error: argument --horizons: {h} is not a multiple of "
-                             f"{ev.TRAIN_EVERY}")
     names = args.tasks or tasks.list_tasks(args.split)
     os.makedirs(args.out, exist_ok=True)
     cache = args.adam_cache or os.path.join(args.out, "baselines.json")

@@ -38,6 +38,6 @@ def transform(lopt: SmallFcLOpt, theta, impl: str = "fused", skip_nonfinite: boo
         if params is None:
             raise ValueError(f"{type(lopt).__name__} reads the parameters: call tx.update(grads, state, params)")
         return apply_step(lopt, theta, state, params, updates, impl=impl, write_delta=True,
-                          skip_nonfinite=skip_nonfinite, grads_name="updates", value=value)
+                          skip_nonfinite=skip_nonfinite, value=value)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

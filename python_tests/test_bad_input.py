@@ -122,8 +122,9 @@ TREE_CASES = [
     ("grads_none_leaf", _update(grads={**GRADS, "b": None}), TypeError, ["grads['b']"]),
     ("grads_list", lambda: fused_update(CFG, THETA, init_state(CFG, [jnp.ones(3)]), [jnp.ones(3)], (jnp.ones(3),)),
      ValueError, ["grads", "tree structure"]),
-    ("tx_updates_name", lambda: CFG.transform(THETA).update({**GRADS, "w": GRADS["w"][:2]}, STATE, PARAMS),
-     ValueError, ["updates['w']"]),
+    # tx.update's first argument holds the gradients: the error calls them grads, as users do
+    ("tx_grads_name", lambda: CFG.transform(THETA).update({**GRADS, "w": GRADS["w"][:2]}, STATE, PARAMS),
+     ValueError, ["grads['w']", "(2, 4)"]),
     ("tx_no_params", lambda: CFG.transform(THETA).update(GRADS, STATE), ValueError, ["params"]),
 ]
 

@@ -58,7 +58,11 @@ BAD = [
     (["demo", "--seed", "-1"], "argument --seed"),
     (["demo", "--pretrained", "nope"], "argument --pretrained: invalid choice"),
     (["demo", "--png", os.path.join("no_such_dir", "x.png")], "argument --png: cannot write"),
-    (["plot", "log.jsonl", "--window", "0"], "argument --window: must be a positive integer"),
+    (["plot", "--window", "0", "log.jsonl"], "argument --window: must be a positive integer"),
+    (["plot", "missing.jsonl"], "argument log: no meta-train log at 'missing.jsonl'"),
+    (["meta-train", "--out", "out", "--init-theta", "missing.safetensors"],
+     "argument --init-theta: no such file: 'missing.safetensors'"),
+    (["evaluate", "--horizons", "150"], "argument --horizons: must be a multiple of 100, got 150"),
     (["tasks", "--split", "nope"], "argument --split: invalid choice"),
     (["nope"], "argument COMMAND: invalid choice: 'nope'"),
 ]
