@@ -108,6 +108,18 @@ void SetExternal(const TensorBuffers& t, In in, Out out, TensorArgs& a) {
   }
 }
 
+// The accumulator operands and results of lopt_fused_update / lopt_celo_update (none
+// without Adafactor features).
+template <typename In, typename Out>
+void SetAccumulators(const TensorBuffers& t, In in, Out out, TensorArgs& a) {
+  if (t.factored) {
+    a.v_row = in(4), a.v_col = in(5);
+    a.v_row_out = out(3), a.v_col_out = out(4);
+  } else if (t.ins.size() > 4) {
+    a.v_full = in(4), a.v_full_out = out(3);
+  }
+}
+
 template <typename Fill>
 ffi::Error RunMembers(ffi::ThreadPool& pool, const Config& cfg, bool write_delta,
                       const ffi::AnyBuffer& packed, int64_t batch,
@@ -136,12 +148,7 @@ ffi::Error FusedUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::Rema
     return err;
   return RunMembers(pool, cfg, write_delta, packed, batch, bufs,
                     [](const TensorBuffers& t, auto in, auto out, TensorArgs& a) {
-                      if (t.factored) {
-                        a.v_row = in(4), a.v_col = in(5);
-                        a.v_row_out = out(3), a.v_col_out = out(4);
-                      } else if (t.ins.size() > 4) {  // none without Adafactor features
-                        a.v_full = in(4), a.v_full_out = out(3);
-                      }
+                      SetAccumulators(t, in, out, a);
                     },
                     static_cast<CpuPrecision>(cpu_precision));
 }
@@ -170,12 +177,7 @@ ffi::Error CeloUpdateCpu(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::AnyBu
                       const int64_t b = index / n, i = index % n;
                       ++index;
                       a.lr_mult = MemberData<const float>(lr_mult, b, batch) + i;
-                      if (t.factored) {
-                        a.v_row = in(4), a.v_col = in(5);
-                        a.v_row_out = out(3), a.v_col_out = out(4);
-                      } else {
-                        a.v_full = in(4), a.v_full_out = out(3);
-                      }
+                      SetAccumulators(t, in, out, a);
                     });
 }
 
