@@ -1,4 +1,8 @@
-"""The one place that loads the compiled kernels and calls them through jax.ffi."""
+"""The one place that loads the compiled kernels and calls them through jax.ffi.
+
+Plain arrays in, plain arrays out: each learned optimizer packs its own theta into the
+kernel's buffer layout (csrc/kernels/lopt_config.h) and names its attributes; nothing here
+knows an optimizer class."""
 from __future__ import annotations
 
 import functools
@@ -8,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt_ext.config import SmallFcLOpt, step_features
-
-TARGET = "lopt_fused_update"
+FUSED_UPDATE = "lopt_fused_update"  # small_fc_lopt and its variants
+CELO_UPDATE = "lopt_celo_update"
+MLP_UPDATE = "lopt_mlp_update"
 
 # How the CUDA kernels evaluate the MLP (the CPU kernels always use float32):
 #   "fp32": float32 FMAs, agrees with the reference to float32 round-off (default);
@@ -119,53 +123,31 @@ def ensure_registered() -> None:
             ) from e
 
 
-def _config_attrs(lopt: SmallFcLOpt) -> dict:
-    """The FFI attributes every call takes (the configuration)."""
-    dm, dr, da = lopt.num_decays
-    return dict(hidden_size=np.int64(lopt.hidden_size), hidden_layers=np.int64(lopt.hidden_layers),
-                dm=np.int64(dm), dr=np.int64(dr), da=np.int64(da),
-                exp_mult=np.float32(lopt.exp_mult), step_mult=np.float32(lopt.step_mult))
+def precision_attrs() -> dict:
+    """The precision attributes of lopt_fused_update (read when a step is traced)."""
+    return dict(precision=np.int64(CUDA_PRECISIONS[cuda_precision()]),
+                cpu_precision=np.int64(CPU_PRECISIONS[cpu_precision()]))
 
 
-def pack_theta(lopt: SmallFcLOpt, theta, iteration) -> jax.Array:
-    """The per-member float32 buffer the kernels read (layout: csrc/kernels/lopt_config.h).
-
-    The step features are identical for every element, so they are folded into b0 here.
-    """
-    mom_b, rms_b, fac_b = lopt.decays(theta)
-    rms_c = jnp.clip(rms_b, 0.0, 1.0)
-    fac_c = jnp.clip(fac_b, 0.0, 1.0)
-    nn = theta["nn"]["~"]
-    nf = lopt.num_features
-    w0 = nn["w0"].astype(jnp.float32)
-    b0 = nn["b0"] + jnp.matmul(step_features(iteration), w0[nf:], precision=jax.lax.Precision.HIGHEST)
-    parts = [mom_b, 1 - mom_b, rms_c, 1 - rms_c, fac_c, 1 - fac_c, w0[:nf].ravel(), b0]
-    for i in range(1, lopt.hidden_layers + 1):
-        parts += [nn[f"w{i}"].ravel(), nn[f"b{i}"]]
-    packed = jnp.concatenate([jnp.asarray(x, jnp.float32).ravel() for x in parts])
-    expected = _cpu_module().packed_size(lopt.hidden_size, lopt.hidden_layers, *lopt.num_decays)
-    assert packed.shape == (expected,), (packed.shape, expected)
-    return packed
+def packed_size(hidden_size: int, hidden_layers: int, dm: int, dr: int, da: int, celo: bool = False) -> int:
+    """Floats in the per-member buffer of lopt_fused_update / lopt_celo_update (PackedLayout)."""
+    return int(_cpu_module().packed_size(hidden_size, hidden_layers, dm, dr, da, celo=celo))
 
 
-def step_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bool):
-    """One fused custom call for all leaves.
+def mlp_packed_size(hidden_size: int, hidden_layers: int) -> int:
+    """Floats in the per-member buffer of lopt_mlp_update (MlpPackedLayout)."""
+    return int(_cpu_module().mlp_packed_size(hidden_size, hidden_layers))
+
+
+def accumulator_call(target, head, leaves, has_adafactor: bool, write_delta: bool, attrs):
+    """One custom call of small_fc_lopt's kernel layout (lopt_fused_update, lopt_celo_update)
+    for all leaves: operands ``head`` then per leaf p, g, m, rms (v_row, v_col | v_full | none
+    without Adafactor features), each state buffer aliased to its result.
 
     leaves: (p, g, m, rms, v_row, v_col, v_full) float32 tuples, none empty.
-    Returns per leaf (out, m, rms, v_row, v_col, v_full), out = p_new or -step.
+    Returns per leaf (out, m, rms, v_row, v_col, v_full), out = p_new or -step (write_delta).
     """
     ensure_registered()
-    return _accumulator_call(TARGET, [pack_theta(lopt, theta, iteration)], leaves, lopt.has_adafactor,
-                             write_delta, dict(**_config_attrs(lopt), write_delta=bool(write_delta),
-                                               precision=np.int64(CUDA_PRECISIONS[cuda_precision()]),
-                                               cpu_precision=np.int64(CPU_PRECISIONS[cpu_precision()])))
-
-
-def _accumulator_call(target, head, leaves, has_adafactor: bool, write_delta: bool, attrs):
-    """The custom call of small_fc_lopt's kernel layout (lopt_fused_update, lopt_celo_update):
-    operands ``head`` then per leaf p, g, m, rms (v_row, v_col | v_full | none without Adafactor
-    features), each state buffer aliased to its result; returns per leaf
-    (out, m, rms, v_row, v_col, v_full)."""
     operands = list(head)
     results, aliases, layout = [], {}, []
     for p, g, m, rms, v_row, v_col, v_full in leaves:
@@ -184,7 +166,7 @@ def _accumulator_call(target, head, leaves, has_adafactor: bool, write_delta: bo
         results += [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in [p, m, rms, *acc]]
         layout.append((scalar, factored, len(acc)))
     call = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all", input_output_aliases=aliases)
-    outs = call(*operands, **attrs)
+    outs = call(*operands, **attrs, write_delta=bool(write_delta))
     per_leaf, i = [], 0
     for (scalar, factored, n_acc), (_, _, _, _, v_row, v_col, v_full) in zip(layout, leaves):
         out, m, rms, *acc = outs[i:i + 3 + n_acc]
@@ -199,35 +181,14 @@ def _accumulator_call(target, head, leaves, has_adafactor: bool, write_delta: bo
     return per_leaf
 
 
-def pack_mlp_theta(lopt, theta, iteration) -> jax.Array:
-    """MLPLOpt's per-member float32 buffer (csrc/kernels/lopt_config.h, MlpPackedLayout); the
-    step features are folded into the first-layer bias."""
-    from lopt_ext.mlp_lopt import MOMENTUM_DECAYS, NUM_NORMALIZED
-    decays = jnp.asarray(MOMENTUM_DECAYS, jnp.float32)
-    first = theta["mlp/~/linear_0"]
-    w0 = jnp.asarray(first["w"], jnp.float32)
-    b0 = first["b"] + jnp.matmul(step_features(iteration), w0[NUM_NORMALIZED:],
-                                 precision=jax.lax.Precision.HIGHEST)
-    parts = [decays, 1 - decays, w0[:NUM_NORMALIZED], b0]
-    for i in range(1, lopt.hidden_layers + 1):
-        layer = theta[f"mlp/~/linear_{i}"]
-        parts += [layer["w"], layer["b"]]
-    packed = jnp.concatenate([jnp.asarray(x, jnp.float32).ravel() for x in parts])
-    expected = _cpu_module().mlp_packed_size(lopt.hidden_size, lopt.hidden_layers)
-    assert packed.shape == (expected,), (packed.shape, expected)
-    return packed
-
-
-def mlp_step_leaves(lopt, theta, iteration, leaves, *, write_delta: bool):
-    """MLPLOpt through one fused custom call for all leaves (CPU only).
-
-    leaves: (p, g, m) float32 tuples, none empty. Returns per leaf (out, m), out = p_new or -step.
-    """
+def mlp_call(packed, leaves, attrs, write_delta: bool):
+    """lopt_mlp_update (MLPLOpt; CPU only) for all leaves: (p, g, m) float32 tuples, none empty.
+    Returns per leaf (out, m), out = p_new or -step."""
     ensure_registered()
     if jax.default_backend() != "cpu":
         raise NotImplementedError("MLPLOpt's fused kernel runs on the CPU only; use impl='reference' "
                                   f"on {jax.default_backend()}")
-    operands = [pack_mlp_theta(lopt, theta, iteration)]
+    operands = [packed]
     results, aliases, scalars = [], {}, []
     for p, g, m in leaves:
         scalar = p.ndim == 0
@@ -239,11 +200,8 @@ def mlp_step_leaves(lopt, theta, iteration, leaves, *, write_delta: bool):
         operands += [p, g, m]
         results += [jax.ShapeDtypeStruct(p.shape, jnp.float32), jax.ShapeDtypeStruct(m.shape, jnp.float32)]
         scalars.append(scalar)
-    call = jax.ffi.ffi_call("lopt_mlp_update", results, vmap_method="broadcast_all",
-                            input_output_aliases=aliases)
-    outs = call(*operands, hidden_size=np.int64(lopt.hidden_size), hidden_layers=np.int64(lopt.hidden_layers),
-                exp_mult=np.float32(lopt.exp_mult), step_mult=np.float32(lopt.step_mult),
-                write_delta=bool(write_delta))
+    call = jax.ffi.ffi_call(MLP_UPDATE, results, vmap_method="broadcast_all", input_output_aliases=aliases)
+    outs = call(*operands, **attrs, write_delta=bool(write_delta))
     per_leaf = []
     for k, scalar in enumerate(scalars):
         out, m = outs[2 * k], outs[2 * k + 1]
@@ -251,49 +209,23 @@ def mlp_step_leaves(lopt, theta, iteration, leaves, *, write_delta: bool):
     return per_leaf
 
 
-# Celo's 14 first-layer input groups (w0__0 ... w0__13) in the kernel's feature order
-# (csrc/kernels/lopt_config.h FeatureIndex): g, p, m, rms, m*rsqrt, rsqrt, fac_g, row v, col v,
-# row rsqrt, col rsqrt, fac_m, then Celo's clip(g, 0.1) and g*rsqrt(rms).
-CELO_GROUP_ORDER = (0, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 1, 8)
+def _stats_operands(leaves):
+    """Operands and factored_axes of the two sharded-path kernels (see apply_call)."""
+    operands, axes = [], []
+    for p, g, m, rms, st in leaves:
+        if p.ndim >= 2:
+            extra = [st["v_row"], st["v_col"], st["row_factor"], st["col_factor"], st["scales"]]
+            axes += [int(st["axes"][0]), int(st["axes"][1])]
+        else:
+            extra = [st["v_full"], st["scales"]]
+            axes += [-1, -1]
+        operands += [p, g, m, rms] + [jnp.asarray(x, jnp.float32) for x in extra]
+    return operands, np.asarray(axes, np.int64)
 
 
-def pack_celo_theta(lopt, theta) -> jax.Array:
-    """Celo's per-member float32 buffer in the small_fc_lopt layout (PackedLayout with celo):
-    its fixed decays, the first-layer rows reordered, the output layer's unused third column
-    dropped."""
-    mom_b, rms_b, fac_b = lopt.decays()
-    rms_c, fac_c = jnp.clip(rms_b, 0.0, 1.0), jnp.clip(fac_b, 0.0, 1.0)
-    ff = theta["ff_mod_stack"]["~"]
-    w0 = jnp.concatenate([ff[f"w0__{i}"][0] for i in CELO_GROUP_ORDER], axis=0)
-    parts = [mom_b, 1 - mom_b, rms_c, 1 - rms_c, fac_c, 1 - fac_c, w0, ff["b0"][0]]
-    for i in range(1, lopt.ff_hidden_layers):
-        parts += [ff[f"w{i}"][0], ff[f"b{i}"][0]]
-    last = lopt.ff_hidden_layers
-    parts += [ff[f"w{last}"][0][:, :2], ff[f"b{last}"][0][:2]]
-    packed = jnp.concatenate([jnp.asarray(x, jnp.float32).ravel() for x in parts])
-    expected = _cpu_module().packed_size(lopt.ff_hidden_size, lopt.ff_hidden_layers, *lopt.num_decays, celo=True)
-    assert packed.shape == (expected,), (packed.shape, expected)
-    return packed
-
-
-def celo_step_leaves(lopt, theta, lr_mult, leaves, *, write_delta: bool):
-    """Celo's per-element rule through one fused custom call for all leaves (CPU, and CUDA
-    where its module is built).
-
-    leaves: (p, g, m, rms, v_row, v_col, v_full) float32 tuples, none empty; lr_mult: [n] the
-    scheduler's per-tensor multipliers. Returns per leaf (out, m, rms, v_row, v_col, v_full).
-    """
-    ensure_registered()
-    dm, dr, da = lopt.num_decays
-    attrs = dict(hidden_size=np.int64(lopt.ff_hidden_size), hidden_layers=np.int64(lopt.ff_hidden_layers),
-                 dm=np.int64(dm), dr=np.int64(dr), da=np.int64(da), exp_mult=np.float32(lopt.exp_mult),
-                 step_mult=np.float32(lopt.step_mult), write_delta=bool(write_delta))
-    head = [pack_celo_theta(lopt, theta), jnp.asarray(lr_mult, jnp.float32)]
-    return _accumulator_call("lopt_celo_update", head, leaves, True, write_delta, attrs)
-
-
-def apply_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bool):
-    """The MLP/apply pass alone, with statistics computed elsewhere (e.g. psum'd shards).
+def apply_call(packed, leaves, attrs, write_delta: bool):
+    """lopt_fused_apply: the MLP/apply pass alone, with statistics computed elsewhere (e.g.
+    psum'd shards).
 
     leaves: per tensor (p, g, m, rms, stats) with p of rank >= 1 and stats either
     {"axes": (d1, d0), "v_row": new, "v_col": new, "row_factor", "col_factor", "scales"}
@@ -302,17 +234,12 @@ def apply_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bo
     Returns per leaf (out, m, rms, v_full or None).
     """
     ensure_registered()
-    operands = [pack_theta(lopt, theta, iteration)]
-    results, aliases, axes, kinds = [], {}, [], []
+    operands, axes = _stats_operands(leaves)
+    operands = [packed] + operands
+    results, aliases, kinds, base_in = [], {}, [], 1
     for p, g, m, rms, st in leaves:
         factored = p.ndim >= 2
-        if factored:
-            extra = [st["v_row"], st["v_col"], st["row_factor"], st["col_factor"], st["scales"]]
-            axes += [int(st["axes"][0]), int(st["axes"][1])]
-        else:
-            extra = [st["v_full"], st["scales"]]
-            axes += [-1, -1]
-        base_in, base_out = len(operands), len(results)
+        base_out = len(results)
         aliases[base_in + (1 if write_delta else 0)] = base_out
         aliases[base_in + 2] = base_out + 1
         aliases[base_in + 3] = base_out + 2
@@ -320,13 +247,12 @@ def apply_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bo
         if not factored:
             aliases[base_in + 4] = base_out + 3
             outs.append(st["v_full"])
-        operands += [p, g, m, rms] + [jnp.asarray(x, jnp.float32) for x in extra]
+        base_in += 4 + (5 if factored else 2)
         results += [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in outs]
         kinds.append(factored)
     call = jax.ffi.ffi_call("lopt_fused_apply", results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)
-    outs = call(*operands, **_config_attrs(lopt), write_delta=bool(write_delta),
-                factored_axes=np.asarray(axes, np.int64))
+    outs = call(*operands, **attrs, write_delta=bool(write_delta), factored_axes=axes)
     per_leaf, i = [], 0
     for factored in kinds:
         if factored:
@@ -338,30 +264,21 @@ def apply_leaves(lopt: SmallFcLOpt, theta, iteration, leaves, *, write_delta: bo
     return per_leaf
 
 
-def partial_sumsq(lopt: SmallFcLOpt, theta, iteration, leaves):
-    """Local sums of squares of the per-element features of tensor shards (kernel pass B
-    alone), given global row/column statistics: the partial sums a sharded step psums.
+def partial_sumsq_call(packed, leaves, attrs, dm: int, dr: int, da: int):
+    """lopt_partial_sumsq: local sums of squares of the per-element features of tensor shards
+    (kernel pass B alone), given global row/column statistics: the partial sums a sharded step
+    psums.
 
-    leaves: as apply_leaves (the "scales" entries are not read). Returns per leaf a float32
+    leaves: as apply_call (the "scales" entries are not read). Returns per leaf a float32
     vector in the compact order g, p, m[dm], rms[dr], m*rsqrt(rms)[dm], rsqrt(rms)[dr],
     fac_g[da], fac_m[da], and for rank-1 tensors v[da], rsqrt(v + 1e-8)[da].
     """
     ensure_registered()
-    dm, dr, da = lopt.num_decays
-    operands = [pack_theta(lopt, theta, iteration)]
-    results, axes = [], []
-    for p, g, m, rms, st in leaves:
-        if p.ndim >= 2:
-            extra = [st["v_row"], st["v_col"], st["row_factor"], st["col_factor"], st["scales"]]
-            axes += [int(st["axes"][0]), int(st["axes"][1])]
-        else:
-            extra = [st["v_full"], st["scales"]]
-            axes += [-1, -1]
-        operands += [p, g, m, rms] + [jnp.asarray(x, jnp.float32) for x in extra]
-        n = 2 + 2 * dm + 2 * dr + 2 * da + (0 if p.ndim >= 2 else 2 * da)
-        results.append(jax.ShapeDtypeStruct((n,), jnp.float32))
+    operands, axes = _stats_operands(leaves)
+    results = [jax.ShapeDtypeStruct((2 + 2 * dm + 2 * dr + 2 * da + (0 if p.ndim >= 2 else 2 * da),), jnp.float32)
+               for p, *_ in leaves]
     call = jax.ffi.ffi_call("lopt_partial_sumsq", results, vmap_method="broadcast_all")
-    return call(*operands, **_config_attrs(lopt), factored_axes=np.asarray(axes, np.int64))
+    return call(packed, *operands, **attrs, factored_axes=axes)
 
 
 def scale_sums(items, dm: int, dr: int, fallback):

@@ -33,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lopt_ext import _ffi
 from lopt_ext.base import LearnedOptimizer
-from lopt_ext.config import accumulator_shapes, check_decay_fields
+from lopt_ext.common import accumulator_shapes, check_decay_fields, leaf_features
+from lopt_ext.update import check_theta, check_theta_finite
 
 _HI = lax.Precision.HIGHEST
 GRAD_CLIP = 1000.0
@@ -43,6 +45,10 @@ NUM_LOSS_DECAYS = 10
 NUM_LSTM_INPUTS = len(FRACTION_TIMESCALES) + NUM_LOSS_DECAYS - 1  # 18
 LOSS_MIN_INIT = 999999999999.0
 LR_MULT_SCALE = 0.1
+# Celo's 14 first-layer input groups (w0__0 ... w0__13) in the kernel's feature order
+# (csrc/kernels/lopt_config.h FeatureIndex): g, p, m, rms, m*rsqrt, rsqrt, fac_g, row v, col v,
+# row rsqrt, col rsqrt, fac_m, then Celo's clip(g, 0.1) and g*rsqrt(rms).
+KERNEL_GROUP_ORDER = (0, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 1, 8)
 
 
 class CeloState(NamedTuple):
@@ -232,10 +238,34 @@ class Celo(LearnedOptimizer):
                 for i, leaf in enumerate(leaves)]
 
     def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool, context=None):
-        from lopt_ext import _ffi
+        """The per-element rule through one lopt_celo_update call for all leaves (CPU, and CUDA
+        where its module is built), each tensor's step times the scheduler's lr_mult."""
         lr_mult, hidden, cell = self._scheduled(theta, iteration, leaves, context)
-        res = _ffi.celo_step_leaves(self, theta, lr_mult, [leaf[:7] for leaf in leaves], write_delta=write_delta)
+        dm, dr, da = self.num_decays
+        attrs = dict(hidden_size=np.int64(self.ff_hidden_size), hidden_layers=np.int64(self.ff_hidden_layers),
+                     dm=np.int64(dm), dr=np.int64(dr), da=np.int64(da), exp_mult=np.float32(self.exp_mult),
+                     step_mult=np.float32(self.step_mult))
+        head = [self.pack_theta(theta), jnp.asarray(lr_mult, jnp.float32)]
+        res = _ffi.accumulator_call(_ffi.CELO_UPDATE, head, [leaf[:7] for leaf in leaves], True, write_delta, attrs)
         return [(*r, hidden[i], cell[i]) for i, r in enumerate(res)]
+
+    def pack_theta(self, theta) -> jax.Array:
+        """The kernel's per-member float32 buffer in small_fc_lopt's layout (PackedLayout with
+        celo): the fixed decays, the first-layer rows reordered, the output layer's unused third
+        column dropped."""
+        mom_b, rms_b, fac_b = self.decays()
+        rms_c, fac_c = jnp.clip(rms_b, 0.0, 1.0), jnp.clip(fac_b, 0.0, 1.0)
+        ff = theta["ff_mod_stack"]["~"]
+        w0 = jnp.concatenate([ff[f"w0__{i}"][0] for i in KERNEL_GROUP_ORDER], axis=0)
+        parts = [mom_b, 1 - mom_b, rms_c, 1 - rms_c, fac_c, 1 - fac_c, w0, ff["b0"][0]]
+        for i in range(1, self.ff_hidden_layers):
+            parts += [ff[f"w{i}"][0], ff[f"b{i}"][0]]
+        last = self.ff_hidden_layers
+        parts += [ff[f"w{last}"][0][:, :2], ff[f"b{last}"][0][:2]]
+        packed = jnp.concatenate([jnp.asarray(x, jnp.float32).ravel() for x in parts])
+        expected = _ffi.packed_size(self.ff_hidden_size, self.ff_hidden_layers, *self.num_decays, celo=True)
+        assert packed.shape == (expected,), (packed.shape, expected)
+        return packed
 
 
 def loss_decays(num_steps) -> jax.Array:
@@ -247,8 +277,7 @@ def loss_decays(num_steps) -> jax.Array:
 def celo_features(lopt: Celo, decays, p, g, m, rms, v_row, v_col, v_full):
     """Accumulator updates and Celo's 30 un-normalised features of one tensor of rank >= 1
     (g already clipped): (groups in Celo's order, m, rms, v_row, v_col, v_full). The
-    accumulators and 28 of the features are small_fc_lopt's (reference.leaf_features)."""
-    from lopt_ext.reference import leaf_features
+    accumulators and 28 of the features are small_fc_lopt's (common.leaf_features)."""
     x, m, rms, v_row, v_col, v_full, _, _ = leaf_features(lopt, decays, p, g, m, rms, v_row, v_col, v_full)
     dm, dr, da = lopt.num_decays
     widths = (1, 1, dm, dr, dm, dr, da, da, da, da, da, da)
@@ -305,7 +334,6 @@ def load_theta_state(path: str):
     if not isinstance(tree, dict):
         raise ValueError(f"{path!r} is not a Celo theta.state file: it holds a {type(tree).__name__}, not a dict")
     theta = jax.tree_util.tree_map(lambda x: jnp.asarray(np.array(x, np.float32)), tree)
-    from lopt_ext.update import check_theta, check_theta_finite
     try:
         check_theta(lopt, theta)
         check_theta_finite(theta)

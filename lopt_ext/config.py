@@ -1,25 +1,37 @@
-"""The small_fc_lopt configuration and its meta-parameters (theta)."""
+"""small_fc_lopt (learned_optimization's AdafacMLPLOpt): its configuration, meta-parameters
+(theta), state and kernel packing; its pure-JAX rule is lopt_ext.reference."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lopt_ext import _ffi, reference
 from lopt_ext.base import LearnedOptimizer
-
-# tanh(iteration / t - 1) for these timescales: the un-normalised step features.
-STEP_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
-MAX_DECAYS = 16
+from lopt_ext.common import (STEP_TIMESCALES, accumulator_shapes, check_decay_fields, num_normalized_features,
+                             step_features)
 
 Theta = Dict[str, Any]
 
 
-def num_normalized_features(dm: int, dr: int, da: int) -> int:
-    """Per-tensor normalised features (28 for the default decays); see the spec."""
-    return 2 + 2 * dm + 2 * dr + 6 * da
+class SmallFcLOptState(NamedTuple):
+    """Per-step state. Each tree field mirrors the params tree.
+
+    m: S + [Dm]; rms: S + [Dr]; rank >= 2 leaves use v_row (S without d0, + [Da]) and
+    v_col (S without d1, + [Da]); rank 0/1 leaves use v_full (S + [Da]). Unused slots
+    hold float32 arrays of shape (0,). All float32, whatever the parameter dtype.
+    """
+
+    iteration: jax.Array  # int32 scalar, +1 per applied step
+    skipped: jax.Array    # int32 scalar, steps skipped for non-finite gradients
+    m: Any
+    rms: Any
+    v_row: Any
+    v_col: Any
+    v_full: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +138,6 @@ class SmallFcLOpt(LearnedOptimizer):
 
     @property
     def state_type(self):
-        from lopt_ext.state import SmallFcLOptState
         return SmallFcLOptState
 
     def leaf_state_shapes(self, shape):
@@ -135,62 +146,37 @@ class SmallFcLOpt(LearnedOptimizer):
         return accumulator_shapes(shape, *self.num_decays)
 
     def reference_leaves(self, theta: Theta, iteration, leaves, context=None):
-        from lopt_ext import reference
         return reference.step_leaves(self, theta, iteration, leaves)
 
     def fused_leaves(self, theta: Theta, iteration, leaves, *, write_delta: bool, context=None):
-        from lopt_ext import _ffi
-        return _ffi.step_leaves(self, theta, iteration, leaves, write_delta=write_delta)
+        """One lopt_fused_update call for all leaves (p, g, m, rms, v_row, v_col, v_full):
+        per leaf (p_new or -step, m, rms, v_row, v_col, v_full)."""
+        return _ffi.accumulator_call(_ffi.FUSED_UPDATE, [self.pack_theta(theta, iteration)], leaves,
+                                     self.has_adafactor, write_delta,
+                                     dict(**self.kernel_attrs(), **_ffi.precision_attrs()))
 
+    # ----- the kernel's view (csrc/kernels/lopt_config.h)
+    def kernel_attrs(self) -> dict:
+        """The FFI attributes of every small_fc_lopt kernel call (the configuration)."""
+        dm, dr, da = self.num_decays
+        return dict(hidden_size=np.int64(self.hidden_size), hidden_layers=np.int64(self.hidden_layers),
+                    dm=np.int64(dm), dr=np.int64(dr), da=np.int64(da),
+                    exp_mult=np.float32(self.exp_mult), step_mult=np.float32(self.step_mult))
 
-EMPTY_SHAPE = (0,)
-DECAY_FIELDS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
-
-
-def check_decay_fields(lopt, fewest_adafactor: int = 1) -> None:
-    """Normalises lopt's three initial-decay fields to tuples of floats (on the frozen dataclass)
-    and checks them: 1..MAX_DECAYS values (``fewest_adafactor`` for the Adafactor ones) in [0, 1)."""
-    cls = type(lopt).__name__
-    for name in DECAY_FIELDS:
-        value = getattr(lopt, name)
-        try:
-            value = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            raise TypeError(f"{cls}: {name} must be a sequence of floats, got {value!r}") from None
-        object.__setattr__(lopt, name, value)
-        fewest = fewest_adafactor if name == "initial_adafactor_decays" else 1
-        if not fewest <= len(value) <= MAX_DECAYS:
-            raise ValueError(f"{cls}: {name} needs {fewest}..{MAX_DECAYS} values, got {len(value)}")
-        # log(1 - beta0) must be finite: NaN, >= 1 or -inf would make every step NaN.
-        if not all(np.isfinite(v) and 0.0 <= v < 1.0 for v in value):
-            raise ValueError(f"{cls}: {name} must lie in [0, 1), got {value!r}")
-
-
-def accumulator_shapes(shape, dm: int, dr: int, da: int):
-    """Shapes of (m, rms, v_row, v_col, v_full) for a parameter of ``shape`` (small_fc_lopt's
-    accumulators, also Celo's); unused slots are (0,)."""
-    shape = tuple(int(d) for d in shape)
-    if da == 0:  # no Adafactor features: no second-moment accumulators
-        return shape + (dm,), shape + (dr,), EMPTY_SHAPE, EMPTY_SHAPE, EMPTY_SHAPE
-    dims = factored_dims(shape)
-    if dims is None:
-        return shape + (dm,), shape + (dr,), EMPTY_SHAPE, EMPTY_SHAPE, shape + (da,)
-    d1, d0 = dims
-    v_row = tuple(np.delete(shape, d0).tolist()) + (da,)
-    v_col = tuple(np.delete(shape, d1).tolist()) + (da,)
-    return shape + (dm,), shape + (dr,), v_row, v_col, EMPTY_SHAPE
-
-
-def step_features(iteration) -> jax.Array:
-    """tanh(iteration / t - 1) for the 11 timescales (iteration before the increment)."""
-    x = jnp.asarray(iteration).astype(jnp.float32)
-    scales = jnp.asarray(STEP_TIMESCALES, jnp.float32)
-    return jnp.tanh(x / scales - 1.0)
-
-
-def factored_dims(shape) -> Tuple[int, int] | None:
-    """(d1, d0): second-largest and largest axis by a stable ascending argsort; None below rank 2."""
-    if len(shape) < 2:
-        return None
-    order = np.argsort(np.asarray(shape), kind="stable")
-    return int(order[-2]), int(order[-1])
+    def pack_theta(self, theta: Theta, iteration) -> jax.Array:
+        """The per-member float32 buffer the kernels read (PackedLayout). The step features
+        are identical for every element, so they are folded into b0 here."""
+        mom_b, rms_b, fac_b = self.decays(theta)
+        rms_c = jnp.clip(rms_b, 0.0, 1.0)
+        fac_c = jnp.clip(fac_b, 0.0, 1.0)
+        nn = theta["nn"]["~"]
+        nf = self.num_features
+        w0 = nn["w0"].astype(jnp.float32)
+        b0 = nn["b0"] + jnp.matmul(step_features(iteration), w0[nf:], precision=jax.lax.Precision.HIGHEST)
+        parts = [mom_b, 1 - mom_b, rms_c, 1 - rms_c, fac_c, 1 - fac_c, w0[:nf].ravel(), b0]
+        for i in range(1, self.hidden_layers + 1):
+            parts += [nn[f"w{i}"].ravel(), nn[f"b{i}"]]
+        packed = jnp.concatenate([jnp.asarray(x, jnp.float32).ravel() for x in parts])
+        expected = _ffi.packed_size(self.hidden_size, self.hidden_layers, *self.num_decays)
+        assert packed.shape == (expected,), (packed.shape, expected)
+        return packed

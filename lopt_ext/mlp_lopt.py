@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lopt_ext import _ffi
 from lopt_ext.base import LearnedOptimizer
-from lopt_ext.config import step_features
+from lopt_ext.common import step_features
 
 MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 NUM_NORMALIZED = 2 + len(MOMENTUM_DECAYS)       # g, p, m[6]
@@ -92,8 +93,26 @@ class MLPLOpt(LearnedOptimizer):
         return [self._leaf_step(theta, feat, p, g, m) for p, g, m in leaves]
 
     def fused_leaves(self, theta, iteration, leaves, *, write_delta: bool, context=None):
-        from lopt_ext import _ffi
-        return _ffi.mlp_step_leaves(self, theta, iteration, leaves, write_delta=write_delta)
+        """One lopt_mlp_update call (CPU only) for all leaves (p, g, m): per leaf (out, m)."""
+        attrs = dict(hidden_size=np.int64(self.hidden_size), hidden_layers=np.int64(self.hidden_layers),
+                     exp_mult=np.float32(self.exp_mult), step_mult=np.float32(self.step_mult))
+        return _ffi.mlp_call(self.pack_theta(theta, iteration), leaves, attrs, write_delta)
+
+    def pack_theta(self, theta, iteration) -> jax.Array:
+        """The kernel's per-member float32 buffer (csrc/kernels/lopt_config.h, MlpPackedLayout);
+        the step features are folded into the first-layer bias."""
+        decays = jnp.asarray(MOMENTUM_DECAYS, jnp.float32)
+        first = theta["mlp/~/linear_0"]
+        w0 = jnp.asarray(first["w"], jnp.float32)
+        b0 = first["b"] + jnp.matmul(step_features(iteration), w0[NUM_NORMALIZED:], precision=_HI)
+        parts = [decays, 1 - decays, w0[:NUM_NORMALIZED], b0]
+        for i in range(1, self.hidden_layers + 1):
+            layer = theta[f"mlp/~/linear_{i}"]
+            parts += [layer["w"], layer["b"]]
+        packed = jnp.concatenate([jnp.asarray(x, jnp.float32).ravel() for x in parts])
+        expected = _ffi.mlp_packed_size(self.hidden_size, self.hidden_layers)
+        assert packed.shape == (expected,), (packed.shape, expected)
+        return packed
 
     def _leaf_step(self, theta, feat, p, g, m):
         shape = p.shape

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import optax
 
-from lopt_ext.config import SmallFcLOpt
+from lopt_ext.protocol import Rule
 from lopt_ext.state import init_state
 from lopt_ext.update import IMPLS, apply_step, check_lopt, check_num_steps, check_theta
 
 
-def transform(lopt: SmallFcLOpt, theta, impl: str = "fused", skip_nonfinite: bool = False, num_steps=None):
+def transform(lopt: Rule, theta, impl: str = "fused", skip_nonfinite: bool = False, num_steps=None):
     """An optax GradientTransformationExtraArgs: ``tx.update(grads, state, params, value=loss)``.
 
     updates = -step, so optax.apply_updates(params, updates) == p - step exactly.

@@ -31,12 +31,15 @@ a handful of reductions per tensor computed in JAX, applied to the kernel's step
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt_ext.config import STEP_TIMESCALES, SmallFcLOpt, step_features
+from lopt_ext import _ffi
+from lopt_ext.common import STEP_TIMESCALES, num_normalized_features, step_features
+from lopt_ext.config import SmallFcLOpt, SmallFcLOptState
 
 SCALE_BOUND = 4.0  # |log s| <= 4: the scale stays within [0.018, 55]
 NUM_PROGRESS_INPUTS = 2
@@ -46,6 +49,21 @@ ZERO_LOG_RMS = 0.5 * float(np.log(1e-6))  # log RMS(p) of an all-zero tensor (th
 # Below this many elements per step (all tensors of one member) XLA's fused reductions cost
 # less than a call into the kernel's threaded sums (meta-training's tiny models stay on them).
 FUSED_SUMS_MIN_ELEMENTS = 1 << 16
+
+
+class ScaledSmallFcLOptState(NamedTuple):
+    """SmallFcLOptState plus, per leaf, the tensor's statistics at its first step:
+    scale_ref = [log RMS(p_0), log RMS(g_0)] (float32 [2]), the reference of the progress
+    inputs of ``ScaledSmallFcLOpt(progress_inputs=True)``."""
+
+    iteration: jax.Array
+    skipped: jax.Array
+    m: Any
+    rms: Any
+    v_row: Any
+    v_col: Any
+    v_full: Any
+    scale_ref: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +93,6 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
 
     @property
     def state_type(self):
-        from lopt_ext.state import ScaledSmallFcLOptState, SmallFcLOptState
         return ScaledSmallFcLOptState if self.progress_inputs else SmallFcLOptState
 
     def leaf_state_shapes(self, shape):
@@ -138,7 +155,6 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         total = sum(int(np.prod(jnp.shape(p))) for p, _, _ in items)
         if impl != "fused" or total < FUSED_SUMS_MIN_ELEMENTS:
             return [self.scale_sums(*it) for it in items]
-        from lopt_ext import _ffi
         return _ffi.scale_sums(items, self.num_decays[0], self.num_decays[1], self.scale_sums)
 
     def scale_sums(self, p, m_new, rms_new):
@@ -224,7 +240,6 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         nn = dict(theta["nn"]["~"])
         k = jax.random.split(jax.random.fold_in(key, 1), self.hidden_layers + 1)
         small = lambda kk, shape: 0.01 * jax.random.truncated_normal(kk, -2.0, 2.0, shape, jnp.float32)
-        from lopt_ext.config import num_normalized_features
         dm, dr, _ = self.num_decays
         feature = 2 + dm + dr  # m[0] * rsqrt(rms + 1e-6), in the spec's feature order
         w0 = small(k[0], nn["w0"].shape)

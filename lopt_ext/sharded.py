@@ -45,9 +45,11 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lopt_ext.config import SmallFcLOpt, factored_dims
-from lopt_ext.state import SmallFcLOptState, init_state
-from lopt_ext.update import (IMPLS, STATE_FIELDS, assemble, check_inputs, check_lopt, check_theta,
+from lopt_ext import _ffi, reference
+from lopt_ext.common import factored_dims, safe_rsqrt, step_features
+from lopt_ext.config import SmallFcLOpt, SmallFcLOptState
+from lopt_ext.state import init_state
+from lopt_ext.update import (IMPLS, assemble, check_inputs, check_lopt, check_theta,
                               count_bad_grads)
 
 P = PartitionSpec
@@ -164,10 +166,6 @@ def _psum(x, names):
     return lax.psum(x, tuple(names)) if names else x
 
 
-def _safe_rsqrt(x):
-    return lax.rsqrt(jnp.maximum(x, 1e-9))
-
-
 def _sumsq(x, axes):
     return jnp.sum(jnp.square(x), axis=axes)
 
@@ -250,8 +248,8 @@ def _stage1(decays, p, g, v_row, v_col, v_full, ent, global_shape):
     v_col = fac_c * v_col + (1 - fac_c) * (col_sum / global_shape[d1])[..., None]
     rd1 = d1 - 1 if d1 > d0 else d1  # d1's position in v_row
     rcm = _psum(jnp.sum(v_row, axis=rd1, keepdims=True), names[d1]) / global_shape[d1]
-    st = {"axes": dims, "v_row": v_row, "v_col": v_col, "row_factor": _safe_rsqrt(v_row / (rcm + 1e-9)),
-          "col_factor": _safe_rsqrt(v_col)}
+    st = {"axes": dims, "v_row": v_row, "v_col": v_col, "row_factor": safe_rsqrt(v_row / (rcm + 1e-9)),
+          "col_factor": safe_rsqrt(v_col)}
     # v_row / v_col features repeat along the axis they were reduced over: count the local
     # length of that axis (the psum later adds the other devices' copies)
     n_d0, n_d1 = p.shape[d0], p.shape[d1]
@@ -291,7 +289,7 @@ def _stage2_jnp(decays, p, g, m, rms, st, ent):
         front, m_new = _front_sums(decays, pc, gc, mc, rc_, axes)
         v_new = fac_c * vc + (1 - fac_c) * (gc * gc + 1e-30)[..., None]
         return acc + jnp.concatenate(front + [
-            _sumsq(gc[..., None] * _safe_rsqrt(v_new + 1e-9), axes), _sumsq(m_new * (v_new + 1e-6) ** -0.5, axes),
+            _sumsq(gc[..., None] * safe_rsqrt(v_new + 1e-9), axes), _sumsq(m_new * (v_new + 1e-6) ** -0.5, axes),
             _sumsq(v_new, axes), _sumsq(lax.rsqrt(v_new + 1e-8), axes)])
 
     return _chunked(n_c, cs, body, jnp.zeros((nfront + 4 * da,), jnp.float32))
@@ -347,7 +345,7 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
     check_theta(lopt, theta)
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     g_leaves = treedef.flatten_up_to(grads)
-    fields = [treedef.flatten_up_to(getattr(state, f)) for f in STATE_FIELDS]
+    fields = [treedef.flatten_up_to(getattr(state, f)) for f in SmallFcLOpt.state_fields]
     specs = _flatten_specs(params, param_specs)
     ents = [_entries(s, jnp.ndim(p), "param_specs") for s, p in zip(specs, p_leaves)]
     f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
@@ -370,10 +368,8 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
         if whole:  # every device holds these tensors entirely: the one-call kernel is exact
             leaves = [(f32(p_leaves[i]), f32(g_leaves[i]), *(f[i] for f in fields)) for i in whole]
             if impl == "fused":
-                from lopt_ext import _ffi
-                out = _ffi.step_leaves(lopt, theta, state.iteration, leaves, write_delta=kernel_delta)
+                out = SmallFcLOpt.fused_leaves(lopt, theta, state.iteration, leaves, write_delta=kernel_delta)
             else:
-                from lopt_ext import reference
                 out = reference.step_leaves(lopt, theta, state.iteration, leaves)
                 out = [((-s) if kernel_delta else (lf[0] - s), *rest) for (s, *rest), lf in zip(out, leaves)]
             if scaled:
@@ -393,16 +389,15 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
                 items.append((p, g, m, rms, st))
                 extras.append((vsums, gshape))
             if impl == "fused" and stats == "kernel":
-                from lopt_ext import _ffi
-                compact = _ffi.partial_sumsq(lopt, theta, state.iteration, items)
+                compact = _ffi.partial_sumsq_call(lopt.pack_theta(theta, state.iteration), items, lopt.kernel_attrs(), dm, dr, da)
             else:
                 compact = [_stage2_jnp(decays, p, g, m, rms, st, ents[i])
                            for i, (p, g, m, rms, st) in zip(sharded, items)]
             for i, it, cs_, (vsums, gshape) in zip(sharded, items, compact, extras):
                 it[4]["scales"] = _scales(cs_, vsums, dm, dr, da, ents[i], gshape)
             if impl == "fused":
-                from lopt_ext import _ffi
-                out = _ffi.apply_leaves(lopt, theta, state.iteration, items, write_delta=kernel_delta)
+                out = _ffi.apply_call(lopt.pack_theta(theta, state.iteration), items,
+                                     lopt.kernel_attrs(), kernel_delta)
             else:
                 out = [_apply_reference(lopt, theta, state.iteration, it, kernel_delta) for it in items]
             if scaled:  # the scale's tensor-wide sums: local sums, psum'd like the statistics
@@ -438,7 +433,6 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
 def _apply_reference(lopt, theta, iteration, item, write_delta):
     """Pure-JAX apply with external statistics (impl='reference': the same two-stage
     algorithm with the kernel replaced by jnp, so the statistics path is testable alone)."""
-    from lopt_ext.config import step_features
     p, g, m, rms, st = item
     mom_b, rms_b, fac_b = lopt.decays(theta)
     rms_c = jnp.clip(rms_b, 0.0, 1.0)
@@ -457,7 +451,7 @@ def _apply_reference(lopt, theta, iteration, item, write_delta):
         feats += [g[..., None] * rc, vr, vc, lax.rsqrt(vr + 1e-8), lax.rsqrt(vc + 1e-8), m2 * rc]
     else:
         vf = fac_c * st["v_full"] + (1 - fac_c) * (g * g + 1e-30)[..., None]
-        feats += [g[..., None] * _safe_rsqrt(vf + 1e-9), vf, vf, lax.rsqrt(vf + 1e-8),
+        feats += [g[..., None] * safe_rsqrt(vf + 1e-9), vf, vf, lax.rsqrt(vf + 1e-8),
                   lax.rsqrt(vf + 1e-8), m2 * (vf + 1e-6) ** -0.5]
     x = jnp.concatenate(feats, axis=-1) * st["scales"]
     feat = step_features(iteration)

@@ -1,50 +1,18 @@
-"""Optimizer states, shared by the fused and the reference paths of every learned optimizer."""
+"""Optimizer state for every learned optimizer (its layout: the rule's state_type and
+leaf_state_shapes), shared by the fused and the reference paths."""
 from __future__ import annotations
 
 import operator
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt_ext.base import LearnedOptimizer
-
-
-class SmallFcLOptState(NamedTuple):
-    """Per-step state. Each tree field mirrors the params tree.
-
-    m: S + [Dm]; rms: S + [Dr]; rank >= 2 leaves use v_row (S without d0, + [Da]) and
-    v_col (S without d1, + [Da]); rank 0/1 leaves use v_full (S + [Da]). Unused slots
-    hold float32 arrays of shape (0,). All float32, whatever the parameter dtype.
-    """
-
-    iteration: jax.Array  # int32 scalar, +1 per applied step
-    skipped: jax.Array    # int32 scalar, steps skipped for non-finite gradients
-    m: Any
-    rms: Any
-    v_row: Any
-    v_col: Any
-    v_full: Any
-
-
-class ScaledSmallFcLOptState(NamedTuple):
-    """SmallFcLOptState plus, per leaf, the tensor's statistics at its first step:
-    scale_ref = [log RMS(p_0), log RMS(g_0)] (float32 [2]), the reference of the progress
-    inputs of ``ScaledSmallFcLOpt(progress_inputs=True)``."""
-
-    iteration: jax.Array
-    skipped: jax.Array
-    m: Any
-    rms: Any
-    v_row: Any
-    v_col: Any
-    v_full: Any
-    scale_ref: Any
+from lopt_ext.protocol import Rule
 
 
 def check_lopt(lopt) -> None:
-    if not isinstance(lopt, LearnedOptimizer):
+    if not isinstance(lopt, Rule):
         raise TypeError(f"lopt must be a lopt_ext learned optimizer (SmallFcLOpt, ScaledSmallFcLOpt, MLPLOpt, Celo), "
                         f"got {type(lopt).__name__}")
 
@@ -65,7 +33,7 @@ def check_num_steps(num_steps, what="num_steps"):
     return n
 
 
-def init_state(lopt: LearnedOptimizer, params, num_steps=None):
+def init_state(lopt: Rule, params, num_steps=None):
     """The zero state of ``lopt`` for ``params`` (float32, whatever the parameter dtype).
 
     num_steps: the training horizon, kept in the state of rules that read it (Celo); the

@@ -8,12 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lopt_ext.base import LearnedOptimizer
-from lopt_ext.config import SmallFcLOpt
+from lopt_ext.protocol import Rule
 from lopt_ext.state import check_lopt, check_num_steps  # noqa: F401  (re-exported: the one lopt check)
 
 IMPLS = ("fused", "reference")
-STATE_FIELDS = SmallFcLOpt.state_fields  # small_fc_lopt's state fields (the sharded path's)
 # skip_nonfinite skips a step unless every |g| <= this: sqrt(float32 max), so that g^2
 # (rms and the factored accumulators) cannot overflow to inf either.
 GRAD_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
@@ -54,7 +52,7 @@ def check_theta_finite(theta) -> None:
                              "every output would be NaN")
 
 
-def check_theta(lopt: LearnedOptimizer, theta) -> None:
+def check_theta(lopt: Rule, theta) -> None:
     """theta must have exactly the layout of this configuration (the reference's)."""
 
     def walk(expected, got, path):
@@ -81,7 +79,7 @@ def _leaf_names(tree):
     return [jax.tree_util.keystr(p) or "<root>" for p, _ in paths]
 
 
-def check_inputs(lopt: LearnedOptimizer, theta, state, params, grads, grads_name="grads"):
+def check_inputs(lopt: Rule, theta, state, params, grads, grads_name="grads"):
     """Validates everything before any kernel runs; returns flattened leaves."""
     check_lopt(lopt)
     check_theta(lopt, theta)
@@ -130,7 +128,7 @@ def check_inputs(lopt: LearnedOptimizer, theta, state, params, grads, grads_name
     return treedef, p_leaves, g_leaves, fields
 
 
-def check_value(lopt: LearnedOptimizer, value):
+def check_value(lopt: Rule, value):
     """The loss of the step (optax's ``value``): a real scalar where the rule reads it, else ignored."""
     if not lopt.uses_loss:
         return None
@@ -143,7 +141,7 @@ def check_value(lopt: LearnedOptimizer, value):
     return jnp.asarray(value, jnp.float32)
 
 
-def check_horizon(lopt: LearnedOptimizer, state, num_steps):
+def check_horizon(lopt: Rule, state, num_steps):
     """num_steps for this step: the call's, else the state's (init_state(..., num_steps))."""
     num_steps = check_num_steps(num_steps)
     if not lopt.uses_horizon or num_steps is not None:
@@ -155,7 +153,7 @@ def check_horizon(lopt: LearnedOptimizer, state, num_steps):
     return None
 
 
-def apply_step(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str,
+def apply_step(lopt: Rule, theta, state, params, grads, *, impl: str,
                write_delta: bool, skip_nonfinite: bool = False, grads_name: str = "grads",
                value=None, num_steps=None):
     """One step. Returns (tree of new params, or of updates when write_delta; new state).
@@ -250,7 +248,7 @@ def assemble(lopt, treedef, p_leaves, fields, live, results, applied, state, wri
     return unflat(outs), new_state
 
 
-def fused_update(lopt: LearnedOptimizer, theta, state, params, grads, *, impl: str = "fused",
+def fused_update(lopt: Rule, theta, state, params, grads, *, impl: str = "fused",
                  skip_nonfinite: bool = False, value=None, num_steps=None):
     """(new_params, new_state) for one step of the learned optimizer on a whole pytree.
 

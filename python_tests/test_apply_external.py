@@ -6,12 +6,13 @@ import numpy as np
 from jax import lax
 
 import lopt_ext
-from lopt_ext import _ffi, reference
+from lopt_ext import _ffi
+from lopt_ext.common import leaf_features
 from helpers import assert_trajectories_agree, make_grads, make_params
 
 
 def _external_stats(cfg, theta, p, g, m, rms, v_row, v_col, v_full):
-    x, m2, rms2, vr, vc, vf, rf, cf = reference.leaf_features(cfg, cfg.decays(theta), p, g, m, rms, v_row, v_col, v_full)
+    x, m2, rms2, vr, vc, vf, rf, cf = leaf_features(cfg, cfg.decays(theta), p, g, m, rms, v_row, v_col, v_full)
     scales = lax.rsqrt(1e-5 + jnp.mean(jnp.square(x), axis=tuple(range(p.ndim))))
     if p.ndim >= 2:
         return {"axes": lopt_ext.factored_dims(p.shape), "v_row": vr, "v_col": vc,
@@ -34,7 +35,7 @@ def test_apply_with_external_stats_matches_reference():
         st = _external_stats(cfg, theta, params[k], grads[k], state.m[k], state.rms[k],
                              state.v_row[k], state.v_col[k], state.v_full[k])
         leaves.append((params[k], grads[k], state.m[k], state.rms[k], st))
-    out = _ffi.apply_leaves(cfg, theta, state.iteration, leaves, write_delta=False)
+    out = _ffi.apply_call(cfg.pack_theta(theta, state.iteration), leaves, cfg.kernel_attrs(), False)
     got = {k: o[0] for k, o in zip(names, out)}
     got_m = {k: o[1] for k, o in zip(names, out)}
     assert_trajectories_agree([got], [ref_p], "params ")

@@ -343,7 +343,7 @@ def test_ffi_rejects_bad_attributes_and_operands():
     """The custom call itself (no Python validation in front) errors out cleanly."""
     from lopt_ext import _ffi
     _ffi.ensure_registered()
-    packed = _ffi.pack_theta(CFG, THETA, jnp.int32(0))
+    packed = CFG.pack_theta(THETA, jnp.int32(0))
     p = jnp.ones((6,), jnp.float32)
     ops = [packed, p, p, jnp.zeros((6, 3)), jnp.zeros((6, 1)), jnp.zeros((6, 3))]
     outs = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (p, ops[3], ops[4], ops[5])]
@@ -353,7 +353,7 @@ def test_ffi_rejects_bad_attributes_and_operands():
                   da=np.int64(3), exp_mult=np.float32(1e-3), step_mult=np.float32(1e-3), write_delta=False,
                   precision=np.int64(0), cpu_precision=np.int64(0))
         kw.update(attrs)
-        return jax.block_until_ready(jax.ffi.ffi_call(_ffi.TARGET, results)(*operands, **kw))
+        return jax.block_until_ready(jax.ffi.ffi_call(_ffi.FUSED_UPDATE, results)(*operands, **kw))
 
     call()  # the well-formed call works
     bad = [
@@ -382,7 +382,7 @@ def test_mlp_lopt_ffi_call_rejects_malformed_operands():
     from lopt_ext import MLPLOpt, _ffi
     lopt = MLPLOpt(hidden_size=4)
     _ffi.ensure_registered()
-    packed = _ffi.pack_mlp_theta(lopt, lopt.init_theta(jax.random.PRNGKey(0)), 0)
+    packed = lopt.pack_theta(lopt.init_theta(jax.random.PRNGKey(0)), 0)
     p = jnp.ones((3, 2))
     m = jnp.zeros((3, 2, 6))
     outs = [jax.ShapeDtypeStruct(p.shape, jnp.float32), jax.ShapeDtypeStruct(m.shape, jnp.float32)]

@@ -6,7 +6,7 @@ import pytest
 
 import lopt_ext
 from lopt_ext import ScaledSmallFcLOpt, SmallFcLOpt, checkpoint
-from lopt_ext.config import STEP_TIMESCALES
+from lopt_ext.common import STEP_TIMESCALES
 
 SHAPES = {"w": (6, 4), "b": (4,), "s": (), "t": (3, 2, 5)}
 

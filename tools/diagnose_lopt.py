@@ -23,8 +23,8 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lopt_ext import pretrained, reference  # noqa: E402
-from lopt_ext.config import step_features  # noqa: E402
+from lopt_ext import pretrained  # noqa: E402
+from lopt_ext.common import leaf_features, step_features  # noqa: E402
 from lopt_ext.tasks import family  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def mlp_outputs(lopt, theta, state, params, grads):
         m, rms, vr, vc, vf = (f[i] for f in fields[:5])
         if p.ndim == 0:
             p, g, m, rms, vf = p[None], g[None], m[None], rms[None], vf[None]
-        x, m_new, rms_new, *_ = reference.leaf_features(lopt, decays, p, g, m, rms, vr, vc, vf)
+        x, m_new, rms_new, *_ = leaf_features(lopt, decays, p, g, m, rms, vr, vc, vf)
         snr.append(float(jnp.sqrt(jnp.mean(jnp.square(m_new * jax.lax.rsqrt(rms_new + 1e-6))))))
         x = x * jax.lax.rsqrt(1e-5 + jnp.mean(jnp.square(x), axis=tuple(range(p.ndim)), keepdims=True))
         x = jnp.concatenate([x, jnp.broadcast_to(feat, p.shape + feat.shape)], axis=-1)
