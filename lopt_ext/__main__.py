@@ -318,10 +318,15 @@ def _add_others(sub):
                    help="task split to evaluate on (test: the held-out in-family MLPs that are judged)")
     p.add_argument("--tasks", nargs="+", type=_task_name, default=None, metavar="TASK",
                    help=f"these tasks instead of --split ({TASKS_HINT})")
-    p.add_argument("--seeds", nargs="+", type=_nonnegative_int, default=[0, 1, 2], metavar="SEED",
-                   help="seeds of the initial params and batch streams")
-    p.add_argument("--horizons", nargs="+", type=_horizon, default=[1000, 3000], metavar="STEPS",
-                   help="training horizons judged (multiples of 100; Adam is tuned for each)")
+    p.add_argument("--seeds", nargs="+", type=_nonnegative_int, default=None, metavar="SEED",
+                   help="seeds of the initial params and batch streams (default: 0 1 2; with --quick 0)")
+    p.add_argument("--horizons", nargs="+", type=_horizon, default=None, metavar="STEPS",
+                   help="training horizons judged (multiples of 100; Adam is tuned for each; default: 1000 3000; "
+                        "with --quick 500)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a first look in about 30 s on 2 cores: the {QUICK_EVAL_TASKS} smallest tasks of the split, "
+                        "seed 0, 500 steps (explicit --tasks/--seeds/--horizons win); the full default run takes "
+                        "about an hour or more here (an estimate is printed after the first task)")
     p.add_argument("--impl", default="fused", choices=["fused", "reference"],
                    help="learned optimizer implementation")
     p.add_argument("--out", type=_output_dir, default=os.path.join("runs", "evaluate"), metavar="DIR",
@@ -362,13 +367,22 @@ def _rounded(obj, digits=6):
     return obj
 
 
+QUICK_EVAL_TASKS = 3
+
+
 def cmd_evaluate(args):
     from lopt_ext import checkpoint, pretrained, tasks
     from lopt_ext.metatrain import evaluate as ev
     names = args.tasks or tasks.list_tasks(args.split)
+    if args.quick and not args.tasks:
+        names = sorted(names, key=lambda n: (ev.task_cost(tasks.get_task(n)), n))[:QUICK_EVAL_TASKS]
+    seeds = tuple(args.seeds if args.seeds is not None else [0] if args.quick else [0, 1, 2])
+    horizons = tuple(sorted(set(args.horizons if args.horizons is not None else [500] if args.quick else [1000, 3000])))
     os.makedirs(args.out, exist_ok=True)
     cache = args.adam_cache or os.path.join(args.out, "baselines.json")
-    horizons, seeds = tuple(sorted(set(args.horizons))), tuple(args.seeds)
+    print(f"evaluate: {len(names)} task(s) x {len(seeds)} seed(s), horizons {' '.join(map(str, horizons))}; "
+          f"Adam tuned over {len(ev.DEFAULT_LRS)} learning rates x {len(ev.BASELINES)} schedules per task "
+          f"(cached runs reused from {cache})", flush=True)
     if args.adam_only:
         ev.evaluate(names, None, None, seeds=seeds, horizons=horizons, adam_cache=cache, adam_only=True)
         print(f"wrote {cache}")
@@ -445,8 +459,8 @@ def _add_tradeoffs(sub):
                         "tasks, seed 0, 200 steps, timing at 1e4/1e5 parameters")
     p.add_argument("--out", type=_output_dir, default=None, metavar="DIR",
                    help="writes tradeoffs.json, tradeoffs.md, pareto_time.png, pareto_memory.png and (in DIR/cache) the "
-                        f"sweep caches here (default: {tradeoffs.DEFAULT_OUT}; with --quick {tradeoffs.QUICK_OUT}, "
-                        "so a quick run never overwrites the study)")
+                        f"sweep caches here (default: {tradeoffs.DEFAULT_OUT}; with --quick {tradeoffs.QUICK_OUT}; the "
+                        f"committed results are refreshed only when asked for: --out {tradeoffs.COMMITTED_OUT})")
     p.add_argument("--only", nargs="+", type=_tradeoffs_name, default=None, metavar="NAME",
                    help="measure only these optimizers (default: all of "
                         f"{', '.join(tradeoffs.HAND_DESIGNED)} and lopt_ext.variants.STUDY)")
@@ -457,8 +471,8 @@ def _add_tradeoffs(sub):
     p.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
                    help="timed calls per step-time measurement, median reported (default: 7; with --quick 3)")
     p.add_argument("--theta-dir", type=_input_dir, default=None, metavar="DIR",
-                   help="where the learned optimizers' NAME.safetensors are read (default: docs/tradeoffs/theta "
-                        "of this checkout; not read with --quick)")
+                   help="where the learned optimizers' NAME.safetensors are read (default: the trained thetas "
+                        "shipped in lopt_ext/tradeoffs/theta; not read with --quick)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(_parser=p)
     return p

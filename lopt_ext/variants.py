@@ -4,7 +4,7 @@ checkpoints refer to by name.
 ``KINDS`` maps a meta-training ``lopt_kind`` to a constructor taking ``hidden_size`` and
 ``hidden_layers``; ``STUDY`` lists the learned optimizers of the tradeoffs study (issue 12 /
 docs/tradeoffs) as (kind, hidden size). Every study variant is meta-trained with the same recipe
-and budget, and its theta is committed under docs/tradeoffs/theta/<name>.safetensors.
+and budget, and its theta is committed under lopt_ext/tradeoffs/theta/<name>.safetensors.
 """
 from __future__ import annotations
 

@@ -281,3 +281,30 @@ def test_committed_study_has_every_optimizer_on_all_three_axes():
             # published weights of another project (Celo) have no CPU-hours of ours: the reason says so
             assert (_is_number(perf["meta_training_cpu_hours"])
                     or "published" in rec["null_reasons"]["meta_training_cpu_hours"]), name
+
+
+# ----------------------------------------------------------------------------- outside the checkout
+def test_study_thetas_ship_with_the_package():
+    """A full run needs no checkout: every trained study theta lies in the installed package."""
+    pkg = os.path.dirname(os.path.abspath(tr.__file__))
+    assert os.path.commonpath([tr.THETA_DIR, pkg]) == pkg
+    learned = [n for n in variants.STUDY if variants.STUDY[n].kind != variants.CELO]
+    assert learned and not tr.missing_thetas(learned)
+    for name in learned:
+        lopt, _, label, _ = tr.load_learned(name, False)
+        assert type(lopt) is type(variants.STUDY[name].lopt()) and label.endswith(f"{name}.safetensors")
+
+
+def test_default_outputs_never_touch_the_committed_study(tmp_path):
+    """Run from another directory without --out: the outputs go under that directory's runs/,
+    and the committed docs/tradeoffs stays as it was (a full run's default is runs/ too)."""
+    assert not tr.DEFAULT_OUT.startswith("docs") and not tr.QUICK_OUT.startswith("docs")
+    committed = os.path.join(ROOT, "docs", "tradeoffs", "tradeoffs.json")
+    before = os.stat(committed).st_mtime_ns
+    proc = subprocess.run([sys.executable, "-m", "lopt_ext", "tradeoffs", "--quick", "--only", "adam",
+                           "small_fc_lopt_h4", "--no-progress"],
+                          cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / tr.QUICK_OUT / "tradeoffs.json") as f:
+        assert list(json.load(f)["optimizers"]) == ["adam", "small_fc_lopt_h4"]
+    assert os.stat(committed).st_mtime_ns == before

@@ -116,7 +116,7 @@ def render_evaluation(doc) -> str:
 
 
 def _tradeoffs_module():
-    return _module_by_path(os.path.join("lopt_ext", "tradeoffs.py"), "lopt_ext_tradeoffs")
+    return _module_by_path(os.path.join("lopt_ext", "tradeoffs", "report.py"), "lopt_ext_tradeoffs_report")
 
 
 def render_tradeoffs(doc) -> str:

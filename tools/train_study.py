@@ -1,6 +1,6 @@
 """Meta-trains every learned optimizer of the tradeoffs study (lopt_ext.variants.STUDY) with one
 recipe and one wall-clock budget, and writes each trained theta to
-docs/tradeoffs/theta/<name>.safetensors with its recipe and budget (read by
+lopt_ext/tradeoffs/theta/<name>.safetensors with its recipe and budget (read by
 `python -m lopt_ext tradeoffs`).
 
     python tools/train_study.py --budget-s 600 [--only NAME ...] [--work runs/study]
@@ -28,7 +28,7 @@ from lopt_ext.variants import STUDY  # noqa: E402
 RECIPE = dict(num_tasks=4, pairs=4, unroll=20, min_horizon=100, max_horizon=1000, sigma=0.01,
               outer_lr=3e-3, outer_steps=3000, warmup_steps=50, objective="valid_log", split="train",
               impl="fused", seed=0)
-THETA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "tradeoffs", "theta")
+THETA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lopt_ext", "tradeoffs", "theta")
 
 
 def main(argv=None):

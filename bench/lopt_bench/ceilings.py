@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from lopt_ext.timing import cpu_model, sgemm_gflops  # noqa: F401  (one definition, shared with tradeoffs)
 
 SCRUBBED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
@@ -38,25 +39,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def sgemm_gflops(n: int = 2048, repeats: int = 7):
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    c = np.empty((n, n), np.float32)
-    np.matmul(a, b, out=c)  # warm up (thread pool start, page faults)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.matmul(a, b, out=c)
-        times.append(time.perf_counter() - t0)
-    flop = 2.0 * n ** 3
-    # Sanity check: a wrong BLAS kernel must not pass as a fast one.
-    ref = a[:8].astype(np.float64) @ b.astype(np.float64)
-    err = float(np.max(np.abs(c[:8] - ref)) / np.max(np.abs(ref)))
-    return {"sgemm_gflops": flop / min(times) / 1e9, "sgemm_gflops_median": flop / float(np.median(times)) / 1e9,
-            "sgemm_n": n, "sgemm_repeats": repeats, "sgemm_rel_err": err}
 
 
 def _split(n: int, parts: int):
@@ -123,17 +105,6 @@ def blas_info():
         return [{"error": "threadpoolctl not installed"}]
     keep = ("user_api", "internal_api", "prefix", "version", "architecture", "threading_layer", "num_threads")
     return [{k: v for k, v in d.items() if k in keep} for d in threadpoolctl.threadpool_info()]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure_here(quick: bool = False):

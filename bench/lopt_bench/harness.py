@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lopt_ext import timing
+from lopt_ext.timing import choose_rounds, memory_analysis  # noqa: F401  (used by bench_step.py)
 from lopt_bench import BENCH_DIR, REPO_ROOT, child_env  # noqa: F401
 from lopt_bench.metrics import (HIDDEN_LAYERS, MIN_BYTES_PER_PARAM, NUM_FEATURES, derived,  # noqa: F401
                            useful_flops_per_param)
@@ -304,39 +306,10 @@ def prepare(wl: Workload, opt: str, hidden_size: Optional[int], seed: int = 0) -
                     _tree_bytes(state), compile_s, memory_analysis(compiled))
 
 
-def memory_analysis(compiled) -> Dict[str, int]:
-    """XLA's static buffer accounting of the compiled step (bytes); {} where unavailable."""
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        return {}
-    if ma is None:
-        return {}
-    out = {}
-    for key in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                "alias_size_in_bytes", "generated_code_size_in_bytes"):
-        if hasattr(ma, key):
-            out[key] = int(getattr(ma, key))
-    return out
-
-
 def time_steps(prep: Prepared, rounds: int, warmup: int = 1) -> List[float]:
-    """Per-step wall times (s) outside pytest-benchmark (smoke test, quick checks)."""
-    for _ in range(warmup):
-        prep.run()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        prep.run()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def choose_rounds(step_s: float, budget_s: float, min_rounds: int = 3, max_rounds: int = 200) -> int:
-    """Enough rounds for a stable median within roughly ``budget_s`` seconds."""
-    if step_s <= 0:
-        return max_rounds
-    return int(max(min_rounds, min(max_rounds, budget_s / step_s)))
+    """Per-step wall times (s) outside pytest-benchmark (smoke test, quick checks), by the one
+    step timer (lopt_ext.timing)."""
+    return timing.time_calls(prep.run, rounds=rounds, warmup=warmup)
 
 
 # ----------------------------------------------------------------------------- metrics

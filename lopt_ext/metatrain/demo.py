@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import optax
 
+from lopt_ext import timing
 from lopt_ext.metatrain import evaluate as ev
 
 
@@ -26,16 +27,15 @@ def _time_step(task, tx, params, key, repeats=50) -> float:
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
-    state = tx.init(params)
-    params, state, loss = step(params, state, 0)
-    jax.block_until_ready(loss)
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        params, state, loss = step(params, state, i + 1)
-        jax.block_until_ready((params, state, loss))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    carry = [params, tx.init(params), 0]
+
+    def run():  # one training step on the next batch, waiting for its result
+        p, st, i = carry
+        p, st, loss = step(p, st, i)
+        jax.block_until_ready((p, st, loss))
+        carry[:] = [p, st, i + 1]
+
+    return timing.median_step_s(run, rounds=repeats, warmup=1)
 
 
 def run_demo(task_name: str = "mlp_digits_48_relu_b64_s1", steps: int = 1000, seed: int = 0,

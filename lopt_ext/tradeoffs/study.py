@@ -7,7 +7,7 @@ Optimizers
 - hand-designed (optax): sgd, sgd_momentum (momentum 0.9), adam, adafactor (optax.adafactor with
   only its learning rate set);
 - learned: every entry of ``lopt_ext.variants.STUDY``, theta from
-  ``docs/tradeoffs/theta/<name>.safetensors``, Celo's from its published theta.state
+  ``lopt_ext/tradeoffs/theta/<name>.safetensors`` (shipped with the package), Celo's from its published theta.state
   (``pretrained.load("celo")``: the cached copy or a download) (``--quick``: an untrained theta,
   ``init_theta(PRNGKey(0))``). Each has an unfused path (``impl="reference"``, pure JAX) and a
   fused one (``impl="fused"``, the compiled kernel); a fused kernel that is not available (yet)
@@ -31,7 +31,7 @@ Compute
   pooled median is the reference;
 - FLOPs per parameter per step counted from the architecture (``flops_per_param``);
 - the machine: ``os.cpu_count()``, the load average before and after, and the ceilings
-  measured in the same run: sgemm GFLOP/s (numpy float32 matmul, bench/lopt_bench/ceilings.py)
+  measured in the same run: sgemm GFLOP/s (numpy float32 matmul, lopt_ext.timing)
   and stream GB/s (a jitted XLA in-place ``x <- a x + b`` over a large float32 array, bytes
   read + written).
 
@@ -51,8 +51,7 @@ The tuned-Adam runs come from docs/evaluation/baselines.json (its usable entries
 DIR/cache/adam_baselines.json; the committed file is never written); the other hand-designed
 sweeps are cached in DIR/cache/hand_sweeps.json, so a rerun only re-measures memory and time.
 
-Only the standard library and numpy are imported at module level: ``render_markdown`` (the
-table of tradeoffs.md) can be called by README tooling without jax.
+Only the standard library and numpy are imported at module level.
 
 DIR/tradeoffs.json: {study, mode ("full"/"quick"), command, created, wall_s, phase_s, protocol
 (the text above), machine {cpu_model, cpu_count, loadavg_start, loadavg_end, versions, ...},
@@ -73,18 +72,28 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from lopt_ext import timing
+from lopt_ext.tradeoffs.report import write_outputs
+
 STUDY_TITLE = ('"Practical tradeoffs between memory, compute, and performance in learned optimizers" '
                "(Metz et al. 2022)")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-THETA_DIR = os.path.join(REPO_ROOT, "docs", "tradeoffs", "theta")
+# the checkout (docs/ holds the committed results and the tuned-Adam cache); outside one these
+# paths do not exist and the study runs without them
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the study variants' trained thetas ship with the package, so the study runs outside a checkout
+THETA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "theta")
 ADAM_CACHE = os.path.join(REPO_ROOT, "docs", "evaluation", "baselines.json")
-DEFAULT_OUT = os.path.join("docs", "tradeoffs")
+# runs write under runs/ (git-ignored); the committed docs/tradeoffs is refreshed only by
+# asking for it (--out docs/tradeoffs)
+DEFAULT_OUT = os.path.join("runs", "tradeoffs")
+COMMITTED_OUT = os.path.join("docs", "tradeoffs")
 QUICK_OUT = os.path.join("runs", "tradeoffs_quick")
 
 HAND_DESIGNED = ("sgd", "sgd_momentum", "adam", "adafactor")
@@ -164,7 +173,8 @@ def load_learned(name: str, quick: bool, theta_dir: str = THETA_DIR):
             or type(lopt) is not type(expected)):
         raise ValueError(f"{path}: stored optimizer {lopt} does not have the layout of study variant {name} "
                          f"({expected})")
-    return lopt, theta, os.path.relpath(path, REPO_ROOT), meta_training_cpu_hours(info, path)
+    label = os.path.relpath(path, REPO_ROOT) if os.path.abspath(path).startswith(REPO_ROOT + os.sep) else path
+    return lopt, theta, label, meta_training_cpu_hours(info, path)
 
 
 def meta_training_cpu_hours(info: Dict[str, Any], path: Optional[str] = None) -> Optional[float]:
@@ -320,11 +330,7 @@ def compile_step(tx, shapes):
 
 
 def temp_bytes(compiled) -> Optional[int]:
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001  (a backend without it)
-        return None
-    return None if ma is None or not hasattr(ma, "temp_size_in_bytes") else int(ma.temp_size_in_bytes)
+    return timing.memory_analysis(compiled).get("temp_size_in_bytes")
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -398,101 +404,41 @@ def flops_per_param(spec) -> int:
 
 
 # ----------------------------------------------------------------------------- machine and timing
-def _bench_ceilings():
-    """bench/lopt_bench/ceilings.py of this checkout (None outside a checkout)."""
-    import importlib
-    import sys
-    bench = os.path.join(REPO_ROOT, "bench")
-    if not os.path.isfile(os.path.join(bench, "lopt_bench", "ceilings.py")):
-        return None
-    added = bench not in sys.path
-    if added:
-        sys.path.insert(0, bench)
-    try:
-        return importlib.import_module("lopt_bench.ceilings")
-    except ImportError:
-        return None
-    finally:
-        if added:
-            sys.path.remove(bench)
-
-
 def sgemm_ceiling(n: int, repeats: int) -> Dict[str, Any]:
-    mod = _bench_ceilings()
-    if mod is not None:
-        out = mod.sgemm_gflops(n=n, repeats=repeats)
-        out["sgemm_source"] = "bench/lopt_bench/ceilings.py sgemm_gflops (best of repeats)"
-        return out
-    a = np.ones((n, n), np.float32)  # outside a checkout: the same measurement, minimal
-    a @ a
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - t0)
-    return {"sgemm_gflops": 2.0 * n ** 3 / min(times) / 1e9, "sgemm_n": n, "sgemm_repeats": repeats,
-            "sgemm_source": "numpy matmul (bench/ not found)"}
+    out = timing.sgemm_gflops(n=n, repeats=repeats)
+    out["sgemm_source"] = "lopt_ext.timing.sgemm_gflops (numpy float32 matmul, best of repeats)"
+    return out
 
 
 def stream_ceiling(mib: int, repeats: int) -> Dict[str, Any]:
-    """GB/s (1e9 B) of a jitted XLA in-place ``x <- 1.0001 x + 1`` over ``mib`` MiB of float32
-    (x donated), counting the bytes read and written (2 per element x 4 B); best of repeats."""
-    import jax
-    import jax.numpy as jnp
-    n = mib * (1 << 20) // 4
-    f = jax.jit(lambda x: x * jnp.float32(1.0001) + jnp.float32(1.0), donate_argnums=0)
-    x = jax.block_until_ready(f(jnp.zeros((n,), jnp.float32)))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x = jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    moved = 2 * 4 * n
-    return {"stream_gbs": moved / min(times) / 1e9, "stream_gbs_median": moved / float(np.median(times)) / 1e9,
-            "stream_mib": mib, "stream_repeats": repeats,
-            "stream_method": "jitted XLA in-place x <- a*x + b (donated), bytes read + written"}
+    return timing.stream_gbs(mib=mib, repeats=repeats)
 
 
 def machine_info() -> Dict[str, Any]:
     import platform
     import jax
     import optax
-    mod = _bench_ceilings()
-    cpu = mod.cpu_model() if mod is not None else platform.processor() or platform.machine()
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         mem = None
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "memory_bytes": mem,
+    return {"cpu_model": timing.cpu_model(), "cpu_count": os.cpu_count(), "memory_bytes": mem,
             "jax": jax.__version__, "optax": optax.__version__, "numpy": np.__version__,
             "backend": jax.default_backend(), "platform": platform.platform()}
 
 
-def available_memory_bytes() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-MAX_TIMING_ROUNDS = 400
-
-
 def time_step(tx, n: int, repeats: int, seed: int = 0, min_timed_s: float = 0.0) -> Dict[str, Any]:
     """Median wall time (s) of the jitted, donated step on one float32 matrix of ~n parameters
-    (r x r, r = round(sqrt(n))). Skipped (time None, with a reason) when XLA's temporaries of
-    the compiled step would not fit in half the available memory."""
+    (r x r, r = round(sqrt(n))), by lopt_ext.timing (two warm-up calls). Skipped (time None,
+    with a reason) when XLA's temporaries of the compiled step would not fit in half the
+    available memory."""
     import jax
     import jax.numpy as jnp
     r = int(round(math.sqrt(n)))
     shapes = {"w": (r, r)}
     compiled = compile_step(tx, shapes)
     temps = temp_bytes(compiled)
-    avail = available_memory_bytes()
+    avail = timing.available_memory_bytes()
     need = (temps or 0) + 3 * 4 * r * r + state_bytes(tx, shapes)
     if avail is not None and need > avail // 2:
         return {"time_s": None, "params": r * r, "temp_bytes": temps,
@@ -500,21 +446,16 @@ def time_step(tx, n: int, repeats: int, seed: int = 0, min_timed_s: float = 0.0)
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
     params = {"w": jax.random.normal(k1, (r, r), jnp.float32)}
     grads = {"w": 1e-3 * jax.random.normal(k2, (r, r), jnp.float32)}
-    carry = (params, tx.init(params))
+    carry = [(params, tx.init(params))]
+
+    def run():
+        carry[0] = jax.block_until_ready(compiled(*carry[0], grads))
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers.*")
-        for _ in range(2):  # warm-up
-            t0 = time.perf_counter()
-            carry = jax.block_until_ready(compiled(*carry, grads))
-            estimate = time.perf_counter() - t0
         # fast steps (sub-millisecond at 1e6) get more rounds: at least ~min_timed_s of timing
-        rounds = max(repeats, min(MAX_TIMING_ROUNDS, int(min_timed_s / max(estimate, 1e-6))))
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            carry = jax.block_until_ready(compiled(*carry, grads))
-            times.append(time.perf_counter() - t0)
-    del carry
+        times = timing.time_calls(run, rounds=repeats, warmup=2, min_timed_s=min_timed_s)
+    carry.clear()  # frees the buffers before the next measurement
     return {"time_s": float(np.median(times)), "times_s": [float(t) for t in times], "params": r * r,
             "temp_bytes": temps}
 
@@ -688,6 +629,9 @@ def run_study(out_dir: str, quick: bool = False, only: Optional[Sequence[str]] =
     T, every, lrs = cfg["horizon"], ev.EVERY, ev.DEFAULT_LRS
     adam_cache = prepare_adam_cache(cache_dir, seeds_t, T)
     hand_cache = os.path.join(cache_dir, "hand_sweeps.json")
+    committed_hand = os.path.join(REPO_ROOT, COMMITTED_OUT, "cache", "hand_sweeps.json")
+    if not os.path.isfile(hand_cache) and os.path.isfile(committed_hand):  # reuse the study's sweeps (only read)
+        shutil.copyfile(committed_hand, hand_cache)
     sizes, reps = cfg["timing_sizes"], cfg["repeats"]
 
     learned = {n: load_learned(n, quick, theta_dir) for n in names if n not in HAND_DESIGNED}
@@ -792,216 +736,3 @@ def run_study(out_dir: str, quick: bool = False, only: Optional[Sequence[str]] =
 
 def _div(a, b):
     return None if a is None or b in (None, 0) else a / b
-
-
-def write_outputs(doc: Dict[str, Any], out_dir: str) -> List[str]:
-    from lopt_ext.checkpoint import atomic_write_bytes
-    paths = [os.path.join(out_dir, f) for f in ("tradeoffs.json", "tradeoffs.md", "pareto_time.png",
-                                                 "pareto_memory.png")]
-    atomic_write_bytes(paths[0], json.dumps(doc, indent=1).encode())
-    atomic_write_bytes(paths[1], render_markdown(doc).encode())
-    plot_pareto(doc, paths[2], "time")
-    plot_pareto(doc, paths[3], "memory")
-    return paths
-
-
-# ----------------------------------------------------------------------------- report
-def _f(x, spec=".3g"):
-    return "-" if x is None else format(x, spec)
-
-
-def render_summary(doc: Dict[str, Any]) -> str:
-    """The README's compact table: one row per optimizer, the three axes side by side."""
-    s = doc["settings"]
-    lines = [f"| optimizer | state B/param (transformer) | step time / adam, 1e6 params, fused (unfused) "
-             f"| FLOPs/param | held-out loss / tuned Adam (median) | tasks > 1.5x | meta-training CPU-min |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, r in doc["optimizers"].items():
-        mem, comp, perf = r["memory"], r["compute"], r["performance"]
-        fused, unfused = comp.get("step_time_ratio_1e6_fused"), comp.get("step_time_ratio_1e6_unfused")
-        if fused is None:
-            time_s = "-" if unfused is None else f"{unfused:.2f}x"
-        else:
-            time_s = f"{fused:.2f}x" + ("" if unfused is None else f" ({unfused:.2f}x)")
-        hours = perf.get("meta_training_cpu_hours")
-        lines.append(f"| {name} | {_f(mem['state_bytes_per_param_transformer'], '.1f')} | {time_s} "
-                     f"| {comp['flops_per_param']} | {_f(perf.get('median_final_ratio'), '.3g')} "
-                     f"| {perf.get('tasks_worse_than_1.5x')}/{perf.get('tasks')} "
-                     f"| {'-' if hours is None else f'{60 * hours:.0f}'} |")
-    lines += ["", f"{len(s['tasks'])} held-out tasks x {len(s['seeds'])} seeds, {s['horizon']} steps "
-              f"({doc['mode']} run, load average {_f(doc['machine']['loadavg_start'][0], '.2f')} at start); "
-              f"full table: [docs/tradeoffs/tradeoffs.md](docs/tradeoffs/tradeoffs.md)."]
-    return "\n".join(lines)
-
-
-def render_markdown(doc: Dict[str, Any]) -> str:
-    """tradeoffs.md from the JSON document (standard library only)."""
-    s, m, c = doc["settings"], doc["machine"], doc["ceilings"]
-    sizes = s["timing_params"]
-    k6, k7 = "1e6", "1e7"
-    lines = [f"# Memory, compute and performance tradeoffs ({doc['mode']} run)", "",
-             f"After {doc['study']}. Generated by `python -m lopt_ext tradeoffs` from tradeoffs.json.", "",
-             f"- Machine: {m.get('cpu_model')}, {m.get('cpu_count')} CPUs, load average "
-             f"{' '.join(_f(x, '.2f') for x in m.get('loadavg_start', []))} (start) / "
-             f"{' '.join(_f(x, '.2f') for x in m.get('loadavg_end', []))} (end); jax {m.get('jax')}.",
-             f"- Ceilings measured in the same run: sgemm {_f(c.get('sgemm_gflops'), '.1f')} GFLOP/s "
-             f"(numpy float32 {c.get('sgemm_n')}^2), stream {_f(c.get('stream_gbs'), '.1f')} GB/s "
-             f"({c.get('stream_method')}, {c.get('stream_mib')} MiB).",
-             f"- Performance: {len(s['tasks'])} held-out tasks, seeds {s['seeds']}, {s['horizon']} steps, against "
-             f"Adam with a constant learning rate tuned per task (hand-designed optimizers tuned the same way).",
-             f"- Memory: state on an MLP pytree ({s['mlp_pytree']['params']:,} params) and a transformer pytree "
-             f"({s['transformer_pytree']['params']:,} params); temporaries: XLA's temp buffers of the step "
-             f"on the MLP pytree.",
-             f"- Step time relative to optax.adam at {sizes[k6]:,} (\"1e6\") and {sizes[k7]:,} (\"1e7\") "
-             f"parameters (one matrix).", "",
-             "| optimizer | theta | state B/param (MLP) | state B/param (transformer) | temp B/param fused "
-             "| temp B/param unfused | time 1e6 fused | time 1e6 unfused | time 1e7 fused | time 1e7 unfused "
-             "| FLOPs/param | median steps ratio | median final ratio | tasks > 1.5x | diverged | meta-train CPU-h |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    notes = []
-    for name, r in doc["optimizers"].items():
-        mem, comp, perf = r["memory"], r["compute"], r["performance"]
-        ratio = lambda key: "-" if comp.get(key) is None else f"{comp[key]:.2f}x"
-        theta = r.get("theta") or "(hand-designed)"
-        steps = perf.get("median_steps_ratio")
-        lines.append(
-            f"| {name} | {theta} | {_f(mem['state_bytes_per_param_mlp'], '.2f')} "
-            f"| {_f(mem['state_bytes_per_param_transformer'], '.2f')} | {_f(mem['temp_bytes_per_param_fused'], '.3g')} "
-            f"| {_f(mem['temp_bytes_per_param_unfused'], '.3g')} | {ratio('step_time_ratio_1e6_fused')} "
-            f"| {ratio('step_time_ratio_1e6_unfused')} | {ratio('step_time_ratio_1e7_fused')} "
-            f"| {ratio('step_time_ratio_1e7_unfused')} | {comp['flops_per_param']} "
-            f"| {'never' if steps is None else f'{steps:.2f}'} | {_f(perf.get('median_final_ratio'), '.3g')} "
-            f"| {perf.get('tasks_worse_than_1.5x')}/{perf.get('tasks')} | {perf.get('diverged')} "
-            f"| {_f(perf.get('meta_training_cpu_hours'), '.3g')} |")
-        for what, why in r.get("null_reasons", {}).items():
-            if r["family"] == "learned" or what != "fused":
-                notes.append(f"- {name}, {what}: {why}")
-    lines += ["", "Hand-designed optimizers have one (XLA-compiled optax) step, listed as unfused. "
-              "\"steps ratio\": first step from which the smoothed held-out loss stays at or below tuned Adam's "
-              "final loss, over the horizon (never: not reached); \"final ratio\": final held-out loss over "
-              "tuned Adam's.", ""]
-    if notes:
-        lines += ["Missing values:", ""] + notes + [""]
-    lines += ["![step time vs performance](pareto_time.png) ![memory vs performance](pareto_memory.png)", ""]
-    return "\n".join(lines)
-
-
-def _points(doc, axis):
-    """[(name, family, unfused (x, y) or None, fused (x, y) or None)]."""
-    out = []
-    for name, r in doc["optimizers"].items():
-        y = r["performance"].get("median_final_ratio")
-        mem, comp = r["memory"], r["compute"]
-        pts = {}
-        for impl in ("unfused", "fused"):
-            if axis == "time":
-                x = comp.get(f"step_time_ratio_1e6_{impl}")
-            else:
-                state, temp = mem.get("state_bytes_per_param_mlp"), mem.get(f"temp_bytes_per_param_{impl}")
-                x = None if state is None or temp is None else state + temp
-            pts[impl] = None if x is None or y is None else (x, y)
-        out.append((name, r["family"], pts["unfused"], pts["fused"]))
-    return out
-
-
-def _place_labels(ax, labels, fontsize=7):
-    """Annotates each (text, (x, y), color) next to its point, nudging labels so that they do
-    not overlap each other (greedy, in display pixels), with a thin leader line when moved."""
-    fig = ax.figure
-    fig.canvas.draw()
-    px = fig.dpi / 72.0 * fontsize
-    x0, y0, x1, y1 = ax.bbox.extents
-    placed = []
-    order = sorted(range(len(labels)), key=lambda i: -ax.transData.transform(labels[i][1])[1])
-    for i in order:
-        text, xy, color = labels[i]
-        X, Y = ax.transData.transform(xy)
-        w, h = 0.6 * px * len(text), 1.25 * px
-        right = X + 6 + w <= x1
-        best = None
-        for k in range(0, 40):
-            dy = (k + 1) // 2 * h * (1 if k % 2 else -1) + 3
-            lx = X + 6 if right else X - 6 - w
-            box = (lx, Y + dy, lx + w, Y + dy + h)
-            if box[1] < y0 or box[3] > y1:
-                continue
-            if all(box[2] <= b[0] or box[0] >= b[2] or box[3] <= b[1] or box[1] >= b[3] for b in placed):
-                best = (box, dy)
-                break
-        if best is None:
-            lx = X + 6 if right else X - 6 - w
-            best = ((lx, Y + 3, lx + w, Y + 3 + h), 3)
-        box, dy = best
-        placed.append(box)
-        offset = (box[0] - X, box[1] - Y)
-        moved = dy != 3
-        ax.annotate(text, xy, xytext=offset, textcoords="offset pixels", fontsize=fontsize, color=color,
-                    ha="left", va="bottom",
-                    arrowprops=dict(arrowstyle="-", color=color, lw=0.4, alpha=0.6) if moved else None)
-
-
-def plot_pareto(doc: Dict[str, Any], path: str, axis: str = "time") -> None:
-    """Performance (median final-loss ratio to tuned Adam, log y) against step-time ratio to Adam
-    at 1e6 parameters (axis="time", log x) or against optimizer memory per parameter
-    (axis="memory": persistent state + the step's XLA temporaries on the MLP pytree, symlog x:
-    the state alone is the same for both paths, so only the temporaries show what fusion
-    saves). Learned optimizers: an arrow from the unfused (open) to the fused (filled) point;
-    hand-designed: one square. Every point is labelled."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 6))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    missing, labels, xs = [], [], []
-    for i, (name, fam, un, fu) in enumerate(_points(doc, axis)):
-        color = colors[i % len(colors)]
-        if fam == "hand-designed":
-            if un is None:
-                missing.append(name)
-                continue
-            ax.scatter(*un, marker="s", color=color, zorder=3)
-            labels.append((name, un, color))
-            xs.append(un[0])
-            continue
-        if un is None and fu is None:
-            missing.append(name)
-            continue
-        if un is not None:
-            ax.scatter(*un, marker="o", facecolors="white", edgecolors=color, zorder=3)
-            labels.append((f"{name} unfused" + ("" if fu is not None else " (fused n/a)"), un, color))
-            xs.append(un[0])
-        if fu is not None:
-            ax.scatter(*fu, marker="o", color=color, zorder=4)
-            labels.append((f"{name} fused", fu, color))
-            xs.append(fu[0])
-        if un is not None and fu is not None:
-            ax.annotate("", xy=fu, xytext=un, arrowprops=dict(arrowstyle="-|>", color=color, lw=1.0,
-                                                              shrinkA=4, shrinkB=4))
-    ax.set_yscale("log")
-    if axis == "time":
-        ax.set_xscale("log")
-        sizes = doc["settings"]["timing_params"]
-        ax.set_xlabel(f"step time relative to Adam ({sizes['1e6']:,} parameters, one matrix), log")
-        ax.axvline(1.0, color="gray", lw=0.6, ls=":")
-        if xs:
-            ax.set_xlim(min(xs) / 1.6, max(xs) * 4)
-    else:
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel("optimizer memory per parameter (B): state + step temporaries, MLP pytree (symlog)")
-        ax.set_xlim(-0.3, max(xs + [1.0]) * 6)
-    ax.axhline(1.0, color="gray", lw=0.6, ls=":")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="y", which="minor", labelsize=7)
-    if axis == "time":
-        ax.xaxis.set_major_formatter(plain)
-    ax.set_ylabel("median final held-out loss / tuned Adam's (log)")
-    title = ("how fusion moves the frontier: unfused (open) -> fused (filled); squares: hand-designed"
-             + (f"\nno point (missing values): {', '.join(missing)}" if missing else ""))
-    ax.set_title(f"{doc['mode']} run: {title}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.2)
-    fig.tight_layout()
-    _place_labels(ax, labels)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
