@@ -156,101 +156,36 @@ def test_validation_value_drives_reduce_on_plateau():
         ev.run_curves(task, frozen, [0.03], [0], 400)               # the plateau needs its value
 
 
-def _plateau_probe():
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
-    import plateau_probe
-    return plateau_probe
+def test_work_units_count_the_runs_left_by_hand(tmp_path):
+    """The runtime estimate's work: the learned optimizer's runs plus the Adam sweeps not cached,
+    in steps x parameters x batch size."""
+    from lopt_ext.tasks import family
+    task = family.get_task("mlp_digits_16_relu_b128_s2")
+    cost = task.num_params() * 128
+    assert ev.task_cost(task) == cost
+    lrs, seeds, horizons = (1e-3, 1e-2), (0, 1), (100, 300)
+    # learned 2 x 300; constant Adam 2 lrs x 2 seeds x 300 (one run serves both horizons);
+    # cosine Adam 2 x 2 x (100 + 300)
+    assert ev.work_units(task, seeds, horizons, lrs=lrs) == (600 + 1200 + 1600) * cost
+    assert ev.work_units(task, seeds, horizons, lrs=lrs, adam_only=True) == (1200 + 1600) * cost
+    cache = str(tmp_path / "c.json")
+    ev.baseline_sweep(task, "adam", seeds, 300, lrs=lrs, cache=cache, horizons=horizons)
+    assert ev.work_units(task, seeds, horizons, lrs=lrs, cache=cache) == (600 + 1600) * cost
 
 
-def test_plateau_probe_reports_against_the_cached_baselines(tmp_path):
-    """tools/plateau_probe.py on one held-out task: the report compares the rule + plateau with
-    the committed tuned-Adam cache (no Adam rerun) and records what was run."""
-    import os
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    out = tmp_path / "p"
-    _plateau_probe().main(["--pretrained", "scaled_small_fc_lopt_h4_es", "--out", str(out), "--adam-cache",
-                           os.path.join(root, "docs", "evaluation", "baselines.json"),
-                           "--tasks", "mlp_wine_16_gelu_b64_s1_noise0.3"])
-    doc = json.load(open(out / "evaluation.json"))
-    assert "reduce_on_plateau" in doc["optimizer"] and doc["command"].startswith("python tools/plateau_probe.py")
-    committed = json.load(open(os.path.join(root, "docs", "evaluation", "evaluation.json")))
-    want = next(r for r in committed["results"] if r["task"] == "mlp_wine_16_gelu_b64_s1_noise0.3")
-    got = doc["results"][0]
-    # the same tuned baseline as the committed evaluation, another learned curve (the plateau acts)
-    assert got["by_horizon"]["1000"]["adam"]["best_lr"] == want["by_horizon"]["1000"]["adam"]["best_lr"]
-    assert not np.allclose(got["lopt_curve"], want["lopt_curve"], rtol=1e-3)
-    assert "adam@1000" in doc["summary"] and (out / "evaluation.md").exists()
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--factor", "1.5"], "argument --factor"), (["--patience", "0"], "argument --patience"),
-    (["--adam-cache", "/nonexistent.json"], "argument --adam-cache")])
-def test_plateau_probe_rejects_bad_arguments(tmp_path, capsys, argv, message):
-    base = ["--adam", "1e-3", "--out", str(tmp_path / "p"), "--adam-cache", __file__]
-    with pytest.raises(SystemExit):
-        _plateau_probe().main(base + argv)
-    assert message in capsys.readouterr().err
-
-
-def test_validation_gate_shrinks_steps_as_the_validation_loss_rises_above_its_best():
-    """tools/validation_gate_probe.py's gate against a hand computation: step factor
-    exp(-rate * log(ema_hat / min ema_hat)), ema_hat the bias-corrected moving average."""
-    import os
-    import sys
-    import jax.numpy as jnp
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
-    from validation_gate_probe import validation_gate
-    rate, decay = 10.0, 0.9
-    gate = validation_gate(rate, decay)
-    state = gate.init({"w": jnp.ones(3)})
-    ema, best = 0.0, np.inf
-    for i, v in enumerate([1.0, 0.8, 0.7, 0.9, 1.2, 1.5]):
-        u, state = gate.update({"w": jnp.ones(3)}, state, value=v)
-        ema = decay * ema + (1 - decay) * v
-        hat = ema / (1 - decay ** (i + 1))
-        best = min(best, hat)
-        np.testing.assert_allclose(np.asarray(u["w"]), np.exp(-rate * np.log(hat / best)) * np.ones(3), rtol=1e-5)
-    assert float(u["w"][0]) < 0.2  # the loss rose well above its best: the step is nearly stopped
-
-
-def _lr_oracle_probe():
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
-    import lr_oracle_probe
-    return lr_oracle_probe
-
-
-def test_lr_oracle_picks_the_scale_with_the_lowest_mean_final_per_horizon():
-    """Two scales, hand-made curves (every 10 steps, 20-step smoothing = 2 points): scale 0.1
-    ends lower at step 100, scale 1 at step 200; a non-finite seed rules a scale out."""
-    ev = __import__("lopt_ext.metatrain.evaluate", fromlist=["x"])
-    n = 21
-    slow = np.linspace(1.0, 0.2, n)                                # ends 0.2 at 200, ~0.6 at 100
-    fast = np.concatenate([np.linspace(1.0, 0.3, 11), np.full(10, 0.5)])  # 0.3 at 100, 0.5 at 200
-    def run(curves, tag):
-        return [{"task": "t", "every": 10, "lopt_curve": np.asarray(curves).tolist(),
-                 "by_horizon": {str(T): {"adam": {"tag": tag}} for T in (100, 200)}}]
-    runs = {0.1: run([fast, fast], "fast"), 1.0: run([slow, slow], "slow")}
-    results, picked = _lr_oracle_probe().pick_per_task(runs, (100, 200))
-    assert picked == {"t": {"100": 0.1, "200": 1.0}}
-    assert results[0]["by_horizon"]["100"]["adam"]["tag"] == "fast"
-    assert results[0]["by_horizon"]["200"]["adam"]["tag"] == "slow"
-    broken = np.asarray(fast)
-    broken[-1] = np.nan
-    runs[0.1] = run([fast, broken], "fast")
-    _, picked = _lr_oracle_probe().pick_per_task(runs, (200,))
-    assert picked["t"]["200"] == 1.0
-    assert ev.smooth(np.asarray([fast]), 10)[0, 10] == pytest.approx((fast[9] + fast[10]) / 2)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--scales", "0", "1"], "argument --scales"), (["--scales", "1", "1"], "argument --scales"),
-    (["--adam-cache", "/nonexistent.json"], "argument --adam-cache")])
-def test_lr_oracle_probe_rejects_bad_arguments(tmp_path, capsys, argv, message):
-    base = ["--pretrained", "scaled_small_fc_lopt_h4_es", "--out", str(tmp_path / "p"), "--adam-cache", __file__]
-    with pytest.raises(SystemExit):
-        _lr_oracle_probe().main(base + argv)
-    assert message in capsys.readouterr().err
+def test_evaluate_quick_runs_the_smallest_tasks_and_estimates_the_time(tmp_path, capsys):
+    """--quick: the 3 smallest held-out tasks, seed 0, 500 steps (about 30 s here), the work
+    announced first and an estimate of the time left after the first task."""
+    from lopt_ext import __main__ as cli
+    from lopt_ext.tasks import family
+    out = tmp_path / "ev"
+    cli.main(["evaluate", "--quick", "--out", str(out), "--no-plot"])
+    doc = json.loads((out / "evaluation.json").read_text())
+    held_out = family.list_tasks("test")
+    smallest = sorted(held_out, key=lambda n: (ev.task_cost(family.get_task(n)), n))[:3]
+    assert [r["task"] for r in doc["results"]] == smallest
+    assert doc["seeds"] == [0] and doc["horizons"] == [500]
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "3 task(s) x 1 seed(s), horizons 500" in text
+    assert "min left (estimated" in text

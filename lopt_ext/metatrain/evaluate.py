@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -328,16 +329,50 @@ def reference_summary(results, horizons=HORIZONS) -> Dict[str, Any]:
             for s in [summarize(as_lopt, (T,), baselines=("adam",))[f"adam@{T}"]]}
 
 
+def task_cost(task) -> int:
+    """Relative cost of one training step of ``task``: parameters x batch size (the batch size
+    read from the task's name, ``_b64_``; 1 where it has none)."""
+    m = re.search(r"_b(\d+)(_|$)", task.name)
+    return task.num_params() * (int(m.group(1)) if m else 1)
+
+
+def work_units(task, seeds, horizons, every=EVERY, lrs=DEFAULT_LRS, cache: Optional[str] = None,
+               adam_only: bool = False) -> int:
+    """Training steps x task_cost that evaluating ``task`` will run: the learned optimizer's runs
+    and the tuned-Adam sweeps not already in ``cache`` (for the runtime estimate)."""
+    store = {}
+    if cache and os.path.exists(cache):
+        with open(cache) as f:
+            store = json.load(f)
+    missing = lambda name, h: _cache_key(name, task, seeds, h, every, lrs) not in store  # noqa: E731
+    steps = 0 if adam_only else len(seeds) * max(horizons)
+    if any(missing("adam", h) for h in horizons):
+        steps += len(lrs) * len(seeds) * max(horizons)
+    steps += sum(len(lrs) * len(seeds) * h for h in horizons if missing("adam_cosine", h))
+    return steps * task_cost(task)
+
+
 def evaluate(task_names: Sequence[str], lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=EVERY,
              lrs=DEFAULT_LRS, impl="fused", progress=True, adam_cache: Optional[str] = None,
              adam_only: bool = False, make_tx=None, validation_value: bool = False) -> List[Dict[str, Any]]:
+    """Per task, the learned optimizer's runs against the tuned baselines. With ``progress``, a
+    bar and, once the first task is done, an estimate of the time left (from its wall time and
+    the remaining tasks' work_units)."""
     from lopt_ext.tasks import family
     results = []
     it = task_names
+    units = None
     if progress:
         from tqdm import tqdm
         it = tqdm(task_names, desc="evaluate", dynamic_ncols=True)
-    for name in it:
+        units = [work_units(family.get_task(n), seeds, horizons, every, lrs, adam_cache, adam_only)
+                 for n in task_names]
+    t_start = time.perf_counter()
+    for k, name in enumerate(it):
+        if units is not None and k == 1 and units[0] > 0:
+            per_unit = (time.perf_counter() - t_start) / units[0]
+            it.write(f"evaluate: the first task took {time.perf_counter() - t_start:.0f} s; about "
+                     f"{per_unit * sum(units[1:]) / 60:.1f} min left (estimated from the tasks' sizes)")
         task = family.get_task(name)
         if adam_only:
             for T in horizons:
@@ -358,7 +393,10 @@ def plot_curves(results, path, horizon=None, title="learned optimizer vs tuned A
     n = len(results)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.0 * rows), squeeze=False)
+    # few tasks get larger panels and fonts, so that one or two panels stay readable
+    width = {1: 7.0, 2: 5.5, 3: 5.0}.get(cols, 4.0)
+    fs = {1: 9, 2: 9, 3: 8}.get(cols, 7)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 0.72 * width * rows + 0.6), squeeze=False)
     for ax, r in zip(axes.ravel(), results):
         T = horizon or max(r["horizons"])
         e = r["by_horizon"][str(T)]
@@ -373,14 +411,14 @@ def plot_curves(results, path, horizon=None, title="learned optimizer vs tuned A
             ax.plot(x, np.nanmean(c, 0), color=color, label=label, lw=1)
             ax.fill_between(x, np.nanmin(c, 0), np.nanmax(c, 0), color=color, alpha=0.15)
         ax.set_yscale("log")
-        ax.set_title(f"{r['task']} ({r.get('split', '')})", fontsize=7)
-        ax.set_xlabel("step", fontsize=7)
-        ax.set_ylabel("held-out loss", fontsize=7)
-        ax.tick_params(labelsize=6)
-        ax.legend(fontsize=6)
+        ax.set_title(f"{r['task']} ({r.get('split', '')})", fontsize=fs)
+        ax.set_xlabel("step", fontsize=fs)
+        ax.set_ylabel("held-out loss", fontsize=fs)
+        ax.tick_params(labelsize=fs - 1)
+        ax.legend(fontsize=fs - 1)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
-    fig.suptitle(title)
+    fig.suptitle(f"{title}: mean over seeds, band min-max", fontsize=fs + 2)
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    fig.savefig(path, dpi=90 if cols <= 3 else 70)
     plt.close(fig)
