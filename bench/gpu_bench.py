@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import lopt_ext  # noqa: E402
-from lopt_ext import _ffi  # noqa: E402
+from lopt_ext import _ffi, timing  # noqa: E402
 
 
 def vit_b16_shapes():
@@ -75,16 +75,14 @@ def time_variant(tx, params, grads, repeats, warmup):
     params, state = f(params, state, grads)
     jax.block_until_ready((params, state))
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        params, state = f(params, state, grads)
-    jax.block_until_ready((params, state))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        params, state = f(params, state, grads)
-        jax.block_until_ready((params, state))
-        times.append(time.perf_counter() - t0)
+    carry = [params, state]
+
+    def run():
+        carry[:] = jax.block_until_ready(f(*carry, grads))
+
+    times = timing.time_calls(run, rounds=repeats, warmup=warmup)
     del params, state
+    carry.clear()
     return float(np.median(times)), float(np.min(times)), compile_s
 
 

@@ -291,6 +291,7 @@ def cmd_metatrain(args):
 # ----------------------------------------------------------------------------- demo, evaluate, plot, tasks
 
 DEMO_TASK = "mlp_digits_48_relu_b64_s1"
+QUICK_EVAL_TASKS = 3  # evaluate --quick: this many of the split's smallest tasks
 
 
 def _add_others(sub):
@@ -365,9 +366,6 @@ def _rounded(obj, digits=6):
     if isinstance(obj, (list, tuple)):
         return [_rounded(v, digits) for v in obj]
     return obj
-
-
-QUICK_EVAL_TASKS = 3
 
 
 def cmd_evaluate(args):

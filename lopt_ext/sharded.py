@@ -368,7 +368,7 @@ def local_update(lopt: SmallFcLOpt, theta, state: SmallFcLOptState, params, grad
         if whole:  # every device holds these tensors entirely: the one-call kernel is exact
             leaves = [(f32(p_leaves[i]), f32(g_leaves[i]), *(f[i] for f in fields)) for i in whole]
             if impl == "fused":
-                out = SmallFcLOpt.fused_leaves(lopt, theta, state.iteration, leaves, write_delta=kernel_delta)
+                out = lopt.fused_leaves(theta, state.iteration, leaves, write_delta=kernel_delta)
             else:
                 out = reference.step_leaves(lopt, theta, state.iteration, leaves)
                 out = [((-s) if kernel_delta else (lf[0] - s), *rest) for (s, *rest), lf in zip(out, leaves)]

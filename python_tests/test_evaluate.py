@@ -170,7 +170,7 @@ def test_work_units_count_the_runs_left_by_hand(tmp_path):
     assert ev.work_units(task, seeds, horizons, lrs=lrs, adam_only=True) == (1200 + 1600) * cost
     cache = str(tmp_path / "c.json")
     ev.baseline_sweep(task, "adam", seeds, 300, lrs=lrs, cache=cache, horizons=horizons)
-    assert ev.work_units(task, seeds, horizons, lrs=lrs, cache=cache) == (600 + 1600) * cost
+    assert ev.work_units(task, seeds, horizons, lrs=lrs, store=ev.read_cache(cache)) == (600 + 1600) * cost
 
 
 def test_evaluate_quick_runs_the_smallest_tasks_and_estimates_the_time(tmp_path, capsys):

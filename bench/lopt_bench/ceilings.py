@@ -24,12 +24,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from lopt_ext.timing import cpu_model, sgemm_gflops  # noqa: F401  (one definition, shared with tradeoffs)
+from lopt_ext.timing import cpu_model, sgemm_gflops, time_calls  # noqa: F401  (one definition, shared with tradeoffs)
 
 SCRUBBED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
@@ -82,12 +81,7 @@ def bandwidth_gbs(mib: int = 512, repeats: int = 5, threads: int | None = None, 
     with ThreadPoolExecutor(threads) as pool:
         for name, fn, arrays in (("copy", copy_chunk, 2), ("triad", triad_chunk, 3),
                                  ("update", update_chunk, 3)):
-            list(pool.map(fn, chunks))  # warm up
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                list(pool.map(fn, chunks))
-                times.append(time.perf_counter() - t0)
+            times = time_calls(lambda: list(pool.map(fn, chunks)), rounds=repeats)  # one warm-up pass first
             results[f"{name}_gbs"] = arrays * a.nbytes / min(times) / 1e9
             results[f"{name}_gbs_median"] = arrays * a.nbytes / float(np.median(times)) / 1e9
     if not np.allclose(a[:: max(1, n // 1000)], 1.0 + 3.0 * 0.5):  # b = a = 1 after the copy

@@ -187,6 +187,14 @@ def _cache_key(name, task, seeds, horizon, every, lrs):
     return json.dumps([name, task.name, list(seeds), horizon, every, SMOOTH, [float(x) for x in lrs]])
 
 
+def read_cache(cache: Optional[str]) -> Dict[str, Any]:
+    """The tuned-baseline cache file's entries ({} without a file)."""
+    if not cache or not os.path.exists(cache):
+        return {}
+    with open(cache) as f:
+        return json.load(f)
+
+
 def baseline_sweep(task, name, seeds, horizon, every=EVERY, lrs=DEFAULT_LRS, cache: Optional[str] = None,
                    horizons=HORIZONS):
     """A baseline tuned for ``horizon`` over the learning-rate grid, on the mean over seeds of
@@ -196,10 +204,7 @@ def baseline_sweep(task, name, seeds, horizon, every=EVERY, lrs=DEFAULT_LRS, cac
     in a JSON file."""
     if name not in SWEEPS:
         raise ValueError(f"baseline must be one of {SWEEPS}, got {name!r}")
-    store = {}
-    if cache and os.path.exists(cache):
-        with open(cache) as f:
-            store = json.load(f)
+    store = read_cache(cache)
     key = _cache_key(name, task, seeds, horizon, every, lrs)
     if key in store:
         return store[key]
@@ -224,9 +229,7 @@ def baseline_sweep(task, name, seeds, horizon, every=EVERY, lrs=DEFAULT_LRS, cac
             "curve": ho[best].tolist(), "train_curve": tr[best].tolist(), "time_s": elapsed}
     if cache:
         from lopt_ext.checkpoint import atomic_write_bytes
-        if os.path.exists(cache):  # merge with entries written meanwhile
-            with open(cache) as f:
-                store = dict(json.load(f), **store)
+        store = dict(read_cache(cache), **store)  # merge with entries written meanwhile
         atomic_write_bytes(cache, json.dumps(store).encode())
     return store[key]
 
@@ -336,14 +339,12 @@ def task_cost(task) -> int:
     return task.num_params() * (int(m.group(1)) if m else 1)
 
 
-def work_units(task, seeds, horizons, every=EVERY, lrs=DEFAULT_LRS, cache: Optional[str] = None,
+def work_units(task, seeds, horizons, every=EVERY, lrs=DEFAULT_LRS, store: Optional[Dict[str, Any]] = None,
                adam_only: bool = False) -> int:
     """Training steps x task_cost that evaluating ``task`` will run: the learned optimizer's runs
-    and the tuned-Adam sweeps not already in ``cache`` (for the runtime estimate)."""
-    store = {}
-    if cache and os.path.exists(cache):
-        with open(cache) as f:
-            store = json.load(f)
+    and the tuned-Adam sweeps not already in ``store`` (read_cache's entries; for the runtime
+    estimate)."""
+    store = store or {}
     missing = lambda name, h: _cache_key(name, task, seeds, h, every, lrs) not in store  # noqa: E731
     steps = 0 if adam_only else len(seeds) * max(horizons)
     if any(missing("adam", h) for h in horizons):
@@ -365,7 +366,8 @@ def evaluate(task_names: Sequence[str], lopt, theta, seeds=(0, 1, 2), horizons=H
     if progress:
         from tqdm import tqdm
         it = tqdm(task_names, desc="evaluate", dynamic_ncols=True)
-        units = [work_units(family.get_task(n), seeds, horizons, every, lrs, adam_cache, adam_only)
+        store = read_cache(adam_cache)  # read once for all tasks (the cache can be megabytes)
+        units = [work_units(family.get_task(n), seeds, horizons, every, lrs, store, adam_only)
                  for n in task_names]
     t_start = time.perf_counter()
     for k, name in enumerate(it):

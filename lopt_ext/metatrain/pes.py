@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any, Dict, List, Tuple
 
 import jax
@@ -34,6 +33,7 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from lopt_ext import timing
 from lopt_ext.config import SmallFcLOpt
 from lopt_ext.variants import KINDS as LOPT_KINDS
 from lopt_ext.state import init_state
@@ -254,14 +254,9 @@ class MetaTrainer:
             fn = self._slot_step_fn(task, impl)
             args = (ms.theta_flat, slot.params, slot.opt_state, slot.accum, slot.data_keys,
                     jnp.int32(slot.step), jax.random.PRNGKey(0))
-            jax.block_until_ready(fn(*args))
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                times.append(time.perf_counter() - t0)
-            out[f"{impl}_unroll_s"] = float(np.median(times))
-            out[f"{impl}_inner_step_us"] = float(np.median(times)) / (self.cfg.unroll * 2 * self.cfg.pairs) * 1e6
+            median = timing.median_step_s(lambda: jax.block_until_ready(fn(*args)), rounds=repeats, warmup=1)
+            out[f"{impl}_unroll_s"] = median
+            out[f"{impl}_inner_step_us"] = median / (self.cfg.unroll * 2 * self.cfg.pairs) * 1e6
         out["speedup"] = out["reference_unroll_s"] / out["fused_unroll_s"]
         return out
 
