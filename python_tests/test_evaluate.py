@@ -1,8 +1,10 @@
 """The evaluation's metric: smoothed held-out loss, sustained crossings, tuned baselines."""
 import json
+import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from lopt_ext.metatrain import evaluate as ev
@@ -142,7 +144,6 @@ def test_validation_value_drives_reduce_on_plateau():
     reduce_on_plateau (patience 20 steps, factor 1e-9) the run follows plain Adam until the
     validation loss stops improving, then freezes. A constant or missing value would freeze it
     after 20 steps or fail."""
-    import optax
     from lopt_ext import tasks
     task = tasks.get_task("mlp_wine_16_gelu_b64_s1_noise0.3")
     plain, _ = ev.run_curves(task, lambda lr: optax.adam(lr), [0.03], [0], 400)
@@ -189,3 +190,33 @@ def test_evaluate_quick_runs_the_smallest_tasks_and_estimates_the_time(tmp_path,
     text = captured.out + captured.err
     assert "3 task(s) x 1 seed(s), horizons 500" in text
     assert "min left (estimated" in text
+
+
+def _memory_mappings():
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_compiled_runs_are_bounded_so_memory_mappings_stay_flat():
+    """Each executable holds hundreds of memory mappings; an unbounded cache of them crashed a
+    4-optimizer evaluation at vm.max_map_count. Past the cache's size, new compilations must
+    free the old ones' mappings."""
+    from lopt_ext.tasks import family
+    task = family.get_task("quadratic_d32_c2_n0.1_seed0")
+    n = ev.COMPILED_CURVES
+
+    def compile_runs(count):
+        for _ in range(count):
+            make_tx = lambda lr: optax.sgd(lr)  # noqa: E731  (a new function: a new compilation)
+            ev.run_curves(task, make_tx, [0.01], [0], 100)
+
+    ev._curve_fn.cache_clear()  # drops (and unmaps) what earlier tests compiled
+    start = _memory_mappings()
+    compile_runs(n)  # fills the cache: this is what n executables cost
+    filled = _memory_mappings()
+    compile_runs(n)  # evicts the first n: as many mappings freed as made
+    after = _memory_mappings()
+    assert filled - start > 10 * n, (start, filled)  # compilations do map code (else this proves nothing)
+    assert after - filled < 0.5 * (filled - start), (start, filled, after)
+    assert ev._curve_fn.cache_info().currsize <= n

@@ -86,7 +86,14 @@ def lopt_tx_factory(lopt, theta, impl="fused", num_steps=None):
     return lambda _hp: lopt.transform(theta, impl=impl, num_steps=num_steps)
 
 
-@functools.lru_cache(maxsize=None)
+# XLA:CPU maps each compiled executable's code in hundreds of small memory mappings, and Linux
+# refuses mappings beyond vm.max_map_count (65530 by default): an unbounded cache of compiled
+# runs crashed `evaluate --compare` after ~100 executables. Dropping a jitted function frees its
+# mappings, so the cache is bounded; nothing in evaluate reuses one across tasks.
+COMPILED_CURVES = 16
+
+
+@functools.lru_cache(maxsize=COMPILED_CURVES)
 def _curve_fn(task, make_tx, steps: int, every: int, train_every: int, validation_value: bool = False,
               train_value: bool = False):
     """jit(vmap over members, spread over the devices) of a training run recording the held-out loss every ``every``

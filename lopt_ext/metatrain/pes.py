@@ -262,8 +262,13 @@ class MetaTrainer:
 
 
 # Compiled functions are cached per (config, task, impl) at module level, so that several
-# trainers of the same configuration (e.g. a run and its resumption) share compilations.
-@functools.lru_cache(maxsize=None)
+# trainers of the same configuration (e.g. a run and its resumption) share compilations. The
+# caches are bounded: each executable holds hundreds of memory mappings until it is dropped
+# (vm.max_map_count, train.py), and a run on the full training split meets 53 task shapes.
+COMPILED_SLOT_STEPS = 32
+
+
+@functools.lru_cache(maxsize=COMPILED_SLOT_STEPS)
 def _init_pairs_cached(cfg: MetaTrainConfig, task):
     P, lopt = cfg.pairs, cfg.lopt()
     dim = int(ravel_pytree(lopt.init_theta(jax.random.PRNGKey(0)))[0].size)
@@ -293,7 +298,7 @@ def _jit_slot_arrays(fn, cfg: MetaTrainConfig, extra_outputs: int = 0):
     return jax.jit(fn, out_shardings=shardings + (population.replicated(),) * extra_outputs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=COMPILED_SLOT_STEPS)
 def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
     """jit of one truncation of one slot: all 2*pairs members vmapped (the hot path)."""
     lopt = cfg.lopt()

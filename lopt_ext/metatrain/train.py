@@ -194,7 +194,9 @@ def load_compact(path: str, cfg: Optional[MetaTrainConfig] = None):
 # meta-training run compiles one population step per task shape it meets: on the full
 # training split a run measured here went past 26k mappings in 10 minutes. Linux refuses new
 # mappings beyond vm.max_map_count (65530 by default) and XLA then dies in the middle of a
-# compilation ("LLVM compilation error: Cannot allocate memory", then a segfault).
+# compilation ("LLVM compilation error: Cannot allocate memory", then a segfault). The caches
+# of compiled steps are bounded (pes.COMPILED_SLOT_STEPS), which frees the mappings of evicted
+# executables; the warning stays for runs whose live executables still approach the limit.
 MAP_COUNT_WANTED = 262144
 
 
