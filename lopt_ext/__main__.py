@@ -131,6 +131,13 @@ def _pretrained_names():
     return pretrained.list_pretrained()
 
 
+def _compare_entry(text: str) -> str:
+    if text in _pretrained_names() + ["celo"] or os.path.isfile(text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a shipped optimizer ({', '.join(_pretrained_names())}, "
+                                     f"celo) nor an existing theta file")
+
+
 def _splits():
     from lopt_ext import tasks
     return list(tasks.SPLITS)
@@ -306,8 +313,9 @@ def _add_others(sub):
     p.add_argument("--pretrained", default=None, choices=_pretrained_names(),
                    help="shipped learned optimizer to use (default: the best one, pretrained.load())")
 
-    p = sub.add_parser("evaluate", help="a learned optimizer vs Adam tuned per task (constant and cosine lr), "
-                                        "judged on held-out loss at several horizons")
+    p = sub.add_parser("evaluate", help="learned optimizers vs Adam tuned per task (constant lr, or warmup then cosine "
+                                        "decay) and untuned Adam, in the field's views (held out and training "
+                                        "loss, time to target) at several horizons")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--theta", type=_input_file, default=None, metavar="PATH",
                      help="theta .safetensors, or a Celo theta.state, to evaluate (default: the shipped "
@@ -327,16 +335,20 @@ def _add_others(sub):
     p.add_argument("--quick", action="store_true",
                    help=f"a first look in about 30 s on 2 cores: the {QUICK_EVAL_TASKS} smallest tasks of the split, "
                         "seed 0, 500 steps (explicit --tasks/--seeds/--horizons win); the full default run takes "
-                        "about an hour or more here (an estimate is printed after the first task)")
+                        "about 10 minutes per optimizer here, plus about 6 for the Adam sweeps the first time (an "
+                        "estimate is printed after the first task)")
     p.add_argument("--impl", default="fused", choices=["fused", "reference"],
                    help="learned optimizer implementation")
     p.add_argument("--out", type=_output_dir, default=os.path.join("runs", "evaluate"), metavar="DIR",
-                   help="writes evaluation.json, evaluation.md and evaluation.png here (created)")
+                   help="writes evaluation.json, evaluation.md, evaluation.png and views.png here (created)")
     p.add_argument("--adam-cache", type=_output_file, default=None, metavar="PATH",
                    help="JSON cache of the tuned-Adam runs, which do not depend on theta "
                         "(default: DIR/baselines.json)")
+    p.add_argument("--compare", nargs="+", type=_compare_entry, default=None, metavar="OPTIMIZER",
+                   help="also evaluate these learned optimizers in the same views: shipped names, celo, "
+                        "or theta files")
     p.add_argument("--adam-only", action="store_true", help="only run (and cache) the Adam baselines")
-    p.add_argument("--no-plot", action="store_true", help="do not write evaluation.png")
+    p.add_argument("--no-plot", action="store_true", help="do not write evaluation.png and views.png")
     add_cpu_devices_option(p)
 
     p = sub.add_parser("plot", help="meta-loss vs outer step (PNG) from a meta-train log.jsonl")
@@ -359,13 +371,20 @@ def cmd_demo(args):
 
 def _rounded(obj, digits=6):
     """A JSON tree with floats at ``digits`` significant digits (the curves are most of the file)."""
-    if isinstance(obj, float):
-        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, float):  # non-finite -> null (strict JSON; in the views, null = never: infinite)
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: _rounded(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_rounded(v, digits) for v in obj]
     return obj
+
+
+def _contender_name(source: str) -> str:
+    """How an evaluated optimizer is named in the views: the shipped name, or the file's stem."""
+    if source.startswith("pretrained:"):
+        return source.split(":", 1)[1]
+    return os.path.splitext(os.path.basename(source))[0]
 
 
 def cmd_evaluate(args):
@@ -385,15 +404,36 @@ def cmd_evaluate(args):
         ev.evaluate(names, None, None, seeds=seeds, horizons=horizons, adam_cache=cache, adam_only=True)
         print(f"wrote {cache}")
         return
-    try:
-        lopt, theta, source = pretrained.resolve(args.theta, args.pretrained)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{PROG} evaluate: error: {e}") from None
-    results = ev.evaluate(names, lopt, theta, seeds=seeds, horizons=horizons, impl=args.impl, adam_cache=cache)
+    resolved = {}
+    for entry in [None] + list(args.compare or []):
+        try:
+            if entry is None:
+                lopt_e, theta_e, src = pretrained.resolve(args.theta, args.pretrained)
+            elif os.path.isfile(entry):
+                lopt_e, theta_e, src = pretrained.resolve(entry, None)
+            else:
+                lopt_e, theta_e, src = pretrained.resolve(None, entry)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"{PROG} evaluate: error: {'--compare ' + entry + ': ' if entry else ''}{e}") from None
+        resolved.setdefault(_contender_name(src), (lopt_e, theta_e, src))
+    runs = {}
+    for key, (lopt_e, theta_e, src) in resolved.items():
+        print(f"evaluate: {key}", flush=True)
+        runs[key] = ev.evaluate(names, lopt_e, theta_e, seeds=seeds, horizons=horizons, impl=args.impl,
+                                adam_cache=cache)
+    primary = next(iter(resolved))
+    lopt, _, source = resolved[primary]
+    results = runs[primary]
     from lopt_ext.metatrain.report import render_evaluation
     doc = {"optimizer": source, "lopt": checkpoint.lopt_to_json(lopt), "seeds": list(seeds),
-           "horizons": list(horizons), "protocol": ev.__doc__, "summary": ev.summarize(results, horizons),
-           "references": ev.reference_summary(results, horizons), "results": results}
+           "horizons": list(horizons), "protocol": ev.__doc__,
+           "views": ev.evaluate_views(runs, horizons, adam_cache=cache, primary=primary),
+           "summary": ev.summarize(results, horizons),
+           "references": ev.reference_summary(results, horizons), "results": results,
+           "compared": {k: {"optimizer": resolved[k][2], "lopt": checkpoint.lopt_to_json(resolved[k][0]),
+                            "results": [{c: r[c] for c in ("task", "lopt_curve", "lopt_train_curve", "lopt_time_s")}
+                                        for r in runs[k]]}
+                        for k in list(runs)[1:]}}
     report = render_evaluation(doc)
     print(report)
     path = os.path.join(args.out, "evaluation.json")
@@ -403,7 +443,8 @@ def cmd_evaluate(args):
     print(f"wrote {path} and evaluation.md")
     if not args.no_plot:
         ev.plot_curves(results, os.path.join(args.out, "evaluation.png"))
-        print(f"wrote {os.path.join(args.out, 'evaluation.png')}")
+        ev.plot_views(doc["views"], os.path.join(args.out, "views.png"))
+        print(f"wrote {os.path.join(args.out, 'evaluation.png')} and views.png")
 
 
 def cmd_plot(args):

@@ -50,7 +50,7 @@ def _fake_result(name, ratios, finals):
                  "lopt_final": f} for r, f in zip(ratios, finals)]
     entry = {"per_seed": per_seed, "mean_final_ratio": float(np.mean(finals)), "best_lr": 1e-3,
              "baseline_final_train": 0.1, "baseline_curve": []}
-    return {"task": name, "by_horizon": {"100": {"adam": entry, "adam_cosine": entry, "lopt_final_train": 0.1}}}
+    return {"task": name, "by_horizon": {"100": {"adam": entry, "adam_warmup_cosine": entry, "lopt_final_train": 0.1}}}
 
 
 def test_summary_medians_count_never_as_infinite():
@@ -64,7 +64,7 @@ def test_summary_medians_count_never_as_infinite():
     assert ev.summarize(results, horizons=(100,))["adam@100"]["median_steps_ratio"] == pytest.approx(0.45)
 
 
-def test_reference_summary_scores_tuned_cosine_adam_like_a_learned_optimizer():
+def test_reference_summary_scores_tuned_scheduled_adam_like_a_learned_optimizer():
     # hand-made curves (every 5, horizon 40): on task a the cosine baseline ends below the constant
     # one from step 20 on (reached at 20/40 = 0.5 on both seeds); on task b it never gets below.
     every, T = 5, 40
@@ -77,11 +77,11 @@ def test_reference_summary_scores_tuned_cosine_adam_like_a_learned_optimizer():
     cos_b[:, 0] = 2.0
 
     def result(name, cos):
-        e = {"adam": {"baseline_curve": const.tolist()}, "adam_cosine": {"baseline_curve": cos.tolist()}}
+        e = {"adam": {"baseline_curve": const.tolist()}, "adam_warmup_cosine": {"baseline_curve": cos.tolist()}}
         return {"task": name, "every": every, "by_horizon": {str(T): e}}
 
     ref = ev.reference_summary([result("a", cos_a), result("b", cos_b)], horizons=(T,))
-    s = ref[f"tuned adam_cosine vs adam@{T}"]
+    s = ref[f"tuned adam_warmup_cosine vs adam@{T}"]
     assert s["task_seeds"] == 4 and s["reached_and_stayed"] == 2
     assert s["tasks_worse_than_1.5x"] == []
     per_a = ev.compare(cos_a, const, T, every)
@@ -107,9 +107,9 @@ def test_baseline_is_tuned_on_held_out_loss_and_cached(tmp_path):
     assert cos["horizon"] == 100 and len(cos["curve"][0]) == 21
 
 
-def test_evaluate_command_writes_the_reference_rows(tmp_path):
-    """End to end on one small task: evaluation.json holds the tuned cosine-Adam reference next
-    to the learned optimizer's summary, and evaluation.md renders both."""
+def test_evaluate_command_writes_the_reference_rows_and_views(tmp_path):
+    """End to end on one small task: evaluation.json holds the tuned warmup-cosine-Adam reference
+    next to the learned optimizer's summary and the field's views, and evaluation.md renders them."""
     import subprocess
     import sys
     out = tmp_path / "ev"
@@ -118,14 +118,27 @@ def test_evaluate_command_writes_the_reference_rows(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((out / "evaluation.json").read_text())
-    assert set(doc["summary"]) == {"adam@100", "adam_cosine@100"}
-    ref = doc["references"]["tuned adam_cosine vs adam@100"]
+    assert set(doc["summary"]) == {"adam@100", "adam_warmup_cosine@100"}
+    ref = doc["references"]["tuned adam_warmup_cosine vs adam@100"]
     e = doc["results"][0]["by_horizon"]["100"]
-    expected = ev.compare(np.asarray(e["adam_cosine"]["baseline_curve"]), np.asarray(e["adam"]["baseline_curve"]), 100)
+    expected = ev.compare(np.asarray(e["adam_warmup_cosine"]["baseline_curve"]),
+                          np.asarray(e["adam"]["baseline_curve"]), 100)
     assert ref["reached_and_stayed"] == sum(p["steps_ratio"] is not None for p in expected)
     assert ref["median_final_ratio"] == pytest.approx(expected[0]["final_ratio"], rel=1e-3)
     md = (out / "evaluation.md").read_text()
-    assert "tuned adam_cosine vs adam@100" in md and "| adam@100 |" in md
+    assert "tuned adam_warmup_cosine vs adam@100" in md and "| adam@100 |" in md
+    # the views: tuned Adam scored against itself (the same candidates, tuned the same way) is 1
+    summary = doc["views"]["by_horizon"]["100"]["vs_tuned_adam"]["summary"]["all"]
+    name = "scaled_small_fc_lopt_h4_es"
+    assert set(summary) == {name, "adam_1e-3", "adam (tuned)", "adam_warmup_cosine (tuned)"}
+    best_of_both = min(summary["adam (tuned)"]["best_heldout"]["median"],
+                       summary["adam_warmup_cosine (tuned)"]["best_heldout"]["median"])
+    assert best_of_both == pytest.approx(1.0)
+    # the untuned reference really is lr 1e-3: Adam 1e-3 judged against it is 1 in every view
+    fixed = doc["views"]["by_horizon"]["100"]["vs_tuned_adam"]["per_task"][0]["contenders"]["adam_1e-3"]
+    assert fixed["picked"] == {} and len(fixed["best_heldout"]) == 1
+    assert doc["views"]["ship_check"]["optimizer"] == name
+    assert "The field's views" in md and "Shipping bar" in md
 
 
 def test_rendered_evaluation_names_the_split():
@@ -166,11 +179,11 @@ def test_work_units_count_the_runs_left_by_hand(tmp_path):
     assert ev.task_cost(task) == cost
     lrs, seeds, horizons = (1e-3, 1e-2), (0, 1), (100, 300)
     # learned 2 x 300; constant Adam 2 lrs x 2 seeds x 300 (one run serves both horizons);
-    # cosine Adam 2 x 2 x (100 + 300)
+    # warmup-cosine Adam 2 x 2 x (100 + 300)
     assert ev.work_units(task, seeds, horizons, lrs=lrs) == (600 + 1200 + 1600) * cost
     assert ev.work_units(task, seeds, horizons, lrs=lrs, adam_only=True) == (1200 + 1600) * cost
     cache = str(tmp_path / "c.json")
-    ev.baseline_sweep(task, "adam", seeds, 300, lrs=lrs, cache=cache, horizons=horizons)
+    ev.baseline_sweep(task, "adam", seeds, 300, lrs=lrs, cache=cache, horizons=horizons, need_by_lr=True)
     assert ev.work_units(task, seeds, horizons, lrs=lrs, store=ev.read_cache(cache)) == (600 + 1600) * cost
 
 
@@ -190,6 +203,55 @@ def test_evaluate_quick_runs_the_smallest_tasks_and_estimates_the_time(tmp_path,
     text = captured.out + captured.err
     assert "3 task(s) x 1 seed(s), horizons 500" in text
     assert "min left (estimated" in text
+
+
+def test_warmup_cosine_adam_follows_its_schedule_by_hand():
+    """With a constant gradient Adam's direction is 1, so the update is -lr x schedule: 0 at step 0,
+    rising linearly to lr at 5% of the horizon, lr/2 halfway through the decay, 0 at the horizon."""
+    import jax.numpy as jnp
+    horizon, lr = 200, 0.1
+    tx = ev.warmup_cosine_adam_tx(horizon)(lr)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    got = []
+    for _ in range(horizon + 1):
+        upd, state = tx.update({"w": jnp.ones(3)}, state, params)
+        got.append(-float(upd["w"][0]))
+    warmup = 10
+    want = [lr * t / warmup if t < warmup else lr * 0.5 * (1 + np.cos(np.pi * (t - warmup) / (horizon - warmup)))
+            for t in range(horizon + 1)]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert got[warmup] == pytest.approx(lr, rel=1e-4) and got[105] == pytest.approx(lr / 2, rel=1e-4)
+
+
+def test_cached_sweeps_keep_every_learning_rates_curves(tmp_path):
+    from lopt_ext import tasks
+    task = tasks.get_task("mlp_wine_16_gelu_b64_s1_noise0.3")
+    cache = str(tmp_path / "b.json")
+    lrs = (1e-3, 1e-2)
+    out = ev.baseline_sweep(task, "adam_warmup_cosine", (0, 1), 100, lrs=lrs, cache=cache, need_by_lr=True)
+    held, train = ev.run_curves(task, ev.warmup_cosine_adam_tx(100), lrs, [0, 1], 100)
+    np.testing.assert_allclose(out["by_lr"]["heldout"], held, rtol=1e-3)   # 4 significant digits
+    np.testing.assert_allclose(out["by_lr"]["train"], train, rtol=1e-3)
+    # an older entry without them is re-run when they are needed, and reused otherwise
+    stored = json.load(open(cache))
+    for e in stored.values():
+        del e["by_lr"]
+        e["time_s"] = -1.0
+    json.dump(stored, open(cache, "w"))
+    assert ev.baseline_sweep(task, "adam_warmup_cosine", (0, 1), 100, lrs=lrs, cache=cache)["time_s"] == -1.0
+    again = ev.baseline_sweep(task, "adam_warmup_cosine", (0, 1), 100, lrs=lrs, cache=cache, need_by_lr=True)
+    assert again["time_s"] > 0 and "by_lr" in again
+
+
+def test_data_regimes_of_the_held_out_tasks():
+    from lopt_ext.tasks import family
+    assert family.data_regime("mlp_teacher16-100_64_tanh_b32_s1") == "data-rich"
+    assert family.data_regime("quadratic_d32_c2_n0.1_seed100") == "data-rich"
+    assert family.data_regime("mlp_digits_48_relu_b64_s1") == "small-data"
+    assert family.data_regime("logreg_d16_n512_b32_seed100") == "small-data"
+    regimes = [family.data_regime(n) for n in family.list_tasks("test")]
+    assert len(regimes) >= 16 and regimes.count("data-rich") >= 8
 
 
 def _memory_mappings():

@@ -112,7 +112,14 @@ def _report_module():
 
 
 def render_evaluation(doc) -> str:
-    return _report_module().render_evaluation(doc) + "\n\n![evaluation](docs/evaluation/evaluation.png)"
+    """The field's views at the longest horizon (all tasks and each data regime, then against
+    untuned Adam, then the shipping bar) and their plot; the rest is in evaluation.md."""
+    report = _report_module()
+    head = (f"Optimizer `{doc['optimizer']}`, seeds {doc['seeds']}, {len(doc['results'])} held-out tasks "
+            f"(per task, 1000 steps and the earlier protocol: "
+            f"[docs/evaluation/evaluation.md](docs/evaluation/evaluation.md)).")
+    return (head + "\n\n" + report.render_views(doc["views"])
+            + "\n\n![the field's views](docs/evaluation/views.png)")
 
 
 def _tradeoffs_module():

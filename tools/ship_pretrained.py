@@ -74,6 +74,8 @@ def main(argv=None):
         entry["evaluation"] = {"file": os.path.relpath(os.path.abspath(args.evaluation), ROOT),
                                "seeds": ev["seeds"], "horizons": ev["horizons"], "summary": ev["summary"],
                                "tasks": [r["task"] for r in ev["results"]]}
+        if "views" in ev and "ship_check" in ev["views"]:  # the shipping bar, as evaluate checked it
+            entry["evaluation"]["ship_check"] = ev["views"]["ship_check"]
     dest = os.path.join(ROOT, "lopt_ext", "pretrained")
     shutil.copyfile(os.path.join(args.run, "theta.safetensors"), os.path.join(dest, f"{args.name}.safetensors"))
     shutil.copyfile(os.path.join(args.run, "resume.safetensors"), os.path.join(dest, f"{args.name}.resume.safetensors"))

@@ -5,9 +5,10 @@ fold_in(PRNGKey(s), 1), the same for every optimizer):
 - every optimizer trains for ``max(horizons)`` steps; the held-out (test) loss is recorded every
   ``every`` steps and smoothed by a ``SMOOTH``-step trailing mean; the training loss (full
   training set) is recorded every ``TRAIN_EVERY`` steps and reported beside it;
-- baselines: Adam with a constant learning rate and Adam with a cosine decay to 0 over the
-  horizon, each tuned per task and per horizon over the ``lrs`` grid (default 7 values,
-  1e-4 .. 1e-1 in half decades) on the mean over seeds of the final smoothed held-out loss;
+- baselines: Adam with a constant learning rate and Adam with a linear warmup (5% of the
+  horizon) and a cosine decay to 0 at the horizon, each tuned per task and per horizon over the
+  ``lrs`` grid (default 7 values, 1e-4 .. 1e-1 in half decades) on the mean over seeds of the
+  final smoothed held-out loss;
 - metrics at horizon T, per task-seed, against the tuned baseline's final smoothed held-out loss
   L_adam of the same seed:
     steps ratio = (first step from which the learned optimizer's smoothed held-out loss stays
@@ -17,6 +18,11 @@ fold_in(PRNGKey(s), 1), the same for every optimizer):
 - summary: medians over all task-seeds, the number of tasks whose mean final ratio exceeds
   1.5, divergences.
 The baselines do not depend on theta, so they are cached (``adam_cache`` JSON).
+
+``evaluate_views`` adds the field's views (views.py: best and final held-out, training loss,
+training speedup, time-to-target) against Adam tuned over both schedules on each view's own
+criterion and against untuned Adam (lr UNTUNED_LR), with IQM and bootstrap intervals, for the
+evaluated optimizer and any compared ones.
 """
 from __future__ import annotations
 
@@ -43,7 +49,10 @@ EVERY = 5          # held-out loss recorded every EVERY steps
 SMOOTH = 20        # trailing mean over this many steps
 TRAIN_EVERY = 100  # training loss (full training set) recorded every TRAIN_EVERY steps
 FAIL_RATIO = 1.5   # a task "fails" when its mean final held-out loss exceeds 1.5x the baseline's
-BASELINES = ("adam", "adam_cosine")
+BASELINES = ("adam", "adam_warmup_cosine")  # the two schedules a user tunes
+WARMUP_FRACTION = 0.05  # adam_warmup_cosine: linear warmup over this fraction of the horizon
+CURVE_DIGITS = 4  # significant digits of the per-learning-rate curves kept in the cache
+UNTUNED_LR = 1e-3  # what a user who does not tune runs Adam with
 
 
 def _init_run(task, seed):
@@ -70,7 +79,6 @@ def adafactor_tx(lr):
 # Constant-learning-rate optimizers that baseline_sweep tunes over the grid (module-level
 # functions: the jitted curve function is cached on them).
 CONSTANT_LR = {"adam": adam_tx, "sgd": sgd_tx, "sgd_momentum": sgd_momentum_tx, "adafactor": adafactor_tx}
-SWEEPS = tuple(CONSTANT_LR) + ("adam_cosine",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,6 +88,24 @@ def cosine_adam_tx(horizon: int):
         return optax.chain(optax.scale_by_adam(),
                            optax.scale_by_learning_rate(optax.cosine_decay_schedule(lr, horizon)))
     return make
+
+
+@functools.lru_cache(maxsize=None)
+def warmup_cosine_adam_tx(horizon: int):
+    """lr -> Adam whose learning rate rises linearly from 0 to lr over the first
+    WARMUP_FRACTION of ``horizon`` steps, then decays to 0 at ``horizon`` (cosine)."""
+    warmup = max(1, int(round(WARMUP_FRACTION * horizon)))
+    # unit peak, scaled by lr afterwards: lr is traced (one vmapped run per grid point)
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, horizon, end_value=0.0)
+
+    def make(lr):
+        return optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(lambda count: lr * unit(count)))
+    return make
+
+
+# Scheduled baselines: horizon -> (lr -> optax transformation), one sweep per horizon.
+SCHEDULED = {"adam_cosine": cosine_adam_tx, "adam_warmup_cosine": warmup_cosine_adam_tx}
+SWEEPS = tuple(CONSTANT_LR) + tuple(SCHEDULED)
 
 
 def lopt_tx_factory(lopt, theta, impl="fused", num_steps=None):
@@ -202,18 +228,29 @@ def read_cache(cache: Optional[str]) -> Dict[str, Any]:
         return json.load(f)
 
 
+def _rounded_curves(x):
+    return np.vectorize(lambda v: float(f"{v:.{CURVE_DIGITS}g}"), otypes=[float])(x).tolist()
+
+
+def _usable(entry, need_by_lr: bool) -> bool:
+    return entry is not None and (not need_by_lr or "by_lr" in entry)
+
+
 def baseline_sweep(task, name, seeds, horizon, every=EVERY, lrs=DEFAULT_LRS, cache: Optional[str] = None,
-                   horizons=HORIZONS):
+                   horizons=HORIZONS, need_by_lr: bool = False):
     """A baseline tuned for ``horizon`` over the learning-rate grid, on the mean over seeds of
     the final smoothed held-out loss. name "adam" (or another of CONSTANT_LR): constant learning
     rate (one run of the longest horizon serves every horizon, each tuned on its prefix);
-    "adam_cosine": cosine decay to 0 over ``horizon``. Independent of theta, so it can be cached
-    in a JSON file."""
+    "adam_cosine" / "adam_warmup_cosine": (warmup and) cosine decay to 0 over ``horizon``.
+    Independent of theta, so it can be cached in a JSON file. Every entry also keeps each
+    learning rate's curves ("by_lr": held-out [lrs, seeds, points], train [lrs, seeds, points],
+    CURVE_DIGITS significant digits), from which views tuned on other criteria pick their own
+    learning rate (views.py); ``need_by_lr`` re-runs an older cached entry that lacks them."""
     if name not in SWEEPS:
         raise ValueError(f"baseline must be one of {SWEEPS}, got {name!r}")
     store = read_cache(cache)
     key = _cache_key(name, task, seeds, horizon, every, lrs)
-    if key in store:
+    if _usable(store.get(key), need_by_lr):
         return store[key]
     t0 = time.perf_counter()
     if name in CONSTANT_LR:
@@ -223,7 +260,7 @@ def baseline_sweep(task, name, seeds, horizon, every=EVERY, lrs=DEFAULT_LRS, cac
         held_out, train = run_curves(task, CONSTANT_LR[name], lrs, seeds, steps, every)
     else:
         served = [horizon]
-        held_out, train = run_curves(task, cosine_adam_tx(horizon), lrs, seeds, horizon, every)
+        held_out, train = run_curves(task, SCHEDULED[name](horizon), lrs, seeds, horizon, every)
     elapsed = time.perf_counter() - t0
     for h in served:
         ho, tr = held_out[:, :, : h // every + 1], train[:, :, : h // TRAIN_EVERY + 1]
@@ -233,7 +270,8 @@ def baseline_sweep(task, name, seeds, horizon, every=EVERY, lrs=DEFAULT_LRS, cac
         store[_cache_key(name, task, seeds, h, every, lrs)] = {
             "name": name, "horizon": h, "lrs": [float(x) for x in lrs], "best_lr": float(lrs[best]),
             "final_by_lr": [_finite_or_none(x) for x in finals],
-            "curve": ho[best].tolist(), "train_curve": tr[best].tolist(), "time_s": elapsed}
+            "curve": ho[best].tolist(), "train_curve": tr[best].tolist(), "time_s": elapsed,
+            "by_lr": {"heldout": _rounded_curves(ho), "train": _rounded_curves(tr)}}
     if cache:
         from lopt_ext.checkpoint import atomic_write_bytes
         store = dict(read_cache(cache), **store)  # merge with entries written meanwhile
@@ -286,7 +324,7 @@ def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=E
     for T in horizons:
         entry = {"lopt_final_train": _finite_or_none(np.nanmean(l_train[0, :, T // TRAIN_EVERY]))}
         for name in BASELINES:
-            base = baseline_sweep(task, name, seeds, T, every, lrs, adam_cache, horizons)
+            base = baseline_sweep(task, name, seeds, T, every, lrs, adam_cache, horizons, need_by_lr=True)
             per_seed = compare(l_held[0], np.asarray(base["curve"]), T, every)
             entry[name] = {"best_lr": base["best_lr"], "per_seed": per_seed,
                            "mean_final_ratio": mean_final_ratio(per_seed),
@@ -322,7 +360,7 @@ def summarize(results, horizons=HORIZONS, baselines=BASELINES) -> Dict[str, Any]
 
 
 def reference_summary(results, horizons=HORIZONS) -> Dict[str, Any]:
-    """What a per-task tuned annealed Adam achieves on this metric: Adam with a cosine decay,
+    """What a per-task tuned annealed Adam achieves on this metric: Adam with warmup and a cosine decay,
     its learning rate picked per task on the same held-out loss it is judged on, scored against
     tuned constant-lr Adam exactly as a learned optimizer is (from the baseline curves already in
     ``results``; no extra runs). It calibrates the goal: an oracle-tuned schedule, not a floor."""
@@ -331,11 +369,11 @@ def reference_summary(results, horizons=HORIZONS) -> Dict[str, Any]:
         by = {}
         for T in horizons:
             e = r["by_horizon"][str(T)]
-            per_seed = compare(np.asarray(e["adam_cosine"]["baseline_curve"], np.float64),
+            per_seed = compare(np.asarray(e[BASELINES[1]]["baseline_curve"], np.float64),
                                np.asarray(e["adam"]["baseline_curve"], np.float64), T, r["every"])
             by[str(T)] = {"adam": {"per_seed": per_seed, "mean_final_ratio": mean_final_ratio(per_seed)}}
         as_lopt.append({"task": r["task"], "by_horizon": by})
-    return {f"tuned adam_cosine vs adam@{T}": s for T in horizons
+    return {f"tuned {BASELINES[1]} vs adam@{T}": s for T in horizons
             for s in [summarize(as_lopt, (T,), baselines=("adam",))[f"adam@{T}"]]}
 
 
@@ -352,11 +390,13 @@ def work_units(task, seeds, horizons, every=EVERY, lrs=DEFAULT_LRS, store: Optio
     and the tuned-Adam sweeps not already in ``store`` (read_cache's entries; for the runtime
     estimate)."""
     store = store or {}
-    missing = lambda name, h: _cache_key(name, task, seeds, h, every, lrs) not in store  # noqa: E731
+    missing = lambda name, h: not _usable(store.get(_cache_key(name, task, seeds, h, every, lrs)), True)  # noqa: E731
     steps = 0 if adam_only else len(seeds) * max(horizons)
-    if any(missing("adam", h) for h in horizons):
-        steps += len(lrs) * len(seeds) * max(horizons)
-    steps += sum(len(lrs) * len(seeds) * h for h in horizons if missing("adam_cosine", h))
+    for name in BASELINES:
+        if name in CONSTANT_LR:  # one run of the longest horizon serves them all
+            steps += len(lrs) * len(seeds) * max(horizons) if any(missing(name, h) for h in horizons) else 0
+        else:
+            steps += sum(len(lrs) * len(seeds) * h for h in horizons if missing(name, h))
     return steps * task_cost(task)
 
 
@@ -386,7 +426,7 @@ def evaluate(task_names: Sequence[str], lopt, theta, seeds=(0, 1, 2), horizons=H
         if adam_only:
             for T in horizons:
                 for b in BASELINES:
-                    baseline_sweep(task, b, seeds, T, every, lrs, adam_cache, horizons)
+                    baseline_sweep(task, b, seeds, T, every, lrs, adam_cache, horizons, need_by_lr=True)
             continue
         res = evaluate_task(task, lopt, theta, seeds, horizons, every, lrs, impl, adam_cache, make_tx,
                             validation_value)
@@ -412,8 +452,8 @@ def plot_curves(results, path, horizon=None, title="learned optimizer vs tuned A
         every = r["every"]
         series = [("lopt", np.asarray(r["lopt_curve"]), "learned", "C3"),
                   ("adam", np.asarray(e["adam"]["baseline_curve"]), f"Adam lr={e['adam']['best_lr']:.2g}", "C0"),
-                  ("adam_cosine", np.asarray(e["adam_cosine"]["baseline_curve"]),
-                   f"Adam cosine lr={e['adam_cosine']['best_lr']:.2g}", "C2")]
+                  ("scheduled", np.asarray(e[BASELINES[1]]["baseline_curve"]),
+                   f"Adam warmup-cosine lr={e[BASELINES[1]]['best_lr']:.2g}", "C2")]
         for _, c, label, color in series:
             c = smooth(c[:, : T // every + 1], every)
             x = np.arange(c.shape[1]) * every
@@ -430,4 +470,98 @@ def plot_curves(results, path, horizon=None, title="learned optimizer vs tuned A
     fig.suptitle(f"{title}: mean over seeds, band min-max", fontsize=fs + 2)
     fig.tight_layout()
     fig.savefig(path, dpi=90 if cols <= 3 else 70)
+    plt.close(fig)
+
+
+def _candidates(task, name, seeds, horizon, every, lrs, cache, horizons) -> List[Any]:
+    """Baseline ``name``'s curves per learning rate as views.Candidate's (smoothed held-out)."""
+    e = baseline_sweep(task, name, seeds, horizon, every, lrs, cache, horizons, need_by_lr=True)
+    held = smooth(np.asarray(e["by_lr"]["heldout"], np.float64), every)
+    train = np.asarray(e["by_lr"]["train"], np.float64)
+    return [(f"{name} lr={lr:.2g}", held[i], train[i]) for i, lr in enumerate(e["lrs"])]
+
+
+def evaluate_views(runs: Dict[str, List[Dict[str, Any]]], horizons=HORIZONS, lrs=DEFAULT_LRS,
+                   adam_cache: Optional[str] = None, primary: Optional[str] = None) -> Dict[str, Any]:
+    """The field's views (views.py) of every run in ``runs`` (contender name -> evaluate()'s
+    results, the same tasks and seeds) and of Adam itself, per horizon: against Adam tuned per
+    view over both schedules and the grid ("vs_tuned_adam"; contenders also Adam at UNTUNED_LR and
+    each schedule tuned on its own) and against Adam at UNTUNED_LR ("vs_adam_1e-3"), per task-seed
+    and summarized over all tasks and per data regime; with the shipping bar for ``primary`` at
+    the longest horizon. Baselines come from (or are added to) ``adam_cache``."""
+    from lopt_ext.metatrain import views
+    from lopt_ext.tasks import family
+    first = next(iter(runs.values()))
+    names = [r["task"] for r in first]
+    groups = {n: family.data_regime(n) for n in names}
+    out = {"untuned_lr": UNTUNED_LR, "groups": groups, "by_horizon": {}}
+    for T in horizons:
+        tuned, fixed = [], []
+        for i, name in enumerate(names):
+            task = family.get_task(name)
+            r0 = first[i]
+            seeds, every = r0["seeds"], r0["every"]
+            sched = {b: _candidates(task, b, seeds, T, every, lrs, adam_cache, horizons) for b in BASELINES}
+            untuned = [c for c, lr in zip(sched["adam"], lrs) if np.isclose(lr, UNTUNED_LR)]
+            if not untuned:
+                raise ValueError(f"the learning-rate grid {lrs} lacks the untuned {UNTUNED_LR}")
+            learned = {}
+            for c, res in runs.items():
+                if res[i]["task"] != name or res[i]["seeds"] != seeds:
+                    raise ValueError(f"run {c!r} is not on the same tasks and seeds")
+                learned[c] = [(c, smooth(np.asarray(res[i]["lopt_curve"], np.float64), every),
+                               np.asarray(res[i]["lopt_train_curve"], np.float64))]
+            both = [c for b in BASELINES for c in sched[b]]
+            contenders = dict(learned, **{"adam_1e-3": untuned}, **{f"{b} (tuned)": sched[b] for b in BASELINES})
+            tuned.append({"task": name, **views.task_views(contenders, both, T, every, TRAIN_EVERY)})
+            fixed.append({"task": name, **views.task_views(dict(learned, **{"adam (tuned, both schedules)": both}),
+                                                           untuned, T, every, TRAIN_EVERY)})
+        entry = {"vs_tuned_adam": {"per_task": tuned, "summary": views.summarize_views(tuned, groups)},
+                 "vs_adam_1e-3": {"per_task": fixed, "summary": views.summarize_views(fixed, groups)}}
+        out["by_horizon"][str(T)] = entry
+    T = max(horizons)
+    if primary is not None:
+        e = out["by_horizon"][str(T)]["vs_tuned_adam"]
+        out["ship_check"] = {"horizon": T, "optimizer": primary,
+                             "checks": views.ship_check(e["per_task"], e["summary"]["all"], primary)}
+    return out
+
+
+def plot_views(views_doc, path, horizon=None):
+    """One panel per view: each contender's median (dot) with its 95% bootstrap interval and IQM
+    (cross), against Adam tuned per task, for all tasks and each data regime; log scale, 1 =
+    tuned Adam."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from lopt_ext.metatrain.report import VIEW_TITLES
+    horizon = str(horizon or max(int(h) for h in views_doc["by_horizon"]))
+    summary = views_doc["by_horizon"][horizon]["vs_tuned_adam"]["summary"]
+    groups = list(summary)
+    names = list(summary["all"])
+    fig, axes = plt.subplots(1, len(VIEW_TITLES), figsize=(3.4 * len(VIEW_TITLES), 0.45 * len(names) + 1.6),
+                             sharey=True, squeeze=False)
+    for ax, (view, title) in zip(axes[0], VIEW_TITLES):
+        for g, group in enumerate(groups):
+            off = (g - (len(groups) - 1) / 2) * 0.22
+            for i, name in enumerate(names):
+                a = summary[group][name][view]
+                y = i + off
+                med, (lo, hi) = a["median"], a["median_ci"]
+                clip = lambda v: min(max(v, 1e-2), 1e2)  # noqa: E731  (never / 0 drawn at the edge)
+                ax.plot([clip(lo), clip(hi)], [y, y], color=f"C{g}", lw=1.5)
+                ax.plot(clip(med), y, "o", color=f"C{g}", ms=4, label=group if i == 0 else None)
+                ax.plot(clip(a["iqm"]), y, "x", color=f"C{g}", ms=4)
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_title(title + (" (higher better)" if view == "train_speedup" else " (lower better)"), fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(range(len(names)))
+    axes[0][0].set_yticklabels(names, fontsize=7)
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"vs Adam tuned per task, {horizon} steps: median (dot) with 95% bootstrap interval, IQM (x); "
+                 "1 = tuned Adam", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -153,7 +153,16 @@ TRAIN_SPECS = TRAIN_MLP_SPECS + (
     LogRegSpec(16, 512, 32, 0), LogRegSpec(16, 512, 32, 1), LogRegSpec(16, 512, 32, 2),
 )
 
-TEST_SPECS = TEST_MLP_SPECS
+# More fresh-sample (data-rich) tasks, so that the evaluation's data-rich group is not 3 tasks:
+# teachers 100-103 as above, shapes the sampled test MLPs do not have.
+TEST_DATA_RICH_SPECS = (
+    MLPSpec((64,), "tanh", 32, 1.0, "teacher", data_seed=100),
+    MLPSpec((32, 32), "relu", 128, 1.0, "teacher", data_seed=101),
+    MLPSpec((256,), "gelu", 64, 1.0, "teacher", data_seed=102),
+    MLPSpec((64, 64, 64), "tanh", 16, 1.0, "teacher", data_seed=102),
+    MLPSpec((128, 64), "relu", 32, 1.0, "teacher", data_seed=100),
+)
+TEST_SPECS = TEST_MLP_SPECS + TEST_DATA_RICH_SPECS
 
 # Harder or outside cases, reported beside the judged split: a convnet and a char RNN of unseen
 # shapes, a transformer LM (attention never appears in meta-training), held-out seeds of the
@@ -449,13 +458,27 @@ def make_task(spec) -> Task:
     return builder(spec)
 
 
-def get_task(name: str) -> Task:
-    """The task of any split by its name (see ``list_tasks``)."""
+def get_spec(name: str):
+    """The spec of any split's task by its name (see ``list_tasks``)."""
     for specs in SPLITS.values():
         for spec in specs:
             if task_name(spec) == name:
-                return make_task(spec)
+                return spec
     raise KeyError(f"no task named {name!r}; known: {list_tasks()}")
+
+
+def get_task(name: str) -> Task:
+    """The task of any split by its name (see ``list_tasks``)."""
+    return make_task(get_spec(name))
+
+
+def data_regime(name: str) -> str:
+    """"data-rich" when every batch is a fresh sample (teacher regressors; quadratics, whose
+    batches are gradient noise): the held-out loss tracks the training loss. "small-data" when
+    training cycles through a fixed training set, where overfitting decides the held-out loss."""
+    spec = get_spec(name)
+    fresh = isinstance(spec, QuadraticSpec) or (isinstance(spec, MLPSpec) and spec.dataset == "teacher")
+    return "data-rich" if fresh else "small-data"
 
 
 def list_tasks(split: str | None = None):
