@@ -326,3 +326,18 @@ def test_map_count_warning(tmp_path):
     assert msg is not None and "65530" in msg and "sysctl -w vm.max_map_count=" in msg and "\n" not in msg
     assert train.map_count_warning(str(high)) is None
     assert train.map_count_warning(str(tmp_path / "missing")) is None
+
+
+def test_compiled_step_caches_hold_what_fits_under_the_mapping_limit(tmp_path):
+    """(limit - 16384 reserved) // 1100 mappings per task, by hand; at least 8; 256 without a
+    readable limit; the PES caches are sized so."""
+    from lopt_ext.metatrain import compiled, pes, train
+    low, tiny = tmp_path / "low", tmp_path / "tiny"
+    low.write_text("65530\n")
+    tiny.write_text("20000\n")
+    assert compiled.tasks_that_fit(str(low)) == 44
+    assert compiled.tasks_that_fit(str(tmp_path / "high")) == 256
+    assert compiled.tasks_that_fit(str(tiny)) == 8
+    assert "only 44 tasks fit" in train.map_count_warning(str(low))
+    for cache in (pes._slot_step_cached, pes._init_pairs_cached):
+        assert cache.cache_info().maxsize == compiled.tasks_that_fit()

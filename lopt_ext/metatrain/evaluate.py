@@ -112,10 +112,9 @@ def lopt_tx_factory(lopt, theta, impl="fused", num_steps=None):
     return lambda _hp: lopt.transform(theta, impl=impl, num_steps=num_steps)
 
 
-# XLA:CPU maps each compiled executable's code in hundreds of small memory mappings, and Linux
-# refuses mappings beyond vm.max_map_count (65530 by default): an unbounded cache of compiled
-# runs crashed `evaluate --compare` after ~100 executables. Dropping a jitted function frees its
-# mappings, so the cache is bounded; nothing in evaluate reuses one across tasks.
+# Bounded: each compiled run holds hundreds of memory mappings until dropped (compiled.py), and
+# an unbounded cache crashed `evaluate --compare` after ~100 of them; nothing in evaluate reuses
+# one across tasks.
 COMPILED_CURVES = 16
 
 

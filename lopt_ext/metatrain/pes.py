@@ -38,7 +38,7 @@ from lopt_ext.config import SmallFcLOpt
 from lopt_ext.variants import KINDS as LOPT_KINDS
 from lopt_ext.state import init_state
 from lopt_ext.tasks import family
-from lopt_ext.metatrain import population
+from lopt_ext.metatrain import compiled, population
 
 
 OBJECTIVES = ("normalized", "log", "valid_log")
@@ -263,9 +263,10 @@ class MetaTrainer:
 
 # Compiled functions are cached per (config, task, impl) at module level, so that several
 # trainers of the same configuration (e.g. a run and its resumption) share compilations. The
-# caches are bounded: each executable holds hundreds of memory mappings until it is dropped
-# (vm.max_map_count, train.py), and a run on the full training split meets 53 task shapes.
-COMPILED_SLOT_STEPS = 32
+# caches hold as many tasks as fit under the OS's mapping limit (compiled.py): 44 tasks at
+# Linux's default, so a run on the 53-task training split recompiles the least recently used
+# ones instead of crashing; 223 once the limit is raised as meta-train advises.
+COMPILED_SLOT_STEPS = compiled.tasks_that_fit()
 
 
 @functools.lru_cache(maxsize=COMPILED_SLOT_STEPS)

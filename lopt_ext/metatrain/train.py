@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt_ext import checkpoint as ckpt
+from lopt_ext.metatrain import compiled
 from lopt_ext.metatrain.pes import MetaState, MetaTrainConfig, MetaTrainer, Slot
 from lopt_ext.tasks import family
 
@@ -190,28 +191,20 @@ def load_compact(path: str, cfg: Optional[MetaTrainConfig] = None):
     return trainer, MetaState(meta["step"], theta_flat, outer, slots, key), meta
 
 
-# XLA:CPU maps every compiled executable's code in many small memory mappings, and a
-# meta-training run compiles one population step per task shape it meets: on the full
-# training split a run measured here went past 26k mappings in 10 minutes. Linux refuses new
-# mappings beyond vm.max_map_count (65530 by default) and XLA then dies in the middle of a
-# compilation ("LLVM compilation error: Cannot allocate memory", then a segfault). The caches
-# of compiled steps are bounded (pes.COMPILED_SLOT_STEPS), which frees the mappings of evicted
-# executables; the warning stays for runs whose live executables still approach the limit.
+# A run on the full training split meets 53 task shapes, each ~1100 memory mappings of compiled
+# code (compiled.py): past the limit the least recently used are recompiled, which costs 4-6 s
+# each, so a long run wants the limit raised.
 MAP_COUNT_WANTED = 262144
 
 
-def map_count_warning(path: str = "/proc/sys/vm/max_map_count") -> Optional[str]:
+def map_count_warning(path: str = compiled.MAP_COUNT_PATH) -> Optional[str]:
     """A one-line warning when the kernel's mapping limit is below what a long run needs."""
-    try:
-        with open(path) as f:
-            limit = int(f.read().strip())
-    except (OSError, ValueError):
+    limit = compiled.max_map_count(path)
+    if limit is None or limit >= MAP_COUNT_WANTED:
         return None
-    if limit >= MAP_COUNT_WANTED:
-        return None
-    return (f"meta-train: warning: vm.max_map_count is {limit}; XLA may run out of memory mappings "
-            f"after many task compilations and abort. Raise it first: sudo sysctl -w "
-            f"vm.max_map_count={MAP_COUNT_WANTED}")
+    return (f"meta-train: warning: vm.max_map_count is {limit}: the compiled steps of only "
+            f"{compiled.tasks_that_fit(path)} tasks fit, others are recompiled when met again (4-6 s "
+            f"each). Raise it first: sudo sysctl -w vm.max_map_count={MAP_COUNT_WANTED}")
 
 
 def _cpu_hours(wall_s: float) -> float:
