@@ -14,8 +14,9 @@ A learned optimizer is a frozen dataclass (the reference's keyword names) that f
   lopt_ext.celo): ``global_fields`` (state fields that are arrays, not per-leaf trees) with
   ``global_shapes()`` and ``init_globals(num_steps)``, and ``step_context(theta, state, value,
   num_steps)`` -> (context passed to the leaves functions, new global fields);
-- optionally ``has_step_scales = True`` and ``step_scales(theta, iteration, leaves, new_state, impl)``:
-  per-tensor multipliers of the step, from the leaves and the new state fields of each, and
+- optionally ``has_step_scales = True`` and ``step_scales(theta, iteration, leaves, new_state, impl)``
+  (plus ``context=`` for a rule with a step context): per-tensor multipliers of the step, from
+  the leaves and the new state fields of each, and
   ``step_decays`` (the same arguments and those scales): None, or per tensor a weight decay
   lambda added to the scaled step, scale * step + lambda * p (see lopt_ext.scaled).
 Input validation, state initialisation, the skip rule, dtype handling and the optax wrapper

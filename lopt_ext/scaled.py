@@ -21,6 +21,11 @@ computed from un-normalised, loss-scale-free statistics u of the tensor (per ste
     weight decay, s * (step + lambda p) with lambda = exp(decay_b + decay_w . progress)
     (off in a fresh theta), which lets the rule hold a regularised solution of a small data
     set that it would otherwise go on to memorise,
+  - with ``horizon_inputs=True``, where the run stands in its horizon (``num_steps``, which
+    ``transform``/``init_state`` then require, as Celo's do): f = iteration / num_steps
+    through tanh(10 (f - c)) for c in HORIZON_FRACTIONS and log(cosine(f) + 1e-3) / 7, with
+    cosine(f) = (1 + cos(pi min(f, 1))) / 2, so that a linear weight of 7 on the last input is
+    a cosine decay to ~0 at the horizon, and the tanh steps any other learned schedule,
 all from the NEW accumulators (what the fused kernel's statistics pass sees). Multiplying g
 by any constant leaves s unchanged, as it leaves Adam unchanged. w_lin, b and w2 start at
 zero, so a fresh theta gives s = 1: exactly small_fc_lopt.
@@ -43,6 +48,8 @@ from lopt_ext.config import SmallFcLOpt, SmallFcLOptState
 
 SCALE_BOUND = 4.0  # |log s| <= 4: the scale stays within [0.018, 55]
 NUM_PROGRESS_INPUTS = 2
+HORIZON_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9)
+NUM_HORIZON_INPUTS = len(HORIZON_FRACTIONS) + 1
 DECAY_OFF = -30.0  # decay_b at or below this: no weight decay (exactly)
 MAX_LOG_DECAY = float(np.log(0.1))  # lambda <= 0.1 per step
 ZERO_LOG_RMS = 0.5 * float(np.log(1e-6))  # log RMS(p) of an all-zero tensor (the 1e-6 floor)
@@ -66,34 +73,103 @@ class ScaledSmallFcLOptState(NamedTuple):
     scale_ref: Any
 
 
+class ScaledHorizonState(NamedTuple):
+    """SmallFcLOptState plus num_steps (int32 scalar: the horizon; 0 = not given, each step must
+    pass it): the state of ``ScaledSmallFcLOpt(horizon_inputs=True)``."""
+
+    iteration: jax.Array
+    skipped: jax.Array
+    m: Any
+    rms: Any
+    v_row: Any
+    v_col: Any
+    v_full: Any
+    num_steps: jax.Array
+
+
+class ScaledProgressHorizonState(NamedTuple):
+    """ScaledSmallFcLOptState plus num_steps: progress and horizon inputs both."""
+
+    iteration: jax.Array
+    skipped: jax.Array
+    m: Any
+    rms: Any
+    v_row: Any
+    v_col: Any
+    v_full: Any
+    scale_ref: Any
+    num_steps: jax.Array
+
+
+def horizon_features(iteration, num_steps) -> jax.Array:
+    """The NUM_HORIZON_INPUTS scale inputs of step ``iteration`` (before the increment) of a
+    run of ``num_steps`` (see the module docstring)."""
+    f = jnp.asarray(iteration).astype(jnp.float32) / jnp.maximum(jnp.asarray(num_steps), 1).astype(jnp.float32)
+    cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(f, 0.0, 1.0)))
+    steps = jnp.tanh(10.0 * (f - jnp.asarray(HORIZON_FRACTIONS, jnp.float32)))
+    return jnp.concatenate([steps, jnp.reshape(jnp.log(cosine + 1e-3) / 7.0, (1,))])
+
+
 @dataclasses.dataclass(frozen=True)
 class ScaledSmallFcLOpt(SmallFcLOpt):
     """SmallFcLOpt plus a learned per-tensor step scale; ``scale_hidden`` units in its MLP."""
 
     scale_hidden: int = 8
     progress_inputs: bool = False
+    horizon_inputs: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         value = self.scale_hidden
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 256:
             raise ValueError(f"ScaledSmallFcLOpt: scale_hidden must be an int in [1, 256], got {value!r}")
-        if not isinstance(self.progress_inputs, (bool, np.bool_)):
-            raise TypeError(f"ScaledSmallFcLOpt: progress_inputs must be a bool, got {self.progress_inputs!r}")
+        for name in ("progress_inputs", "horizon_inputs"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"ScaledSmallFcLOpt: {name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def uses_horizon(self) -> bool:
+        return bool(self.horizon_inputs)
+
+    @property
+    def num_base_scale_inputs(self) -> int:
+        """Scale inputs of every configuration (the progress and horizon inputs follow them)."""
+        return 2 + self.num_decays[0] + len(STEP_TIMESCALES)
 
     @property
     def num_scale_inputs(self) -> int:
-        n = 2 + self.num_decays[0] + len(STEP_TIMESCALES)
-        return n + (NUM_PROGRESS_INPUTS if self.progress_inputs else 0)
+        return (self.num_base_scale_inputs + (NUM_PROGRESS_INPUTS if self.progress_inputs else 0)
+                + (NUM_HORIZON_INPUTS if self.horizon_inputs else 0))
 
-    # ----- state: small_fc_lopt's, plus scale_ref with progress_inputs
+    # ----- state: small_fc_lopt's, plus scale_ref with progress_inputs, num_steps with horizon_inputs
     @property
     def state_fields(self):
         return SmallFcLOpt.state_fields + (("scale_ref",) if self.progress_inputs else ())
 
     @property
+    def global_fields(self):
+        return ("num_steps",) if self.horizon_inputs else ()
+
+    @property
     def state_type(self):
+        if self.horizon_inputs:
+            return ScaledProgressHorizonState if self.progress_inputs else ScaledHorizonState
         return ScaledSmallFcLOptState if self.progress_inputs else SmallFcLOptState
+
+    def global_shapes(self):
+        return {"num_steps": ((), jnp.int32)} if self.horizon_inputs else {}
+
+    def init_globals(self, num_steps):
+        if not self.horizon_inputs:
+            return {}
+        return {"num_steps": jnp.asarray(0 if num_steps is None else num_steps, jnp.int32)}
+
+    def step_context(self, theta, state, value, num_steps):
+        """With horizon_inputs: (the horizon inputs of this step, the horizon kept in the state)."""
+        if not self.horizon_inputs:
+            return None, {}
+        horizon = state.num_steps if num_steps is None else jnp.asarray(num_steps, jnp.int32)
+        return horizon_features(state.iteration, horizon), {"num_steps": horizon}
 
     def leaf_state_shapes(self, shape):
         shapes = super().leaf_state_shapes(shape)
@@ -183,8 +259,8 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
 
     def scale_from_sums(self, theta, iteration, sums, n):
         """The step multiplier of a tensor of n elements from its scale_sums (no progress inputs)."""
-        if self.progress_inputs:
-            raise ValueError("scale_from_sums does not take the progress inputs: use step_scales")
+        if self.progress_inputs or self.horizon_inputs:
+            raise ValueError("scale_from_sums does not take the progress or horizon inputs: use step_scales")
         return self._scale(theta, self.scale_inputs_from_sums(iteration, sums, n))
 
     def progress_inputs_new(self, theta, iteration, p, new):
@@ -211,8 +287,8 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
     def tensor_scale(self, theta, iteration, p, g, m, rms):
         """The step multiplier s of one tensor (a float32 scalar), from its old state (no
         progress inputs: see step_scales)."""
-        if self.progress_inputs:
-            raise ValueError("tensor_scale does not take the progress inputs' state: use step_scales")
+        if self.progress_inputs or self.horizon_inputs:
+            raise ValueError("tensor_scale does not take the progress or horizon inputs: use step_scales")
         return self._scale(theta, self.scale_inputs(theta, iteration, p, g, m, rms))
 
     def _scale(self, theta, u):
@@ -261,15 +337,20 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
 
     has_step_scales = True
 
-    def step_scales(self, theta, iteration, leaves, new_state, impl: str = "reference"):
+    def step_scales(self, theta, iteration, leaves, new_state, impl: str = "reference", context=None):
         """Per leaf (p, g, m, rms, ...) with new state (m_new, rms_new, ...) its step's multiplier;
-        impl: how the tensor-wide sums are computed (scale_sums_leaves)."""
+        impl: how the tensor-wide sums are computed (scale_sums_leaves); context: step_context's
+        (the horizon inputs, the same for every tensor)."""
+        if self.horizon_inputs and context is None:
+            raise ValueError("ScaledSmallFcLOpt(horizon_inputs=True).step_scales needs step_context's context")
         out = []
         sums = self.scale_sums_leaves([(leaf[0], new[0], new[1]) for leaf, new in zip(leaves, new_state)], impl)
         for leaf, new, su in zip(leaves, new_state, sums):
             u = self.scale_inputs_from_sums(iteration, su, _numel(leaf[0]))
             if self.progress_inputs:
                 u = jnp.concatenate([u, self.progress_inputs_new(theta, iteration, leaf[0], new)])
+            if self.horizon_inputs:
+                u = jnp.concatenate([u, context])
             out.append(self._scale(theta, u))
         return out
 
@@ -311,11 +392,24 @@ def with_progress_inputs(lopt: ScaledSmallFcLOpt, theta):
     the same rule, step for step, that a search can then teach to use them."""
     if lopt.progress_inputs:
         return lopt, theta
-    new = dataclasses.replace(lopt, progress_inputs=True)
-    ts = dict(theta["tensor_scale"])
-    k = NUM_PROGRESS_INPUTS
-    ts["w_lin"] = jnp.concatenate([jnp.asarray(ts["w_lin"], jnp.float32), jnp.zeros((k,), jnp.float32)])
-    w1 = jnp.asarray(ts["w1"], jnp.float32)
-    ts["w1"] = jnp.concatenate([w1, jnp.zeros((k, w1.shape[1]), jnp.float32)])
+    ts = _with_zero_inputs(theta["tensor_scale"], lopt.num_base_scale_inputs, NUM_PROGRESS_INPUTS)
     ts.update(_decay_off())
-    return new, dict(theta, tensor_scale=ts)
+    return dataclasses.replace(lopt, progress_inputs=True), dict(theta, tensor_scale=ts)
+
+
+def with_horizon_inputs(lopt: ScaledSmallFcLOpt, theta):
+    """(lopt with horizon_inputs=True, theta extended with zero weights on the horizon inputs):
+    the same rule, step for step, whatever the horizon; a search can then learn a schedule."""
+    if lopt.horizon_inputs:
+        return lopt, theta
+    ts = _with_zero_inputs(theta["tensor_scale"], lopt.num_scale_inputs, NUM_HORIZON_INPUTS)
+    return dataclasses.replace(lopt, horizon_inputs=True), dict(theta, tensor_scale=ts)
+
+
+def _with_zero_inputs(ts, at: int, k: int):
+    """The scale's weights with k inputs of weight 0 inserted before input ``at``."""
+    ts = dict(ts)
+    w_lin, w1 = jnp.asarray(ts["w_lin"], jnp.float32), jnp.asarray(ts["w1"], jnp.float32)
+    ts["w_lin"] = jnp.concatenate([w_lin[:at], jnp.zeros((k,), jnp.float32), w_lin[at:]])
+    ts["w1"] = jnp.concatenate([w1[:at], jnp.zeros((k, w1.shape[1]), jnp.float32), w1[at:]])
+    return ts

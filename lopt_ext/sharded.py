@@ -516,9 +516,10 @@ def _check_supported(lopt) -> None:
     check_lopt(lopt)
     if not isinstance(lopt, SmallFcLOpt):
         raise NotImplementedError(f"{type(lopt).__name__}: the sharded path supports small_fc_lopt only")
-    if getattr(lopt, "progress_inputs", False):
-        raise NotImplementedError(f"{type(lopt).__name__}(progress_inputs=True): the sharded path supports "
-                                  "small_fc_lopt and ScaledSmallFcLOpt without progress inputs")
+    for flag in ("progress_inputs", "horizon_inputs"):
+        if getattr(lopt, flag, False):
+            raise NotImplementedError(f"{type(lopt).__name__}({flag}=True): the sharded path supports "
+                                      "small_fc_lopt and ScaledSmallFcLOpt without progress or horizon inputs")
     if not lopt.has_adafactor:
         raise NotImplementedError("the sharded path needs the Adafactor features (initial_adafactor_decays "
                                   "is empty); use the unsharded fused_update or transform")

@@ -196,7 +196,7 @@ def apply_step(lopt: Rule, theta, state, params, grads, *, impl: str,
             steps = [s for s, *_ in res]
             rests = [rest for _, *rest in res]
         if lopt.has_step_scales:  # from the new accumulators the step itself produced
-            scales = lopt.step_scales(theta, state.iteration, leaves, rests, impl=impl)
+            scales = lopt.step_scales(theta, state.iteration, leaves, rests, impl=impl, **ctx)
             steps = [s * c for s, c in zip(steps, scales)]
             decays = lopt.step_decays(theta, state.iteration, leaves, rests, scales)
             if decays is not None:

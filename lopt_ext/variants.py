@@ -23,6 +23,8 @@ KINDS: Dict[str, Callable[..., LearnedOptimizer]] = {
     "scaled": ScaledSmallFcLOpt,
     # the scale also sees how far each tensor has come, and a learned weight decay (lopt_ext.scaled)
     "scaled_progress": functools.partial(ScaledSmallFcLOpt, progress_inputs=True),
+    # the scale also sees the fraction of its horizon a run has done (a learned schedule; needs num_steps)
+    "scaled_horizon": functools.partial(ScaledSmallFcLOpt, horizon_inputs=True),
     # ablation: no row/column (Adafactor) accumulators or features (10 normalised features, not 28)
     "small_fc_lopt_no_adafactor": functools.partial(SmallFcLOpt, initial_adafactor_decays=()),
     # ablation: one momentum, one rms and one Adafactor decay instead of three, one and three

@@ -1,4 +1,5 @@
 """The evaluation's metric: smoothed held-out loss, sustained crossings, tuned baselines."""
+import functools
 import json
 import os
 
@@ -260,13 +261,16 @@ def _memory_mappings():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
-def test_compiled_runs_are_bounded_so_memory_mappings_stay_flat():
+def test_compiled_runs_are_bounded_so_memory_mappings_stay_flat(monkeypatch):
     """Each executable holds hundreds of memory mappings; an unbounded cache of them crashed a
     4-optimizer evaluation at vm.max_map_count. Past the cache's size, new compilations must
     free the old ones' mappings."""
+    from lopt_ext.metatrain import compiled
     from lopt_ext.tasks import family
     task = family.get_task("quadratic_d32_c2_n0.1_seed0")
-    n = ev.COMPILED_CURVES
+    assert ev._curve_fn.cache_info().maxsize == ev.COMPILED_CURVES == compiled.tasks_that_fit()
+    n = 8  # the same cache, smaller: what eviction frees is what this checks
+    monkeypatch.setattr(ev, "_curve_fn", functools.lru_cache(maxsize=n)(ev._curve_fn.__wrapped__))
 
     def compile_runs(count):
         for _ in range(count):

@@ -31,9 +31,9 @@ def _member(tree, m):
     return jax.tree_util.tree_map(lambda x: x[m], tree)
 
 
-def _manual_unroll(trainer, task, theta_flat, params, state, data_key, start):
+def _manual_unroll(trainer, task, theta_flat, params, state, data_key, start, num_steps=None):
     """One member, plain Python loop over steps, reference implementation."""
-    tx = trainer.lopt.transform(trainer.unravel(theta_flat), impl="reference")
+    tx = trainer.lopt.transform(trainer.unravel(theta_flat), impl="reference", num_steps=num_steps)
     losses = []
     for i in range(trainer.cfg.unroll):
         batch = task.sample_batch(jax.random.fold_in(data_key, start + i))
@@ -199,6 +199,37 @@ def test_pes_meta_trains_the_progress_variant(tmp_path):
     assert trainer.lopt.progress_inputs and ms.step == 2
 
 
+def test_pes_tells_a_horizon_aware_rule_its_trajectory_length(tmp_path):
+    """scaled_horizon: each slot's state holds its drawn horizon, and the
+    population step equals a hand-written loop told that horizon, not another one."""
+    from lopt_ext.scaled import with_horizon_inputs
+    from lopt_ext import ScaledSmallFcLOpt
+    from jax.flatten_util import ravel_pytree
+    base = ScaledSmallFcLOpt(hidden_size=4)
+    lopt, theta = with_horizon_inputs(base, base.init_theta(jax.random.PRNGKey(3)))
+    ts = theta["tensor_scale"]
+    theta = dict(theta, tensor_scale=dict(ts, w_lin=ts["w_lin"].at[-6:].set(jnp.asarray([1.0, -1.5, 2.0, 1.0, -1.0, 3.0]))))
+    path = str(tmp_path / "h.safetensors")
+    checkpoint.save_theta(path, theta, lopt)
+    cfg = _cfg(lopt_kind="scaled_horizon", init_theta=path, min_horizon=6, max_horizon=10, sigma=1e-9)
+    tr = MetaTrainer(cfg)
+    ms = tr.init()
+    np.testing.assert_array_equal(np.asarray(ms.theta_flat), np.asarray(ravel_pytree(theta)[0]))
+    slot = ms.slots[0]
+    assert np.all(np.asarray(slot.opt_state.num_steps) == slot.horizon)
+    task = tr.slot_task(slot)
+    out = tr._slot_step_fn(task, "fused")(ms.theta_flat, slot.params, slot.opt_state, slot.accum, slot.data_keys,
+                                          jnp.int32(0), jax.random.PRNGKey(7))
+    assert np.all(np.asarray(out[1].num_steps) == slot.horizon)
+    for horizon, same in ((slot.horizon, True), (10 * slot.horizon, False)):
+        state = _member(slot.opt_state, 0)._replace(num_steps=jnp.int32(horizon))  # the step reads the state's
+        p, _ = _manual_unroll(tr, task, ms.theta_flat, _member(slot.params, 0), state, slot.data_keys[0], 0,
+                              num_steps=horizon)
+        close = all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6) for a, b in
+                    zip(jax.tree_util.tree_leaves(_member(out[0], 0)), jax.tree_util.tree_leaves(p)))
+        assert close == same, horizon
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="estimator"):
         MetaTrainConfig(estimator="sgd")
@@ -219,9 +250,9 @@ def test_init_theta_starts_from_a_file(tmp_path):
     np.testing.assert_array_equal(np.asarray(tr.init().theta_flat), np.asarray(ravel_pytree(theta)[0]))
 
 
-def test_init_theta_of_the_scaled_rule_starts_its_progress_variant(tmp_path):
-    """meta-train --lopt-kind scaled_progress --init-theta <a ScaledSmallFcLOpt file>: the same
-    rule with the progress weights at 0 and the decay off."""
+def test_init_theta_of_the_scaled_rule_starts_its_progress_and_horizon_variants(tmp_path):
+    """meta-train --lopt-kind scaled_progress (scaled_horizon) --init-theta <a ScaledSmallFcLOpt
+    file>: the same rule with the progress weights at 0 and the decay off (the horizon weights at 0)."""
     from lopt_ext import ScaledSmallFcLOpt
     from lopt_ext.scaled import with_progress_inputs
     from jax.flatten_util import ravel_pytree
@@ -231,6 +262,10 @@ def test_init_theta_of_the_scaled_rule_starts_its_progress_variant(tmp_path):
     checkpoint.save_theta(path, theta, lopt)
     tr = MetaTrainer(_cfg(init_theta=path, lopt_kind="scaled_progress"))
     want = with_progress_inputs(lopt, theta)[1]
+    np.testing.assert_array_equal(np.asarray(tr.init().theta_flat), np.asarray(ravel_pytree(want)[0]))
+    from lopt_ext.scaled import with_horizon_inputs
+    tr = MetaTrainer(_cfg(init_theta=path, lopt_kind="scaled_horizon"))
+    want = with_horizon_inputs(lopt, theta)[1]
     np.testing.assert_array_equal(np.asarray(tr.init().theta_flat), np.asarray(ravel_pytree(want)[0]))
 
 

@@ -29,9 +29,9 @@ def _random_scale_theta(lopt, key):
     return theta
 
 
-def _trajectory(lopt, theta, params, impl, steps, grads_at):
+def _trajectory(lopt, theta, params, impl, steps, grads_at, num_steps=None):
     """Final params after ``steps`` jitted optax steps with gradients grads_at(i, params)."""
-    tx = lopt.transform(theta, impl=impl)
+    tx = lopt.transform(theta, impl=impl, num_steps=num_steps)
     p, st = params, tx.init(params)
     upd = jax.jit(tx.update)
     for i in range(steps):
@@ -40,8 +40,8 @@ def _trajectory(lopt, theta, params, impl, steps, grads_at):
     return p
 
 
-def _assert_fused_matches_reference(lopt, theta, params, steps, grads_at):
-    fused, ref = (_trajectory(lopt, theta, params, impl, steps, grads_at) for impl in ("fused", "reference"))
+def _assert_fused_matches_reference(lopt, theta, params, steps, grads_at, num_steps=None):
+    fused, ref = (_trajectory(lopt, theta, params, impl, steps, grads_at, num_steps) for impl in ("fused", "reference"))
     for k in SHAPES:
         a, b = np.asarray(fused[k]), np.asarray(ref[k])
         assert np.all(np.abs(a - b) <= 1e-6 * np.max(np.abs(b)) + 1e-5 * np.abs(b)), k
@@ -61,8 +61,9 @@ def test_fresh_theta_is_exactly_small_fc_lopt():
             np.testing.assert_array_equal(a[k], b[k])
 
 
-def _numpy_scale(lopt, theta, iteration, p, g, m, rms):
-    """Independent float64 transcription of the scale rule in the module docstring."""
+def _numpy_scale(lopt, theta, iteration, p, g, m, rms, extra=()):
+    """Independent float64 transcription of the scale rule in the module docstring; extra: inputs
+    appended to u (the horizon inputs)."""
     p, g, m, rms = (np.asarray(x, np.float64) for x in (p, g, m, rms))
     mom_b, rms_b, _ = (np.asarray(x, np.float64) for x in lopt.decays(theta))
     c = np.clip(rms_b, 0, 1)
@@ -72,7 +73,7 @@ def _numpy_scale(lopt, theta, iteration, p, g, m, rms):
     rms_new = rms.reshape(-1, rms.shape[-1]) * c + (1 - c) * g1 ** 2
     snr = np.clip(0.5 * np.log((m_new ** 2).mean(0) + 1e-30) - 0.5 * np.log(rms_new.mean() + 1e-30), -10, 3)
     u = np.concatenate([[0.5 * np.log((p ** 2).mean() + 1e-6) / 3], snr / 3, [np.log(max(p.size, 1)) / 10],
-                        np.tanh(iteration / np.asarray(STEP_TIMESCALES, np.float64) - 1)])
+                        np.tanh(iteration / np.asarray(STEP_TIMESCALES, np.float64) - 1), extra])
     t = {k: np.asarray(v, np.float64) for k, v in theta["tensor_scale"].items()}
     z = u @ t["w_lin"] + t["b"][0] + np.maximum(u @ t["w1"] + t["b1"], 0) @ t["w2"]
     return np.exp(4 * np.tanh(z / 4))
@@ -341,3 +342,88 @@ def test_fused_default_step_with_kernel_sums_matches_reference_on_a_large_tensor
     for k in params:
         a, b = np.asarray(fused[k]), np.asarray(ref[k])
         assert np.all(np.abs(a - b) <= 1e-6 * np.max(np.abs(b)) + 1e-5 * np.abs(b)), k
+
+
+# ----- horizon inputs (where the run stands in its num_steps)
+def _numpy_horizon(iteration, num_steps):
+    f = iteration / num_steps
+    cosine = 0.5 * (1 + np.cos(np.pi * min(f, 1.0)))
+    return np.concatenate([np.tanh(10 * (f - np.array([0.1, 0.25, 0.5, 0.75, 0.9]))), [np.log(cosine + 1e-3) / 7]])
+
+
+def test_horizon_variant_starts_as_the_rule_it_extends_in_either_order():
+    from lopt_ext.scaled import with_horizon_inputs, with_progress_inputs
+    lopt = ScaledSmallFcLOpt(hidden_size=4)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(40))
+    lh, th = with_horizon_inputs(lopt, theta)
+    assert lh.horizon_inputs and lh.uses_horizon and lh.num_scale_inputs == lopt.num_scale_inputs + 6
+    params = _tree(jax.random.PRNGKey(41))
+    for impl in ("fused", "reference"):
+        a = _trajectory(lopt, theta, params, impl, 12, _grads_at)
+        b = _trajectory(lh, th, params, impl, 12, _grads_at, num_steps=20)
+        for k in SHAPES:
+            np.testing.assert_array_equal(a[k], b[k])
+    # progress then horizon, or horizon then progress: the same rule and the same theta layout
+    l1, t1 = with_horizon_inputs(*with_progress_inputs(lopt, theta))
+    l2, t2 = with_progress_inputs(lh, th)
+    assert l1 == l2 and l1.progress_inputs and l1.horizon_inputs
+    for a, b in zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_horizon_scale_matches_an_independent_transcription():
+    """The scaled step is the plain small_fc_lopt step times the float64 transcription's scale,
+    whose u ends with the horizon inputs of iteration / num_steps (at steps before, across and
+    after the horizon)."""
+    lopt = ScaledSmallFcLOpt(hidden_size=4, horizon_inputs=True)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(42))
+    theta["tensor_scale"]["w_lin"] = theta["tensor_scale"]["w_lin"].at[-6:].set(jnp.asarray([0.8, -0.5, 1.2, -1.0, 0.6, 2.0]))
+    base = SmallFcLOpt(hidden_size=4)
+    base_theta = {k: v for k, v in theta.items() if k != "tensor_scale"}
+    params, grads = _tree(jax.random.PRNGKey(43)), _tree(jax.random.PRNGKey(44), 0.1)
+    for it in (0, 7, 19, 40):
+        st = lopt_ext.init_state(lopt, params, num_steps=20)._replace(iteration=jnp.int32(it))
+        u, st2 = lopt.transform(theta, impl="reference", num_steps=20).update(grads, st, params)
+        assert int(st2.num_steps) == 20
+        ub, _ = base.transform(base_theta, impl="reference").update(grads, lopt_ext.init_state(base, params)._replace(
+            iteration=jnp.int32(it)), params)
+        for k in SHAPES:
+            s = _numpy_scale(lopt, theta, it, params[k], grads[k], st.m[k], st.rms[k], _numpy_horizon(it, 20))
+            np.testing.assert_allclose(np.asarray(u[k]), s * np.asarray(ub[k]), rtol=2e-5, atol=1e-9,
+                                       err_msg=f"{k} step {it}")
+
+
+def test_horizon_rule_needs_num_steps_keeps_it_and_fused_matches_reference(tmp_path):
+    from jax.sharding import Mesh, PartitionSpec as P
+    from lopt_ext import sharded
+    from lopt_ext.scaled import ScaledHorizonState, ScaledProgressHorizonState
+    lopt = ScaledSmallFcLOpt(hidden_size=4, horizon_inputs=True)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(45))
+    params = _tree(jax.random.PRNGKey(46))
+    with pytest.raises(ValueError, match="num_steps"):
+        lopt.transform(theta)
+    st = lopt_ext.init_state(lopt, params, num_steps=30)
+    assert isinstance(st, ScaledHorizonState) and int(st.num_steps) == 30
+    assert isinstance(lopt_ext.init_state(ScaledSmallFcLOpt(progress_inputs=True, horizon_inputs=True), params),
+                      ScaledProgressHorizonState)
+    with pytest.raises(ValueError, match="num_steps"):  # a state without a horizon, and none passed
+        lopt_ext.fused_update(lopt, theta, lopt_ext.init_state(lopt, params), params=params, grads=params)
+    # the horizon a call passes is the one the step reads (and keeps); at step 5 of 30 or of 3
+    g, at5 = _grads_at(0, params), lambda s: s._replace(iteration=jnp.int32(5))
+    a, sa = lopt_ext.fused_update(lopt, theta, at5(lopt_ext.init_state(lopt, params)), params=params, grads=g,
+                                  num_steps=30)
+    b, _ = lopt_ext.fused_update(lopt, theta, at5(st), params=params, grads=g)
+    c, _ = lopt_ext.fused_update(lopt, theta, at5(st), params=params, grads=g, num_steps=3)
+    assert int(sa.num_steps) == 30
+    for k in ("w", "t"):
+        np.testing.assert_array_equal(a[k], b[k])
+        assert not np.array_equal(np.asarray(a[k]), np.asarray(c[k]))
+    _assert_fused_matches_reference(lopt, theta, params, 25, _grads_at, num_steps=20)
+    path = str(tmp_path / "h.safetensors")
+    checkpoint.save_theta(path, theta, lopt)
+    assert checkpoint.load_theta(path)[0] == lopt
+    with pytest.raises(TypeError, match="horizon_inputs"):
+        ScaledSmallFcLOpt(horizon_inputs="yes")
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("d",))
+    with pytest.raises(NotImplementedError, match="horizon_inputs"):
+        sharded.sharded_transform(lopt, theta, mesh=mesh, param_specs=P())

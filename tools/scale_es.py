@@ -13,7 +13,10 @@ statistics of lopt_ext.scaled, and the bias ``b``) and, with --coordinates scale
 momentum and rms decays; the per-element MLP stays as it starts. --progress-inputs gives the rule
 the progress inputs and learned weight decay of ScaledSmallFcLOpt(progress_inputs=True) (zero
 weights, decay off or at --decay-start), and --coordinates progress moves only their
-coefficients and the two biases.
+coefficients and the two biases. --horizon-inputs gives it the horizon inputs of
+ScaledSmallFcLOpt(horizon_inputs=True) (zero weights: the same rule; every run is told its
+length, --steps), and --coordinates horizon moves only their coefficients and the scale's bias:
+a learned schedule over the fraction of training done.
 
 Each generation evaluates the mean and ``pairs`` antithetic perturbations on every task in one
 vmapped, jitted call per task (common random numbers: the same seeds and batches for every
@@ -24,7 +27,7 @@ mean seen so far (by its score; the mean rather than the luckiest perturbation, 
 selection among many noisy scores would favour) is written after every generation, so a stopped
 run keeps its result; --resume continues the search, and the budget adds up from the starting
 entry's. Writes OUT/es.json (every candidate, score and per-task value), OUT/adam.json (the
-baseline curves), OUT/theta.safetensors and OUT/resume.safetensors (a compact resume checkpoint
+baseline curves), OUT/theta.safetensors and OUT/resume.safetensors (a compact resume checkpoint, not for a horizon-aware rule,
 for `meta-train --continue-from`).
 """
 from __future__ import annotations
@@ -45,7 +48,8 @@ from lopt_ext import checkpoint, pretrained  # noqa: E402
 from lopt_ext.metatrain import evaluate as ev  # noqa: E402
 from lopt_ext.__main__ import add_cpu_devices_option  # noqa: E402
 from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
-from lopt_ext.scaled import DECAY_OFF, NUM_PROGRESS_INPUTS, with_progress_inputs  # noqa: E402
+from lopt_ext.scaled import (DECAY_OFF, NUM_HORIZON_INPUTS, NUM_PROGRESS_INPUTS, with_horizon_inputs,  # noqa: E402
+                             with_progress_inputs)
 from lopt_ext.tasks import family  # noqa: E402
 from scale_search import validation_task, write_pes_resume  # noqa: E402
 
@@ -61,14 +65,18 @@ CLIP = (-1.0, 3.0)  # default --clip (the score of a non-finite run is the upper
 # scale's hidden units (whose input weights keep their random init): a nonlinear scale;
 # "progress" only the coefficients of the progress inputs in the scale, its bias, and the
 # learned weight decay's coefficients and bias (needs --progress-inputs); "scale+progress" all
-# of the scale's linear coefficients and bias and the decay's (needs --progress-inputs).
-COORDINATES = ("scale", "scale+decays", "scale+hidden", "progress", "scale+progress")
+# of the scale's linear coefficients and bias and the decay's (needs --progress-inputs);
+# "horizon" the coefficients of the horizon inputs (the last inputs) and the scale's bias (needs
+# --horizon-inputs).
+COORDINATES = ("scale", "scale+decays", "scale+hidden", "progress", "scale+progress", "horizon")
 NEEDS_PROGRESS = ("progress", "scale+progress")
 DECAY_UNIT = 10.0
 
 
 def coordinates(theta, kind="scale"):
     ts = theta["tensor_scale"]
+    if kind == "horizon":
+        return np.concatenate([np.asarray(ts["w_lin"], np.float32)[-NUM_HORIZON_INPUTS:], np.asarray(ts["b"], np.float32)])
     if kind == "progress":
         return np.concatenate([np.asarray(ts["w_lin"], np.float32)[-NUM_PROGRESS_INPUTS:],
                                np.asarray(ts["b"], np.float32), np.asarray(ts["decay_w"], np.float32),
@@ -85,6 +93,10 @@ def coordinates(theta, kind="scale"):
 
 def with_coordinates(theta, x, kind="scale"):
     ts = dict(theta["tensor_scale"])
+    if kind == "horizon":
+        k = NUM_HORIZON_INPUTS
+        ts["w_lin"], ts["b"] = jnp.concatenate([jnp.asarray(ts["w_lin"])[:-k], x[:k]]), x[k:k + 1]
+        return dict(theta, tensor_scale=ts)
     if kind == "progress":
         k = NUM_PROGRESS_INPUTS
         ts["w_lin"] = jnp.concatenate([jnp.asarray(ts["w_lin"])[:-k], x[:k]])
@@ -150,6 +162,9 @@ def main(argv=None):
     ap.add_argument("--progress-inputs", action="store_true",
                     help="give the scale the progress inputs of lopt_ext.scaled (weights starting at 0: "
                          "the starting rule unchanged) and search their coefficients too")
+    ap.add_argument("--horizon-inputs", action="store_true",
+                    help="give the scale the horizon inputs of lopt_ext.scaled (weights starting at 0: the "
+                         "starting rule unchanged; runs are told their length, --steps)")
     ap.add_argument("--clip", type=float, nargs=2, default=list(CLIP), metavar=("LOW", "HIGH"),
                     help="per task-seed log-ratio clip (the upper end also scores a non-finite run)")
     ap.add_argument("--decay-start", type=float, default=None, metavar="LAMBDA",
@@ -174,12 +189,19 @@ def main(argv=None):
         ap.error("argument --start-from: not with --resume (a resumed search keeps its start)")
     if args.coordinates in NEEDS_PROGRESS and not args.progress_inputs:
         ap.error(f"argument --coordinates: {args.coordinates!r} needs --progress-inputs")
+    if args.coordinates == "horizon" and not args.horizon_inputs:
+        ap.error("argument --coordinates: 'horizon' needs --horizon-inputs")
+    if args.coordinates == "progress" and args.horizon_inputs:
+        ap.error("argument --coordinates: 'progress' moves the last inputs, which --horizon-inputs makes "
+                 "the horizon's: use 'scale+progress'")
     lopt, base_theta = pretrained.load(args.from_pretrained)
     if args.progress_inputs:
         lopt, base_theta = with_progress_inputs(lopt, base_theta)
         if args.decay_start is not None and float(base_theta["tensor_scale"]["decay_b"][0]) <= DECAY_OFF:
             ts = dict(base_theta["tensor_scale"], decay_b=jnp.asarray([np.log(args.decay_start)], jnp.float32))
             base_theta = dict(base_theta, tensor_scale=ts)
+    if args.horizon_inputs:
+        lopt, base_theta = with_horizon_inputs(lopt, base_theta)
     start = pretrained.info(args.from_pretrained)["budget"]
     earlier = []  # runs of earlier searches this one starts from
     if args.start_from:
@@ -193,7 +215,7 @@ def main(argv=None):
             ap.error(f"argument --start-from: {args.start_from} started from {prev['from_pretrained']!r}, "
                      f"not {args.from_pretrained!r}")
         kind = next(k for k in COORDINATES if (args.progress_inputs or k not in NEEDS_PROGRESS)
-                    and coordinates(base_theta, k).size == x_prev.size)
+                    and (args.horizon_inputs or k != "horizon") and coordinates(base_theta, k).size == x_prev.size)
         base_theta = with_coordinates(base_theta, jnp.asarray(x_prev), kind)
         earlier = prev.get("runs") or [{"command": prev["command"], "wall_s": prev["wall_s"]}]
     n_specs = len(family.TRAIN_SPECS)
@@ -214,20 +236,22 @@ def main(argv=None):
             ap.error(f"argument --resume: {es_path} does not exist")
         with open(es_path) as f:
             prev = json.load(f)
-        keys = ("from_pretrained", "seeds", "steps", "tasks", "pairs", "coordinates", "clip", "progress_inputs")
+        keys = ("from_pretrained", "seeds", "steps", "tasks", "pairs", "coordinates", "clip", "progress_inputs",
+                "horizon_inputs")
         same = tuple(prev.get(k, False) for k in keys) == (
             args.from_pretrained, args.seeds, args.steps, [t.name for t in tasks], args.pairs, args.coordinates,
-            list(args.clip), args.progress_inputs)
+            list(args.clip), args.progress_inputs, args.horizon_inputs)
         if not same:
             ap.error(f"argument --resume: {es_path} was made with other --from-pretrained/--seeds/--steps/"
-                     "--task-indices/--pairs/--coordinates/--clip/--progress-inputs")
+                     "--task-indices/--pairs/--coordinates/--clip/--progress-inputs/--horizon-inputs")
         mean, sigma, first = np.asarray(prev["mean"], np.float32), prev["sigma"], prev["generation"] + 1
         rng.bit_generator.state = prev["rng_state"]
         history, runs = prev["history"], prev["runs"]
         earlier, base_theta = prev["earlier_runs"], checkpoint.load_theta(os.path.join(args.out, "start.safetensors"))[1]
     else:  # the rule the perturbations are applied to, for --resume
         checkpoint.save_theta(os.path.join(args.out, "start.safetensors"), base_theta, lopt)
-    make_tx = lambda x: lopt.transform(with_coordinates(base_theta, x, args.coordinates))
+    horizon = args.steps if lopt.uses_horizon else None
+    make_tx = lambda x: lopt.transform(with_coordinates(base_theta, x, args.coordinates), num_steps=horizon)
     dim = mean.size
     runs = runs + [{"command": command, "wall_s": 0.0}]
     from tqdm import tqdm
@@ -272,15 +296,16 @@ def main(argv=None):
                   "runs": start.get("runs", []) + [dict(r, outer_steps_end=0) for r in earlier + runs]}
         info = {"command": command, "from_pretrained": args.from_pretrained, "tasks": [t.name for t in tasks],
                 "seeds": args.seeds, "steps": args.steps, "pairs": args.pairs, "coordinates": args.coordinates,
-                "progress_inputs": args.progress_inputs, "clip": list(args.clip), "objective": "mean log(final validation loss / tuned Adam's), "
+                "progress_inputs": args.progress_inputs, "horizon_inputs": args.horizon_inputs, "clip": list(args.clip), "objective": "mean log(final validation loss / tuned Adam's), "
                 f"clipped to {list(args.clip)}", "start_from": args.start_from, "earlier_runs": earlier,
                 "best": best.tolist(), "best_score": best_score, "generation": gen, "mean": mean.tolist(),
                 "sigma": sigma, "rng_state": rng.bit_generator.state, "runs": runs,
                 "budget": budget, "wall_s": wall, "cpu_count": os.cpu_count(), "history": history}
         checkpoint.save_theta(os.path.join(args.out, "theta.safetensors"), theta, lopt,
                               info={"es_best_score": best_score})
-        info["config"] = write_pes_resume(os.path.join(args.out, "resume.safetensors"), lopt, theta, budget,
-                                          command, args.seed).to_json()
+        if not lopt.uses_horizon:  # PES meta-training does not tell its trajectories their horizon yet
+            info["config"] = write_pes_resume(os.path.join(args.out, "resume.safetensors"), lopt, theta, budget,
+                                              command, args.seed).to_json()
         checkpoint.atomic_write_bytes(es_path, json.dumps(info).encode())
         if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
             tqdm.write("time budget reached")

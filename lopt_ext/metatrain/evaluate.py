@@ -41,6 +41,7 @@ import optax
 from jax import lax
 
 from lopt_ext.metatrain.report import format_summary, format_table  # noqa: F401  (re-exported)
+from lopt_ext.metatrain import compiled
 from lopt_ext.metatrain.population import population_vmap
 
 DEFAULT_LRS = tuple(float(x) for x in np.logspace(-4, -1, 7))  # 1e-4 .. 1e-1, half decades
@@ -113,9 +114,10 @@ def lopt_tx_factory(lopt, theta, impl="fused", num_steps=None):
 
 
 # Bounded: each compiled run holds hundreds of memory mappings until dropped (compiled.py), and
-# an unbounded cache crashed `evaluate --compare` after ~100 of them; nothing in evaluate reuses
-# one across tasks.
-COMPILED_CURVES = 16
+# an unbounded cache crashed `evaluate --compare` after ~100 of them. As many as fit under the
+# OS's limit (44 at Linux's default): a search that runs its ~20 tasks every generation
+# (tools/scale_es.py) must not recompile them all each time, as a cache of 16 made it do.
+COMPILED_CURVES = compiled.tasks_that_fit()
 
 
 @functools.lru_cache(maxsize=COMPILED_CURVES)

@@ -196,7 +196,7 @@ class MetaTrainer:
     def _new_slot(self, key) -> Slot:
         spec_index, horizon, k_init = self._draw_task(key)
         task = family.make_task(self.specs[spec_index])
-        params, opt_state, accum, data_keys = self._init_pairs_fn(task)(k_init)
+        params, opt_state, accum, data_keys = self._init_pairs_fn(task)(k_init, jnp.int32(horizon))
         return Slot(spec_index, 0, horizon, params, opt_state, accum, data_keys)
 
     def slot_task(self, slot: Slot):
@@ -274,11 +274,12 @@ def _init_pairs_cached(cfg: MetaTrainConfig, task):
     P, lopt = cfg.pairs, cfg.lopt()
     dim = int(ravel_pytree(lopt.init_theta(jax.random.PRNGKey(0)))[0].size)
 
-    def init_pairs(key):
+    def init_pairs(key, horizon):
+        """horizon: the trajectory's length, which a horizon-aware rule keeps in its state."""
         k_params, k_data = jax.random.split(key)
         params = jax.vmap(task.init)(jax.random.split(k_params, P))
         params2 = jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), params)
-        state = jax.vmap(lambda p: init_state(lopt, p))(params2)
+        state = jax.vmap(lambda p: init_state(lopt, p, num_steps=horizon))(params2)
         return params2, state, jnp.zeros((P, dim), jnp.float32), jax.random.split(k_data, P)
 
     return _jit_slot_arrays(init_pairs, cfg)
@@ -310,7 +311,8 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
     scale = float(task.loss_scale)
 
     def member_unroll(theta_flat, params, state, data_key, start):
-        tx = lopt.transform(unravel(theta_flat), impl=impl)
+        # a horizon-aware rule reads its trajectory's length from the state init_pairs made
+        tx = lopt.transform(unravel(theta_flat), impl=impl, num_steps=state.num_steps if lopt.uses_horizon else None)
 
         def body(carry, i):
             params, state = carry
@@ -358,7 +360,9 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
             state = jax.tree_util.tree_map(take_pos, state)
         # reset failed pairs: fresh params and state, zero accumulator, new data stream
         pair_failed = member_failed[:P] | member_failed[P:]
-        f_params, f_state, _, f_keys = init_pairs(k_reset)
+        f_params, f_state, _, f_keys = init_pairs(k_reset, jnp.int32(0))
+        if lopt.uses_horizon:  # a reset pair keeps its slot's horizon
+            f_state = f_state._replace(num_steps=state.num_steps)
         sel2 = jnp.concatenate([pair_failed, pair_failed])
 
         def pick(new, old):
@@ -393,15 +397,23 @@ def trainable_mask(cfg: MetaTrainConfig):
 
 def warm_start_theta(path: str, lopt: SmallFcLOpt, theta):
     """theta with every entry the file at ``path`` holds: a file of the same configuration
-    replaces all of it; a ScaledSmallFcLOpt file starts its progress_inputs variant as the same
-    rule (lopt_ext.scaled.with_progress_inputs); a plain small_fc_lopt file of the same sizes
-    gives a scaled variant its per-element part (its per-tensor scale keeps the fresh init, s = 1)."""
+    replaces all of it; a ScaledSmallFcLOpt file starts its progress_inputs and horizon_inputs
+    variants as the same rule (lopt_ext.scaled.with_progress_inputs, with_horizon_inputs); a
+    plain small_fc_lopt file of the same sizes gives a scaled variant its per-element part (its
+    per-tensor scale keeps the fresh init, s = 1)."""
     from lopt_ext.checkpoint import CheckpointMismatchError, load_theta
     stored, _ = load_theta(path)
-    from lopt_ext.scaled import ScaledSmallFcLOpt, with_progress_inputs
-    if (isinstance(lopt, ScaledSmallFcLOpt) and lopt.progress_inputs and type(stored) is ScaledSmallFcLOpt
-            and stored == dataclasses.replace(lopt, progress_inputs=False)):
-        return with_progress_inputs(stored, load_theta(path, stored)[1])[1]  # the same rule, new inputs at 0
+    from lopt_ext.scaled import ScaledSmallFcLOpt, with_horizon_inputs, with_progress_inputs
+    if (isinstance(lopt, ScaledSmallFcLOpt) and type(stored) is ScaledSmallFcLOpt and stored != lopt
+            and all(getattr(lopt, f) or not getattr(stored, f) for f in ("progress_inputs", "horizon_inputs"))
+            and dataclasses.replace(stored, progress_inputs=lopt.progress_inputs,
+                                    horizon_inputs=lopt.horizon_inputs) == lopt):
+        rule, out = stored, load_theta(path, stored)[1]  # the same rule, the new inputs at weight 0
+        if lopt.progress_inputs:
+            rule, out = with_progress_inputs(rule, out)
+        if lopt.horizon_inputs:
+            rule, out = with_horizon_inputs(rule, out)
+        return out
     if type(stored) is type(lopt):
         return load_theta(path, lopt)[1]
     base = SmallFcLOpt(**{f.name: getattr(lopt, f.name) for f in dataclasses.fields(SmallFcLOpt)})

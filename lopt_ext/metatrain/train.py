@@ -125,7 +125,7 @@ def load_checkpoint(path: str, trainer: Optional[MetaTrainer] = None):
     slots = []
     for i, s in enumerate(meta["slots"]):
         task = family.make_task(trainer.specs[s["spec_index"]])
-        params, state, accum, keys = trainer._init_pairs_fn(task)(jax.random.PRNGKey(0))
+        params, state, accum, keys = trainer._init_pairs_fn(task)(jax.random.PRNGKey(0), jnp.int32(s["horizon"]))
         tmpl = {"params": params, "opt_state": state, "accum": accum, "data_keys": keys}
         arrs = _dict_to_tree(f"slot{i}", flat, tmpl, path)
         slots.append(Slot(s["spec_index"], s["step"], s["horizon"], arrs["params"], arrs["opt_state"],
