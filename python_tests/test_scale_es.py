@@ -25,6 +25,24 @@ def test_score_is_the_clipped_log_ratio_of_final_smoothed_losses():
     np.testing.assert_allclose(scale_es.score_task(tiny, base), scale_es.CLIP[0])
 
 
+def test_views_score_is_the_mean_clipped_log_ratio_against_adam_tuned_per_view():
+    """Two Adam learning rates, one best on held-out loss and one on training loss; a candidate
+    at half the first's best held-out loss and 4x the second's final training loss scores
+    (log 0.5 + log 4) / 2 per seed with both views, each alone with one."""
+    n, m = 201, 11  # 1000 steps: held-out every 5, training loss every 100, plus the initial point
+    slow = (np.full((2, n), 0.4), np.full((2, m), 0.1))   # better held-out
+    fast = (np.full((2, n), 0.8), np.full((2, m), 0.01))  # better training loss
+    reference = [("lr=a", *slow), ("lr=b", *fast)]
+    held = np.full((1, 2, n), 0.2)
+    train = np.full((1, 2, m), 0.04)
+    both = scale_es.score_task_views(held, train, reference, 1000, ["best_heldout", "train_final"])
+    np.testing.assert_allclose(both, [[(np.log(0.5) + np.log(4)) / 2] * 2])
+    np.testing.assert_allclose(scale_es.score_task_views(held, train, reference, 1000, ["train_final"]), np.log(4))
+    bad = np.full((1, 2, m), np.nan)  # a non-finite training loss: the clip's upper end
+    np.testing.assert_allclose(scale_es.score_task_views(held, bad, reference, 1000, ["train_final"]),
+                               scale_es.CLIP[1])
+
+
 def test_coordinates_round_trip():
     from lopt_ext import pretrained
     _, theta = pretrained.load("scaled_small_fc_lopt_h4")

@@ -8,7 +8,9 @@ for every task-seed, log(final smoothed validation loss of the candidate / that 
 per task over the evaluation's 7 learning rates), clipped to [-1, 3] (non-finite: 3), averaged
 over task-seeds. It is normalised per task (a task with a large loss cannot dominate) and it
 judges the loss on validation batches, which the rule never trains on, at the evaluation's
-horizon. The search moves the scale's linear coefficients (``tensor_scale/w_lin`` on the 16
+horizon. --objective-views scores the evaluation's own views instead (e.g. best_heldout
+train_final: the mean of the clipped log ratios of the best validation loss and of the final
+training loss, each against Adam tuned on it; views.py). The search moves the scale's linear coefficients (``tensor_scale/w_lin`` on the 16
 statistics of lopt_ext.scaled, and the bias ``b``) and, with --coordinates scale+decays, the
 momentum and rms decays; the per-element MLP stays as it starts. --progress-inputs gives the rule
 the progress inputs and learned weight decay of ScaledSmallFcLOpt(progress_inputs=True) (zero
@@ -27,8 +29,8 @@ mean seen so far (by its score; the mean rather than the luckiest perturbation, 
 selection among many noisy scores would favour) is written after every generation, so a stopped
 run keeps its result; --resume continues the search, and the budget adds up from the starting
 entry's. Writes OUT/es.json (every candidate, score and per-task value), OUT/adam.json (the
-baseline curves), OUT/theta.safetensors and OUT/resume.safetensors (a compact resume checkpoint, not for a horizon-aware rule,
-for `meta-train --continue-from`).
+baseline curves), OUT/theta.safetensors and, for a rule that does not read the horizon,
+OUT/resume.safetensors (a compact resume checkpoint for `meta-train --continue-from`).
 """
 from __future__ import annotations
 
@@ -131,6 +133,32 @@ def adam_baselines(tasks, seeds, steps, cache):
             for task in tasks}
 
 
+def adam_candidates(tasks, seeds, steps, cache):
+    """Per task: Adam's curves at every learning rate of the grid (evaluate._candidates), the
+    reference that views.task_views tunes per view."""
+    return {task.name: ev._candidates(task, "adam", seeds, steps, ev.EVERY, ev.DEFAULT_LRS, cache, (steps,))
+            for task in tasks}
+
+
+SEARCH_VIEWS = ("best_heldout", "final_heldout", "train_final")
+
+
+def score_task_views(held, train, reference, steps, view_names, clip=CLIP):
+    """held [C, S, n], train [C, S, m] candidates' validation and training-loss curves; reference:
+    Adam's per-lr candidates. -> [C, S]: per task-seed the mean over ``view_names`` of the log
+    ratio to Adam tuned on that view (views.py), each clipped (infinite: the upper end)."""
+    from lopt_ext.metatrain import views
+    contenders = {str(c): [(str(c), ev.smooth(held[c]), np.asarray(train[c], np.float64))] for c in range(len(held))}
+    tv = views.task_views(contenders, reference, steps, ev.EVERY, ev.TRAIN_EVERY)["contenders"]
+    out = np.zeros(held.shape[:2])
+    for c in range(len(held)):
+        for v in view_names:
+            ratio = np.asarray(tv[str(c)][v], np.float64)
+            value = np.log(np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.exp(clip[1])))
+            out[c] += np.clip(value, *clip) / len(view_names)
+    return out
+
+
 def score_task(held, base, clip=CLIP):
     """held [C, S, n] candidates' curves, base [S, n] tuned Adam's smoothed curve -> [C, S]."""
     final = ev.smooth(held)[:, :, -1]
@@ -162,6 +190,10 @@ def main(argv=None):
     ap.add_argument("--progress-inputs", action="store_true",
                     help="give the scale the progress inputs of lopt_ext.scaled (weights starting at 0: "
                          "the starting rule unchanged) and search their coefficients too")
+    ap.add_argument("--objective-views", nargs="+", choices=SEARCH_VIEWS, default=None, metavar="VIEW",
+                    help=f"score each task-seed by the mean clipped log ratio of these views of the evaluation "
+                         f"({', '.join(SEARCH_VIEWS)}), each against Adam tuned on it (default: the final "
+                         "validation loss against Adam tuned on it)")
     ap.add_argument("--horizon-inputs", action="store_true",
                     help="give the scale the horizon inputs of lopt_ext.scaled (weights starting at 0: the "
                          "starting rule unchanged; runs are told their length, --steps)")
@@ -225,6 +257,8 @@ def main(argv=None):
     tasks = [validation_task(family.make_task(family.TRAIN_SPECS[i])) for i in args.task_indices]
     t0 = time.perf_counter()
     baselines = adam_baselines(tasks, args.seeds, args.steps, os.path.join(args.out, "adam.json"))
+    if args.objective_views:
+        by_lr = adam_candidates(tasks, args.seeds, args.steps, os.path.join(args.out, "adam.json"))
     print(f"tuned Adam baselines: {time.perf_counter() - t0:.0f} s", flush=True)
     command = "python tools/scale_es.py " + " ".join(argv or sys.argv[1:])
     mean, sigma, first = coordinates(base_theta, args.coordinates), args.sigma, 0
@@ -237,13 +271,13 @@ def main(argv=None):
         with open(es_path) as f:
             prev = json.load(f)
         keys = ("from_pretrained", "seeds", "steps", "tasks", "pairs", "coordinates", "clip", "progress_inputs",
-                "horizon_inputs")
-        same = tuple(prev.get(k, False) for k in keys) == (
+                "horizon_inputs", "objective_views")
+        same = tuple(prev.get(k, False) for k in keys[:-1]) + (prev.get("objective_views"),) == (
             args.from_pretrained, args.seeds, args.steps, [t.name for t in tasks], args.pairs, args.coordinates,
-            list(args.clip), args.progress_inputs, args.horizon_inputs)
+            list(args.clip), args.progress_inputs, args.horizon_inputs, args.objective_views)
         if not same:
             ap.error(f"argument --resume: {es_path} was made with other --from-pretrained/--seeds/--steps/"
-                     "--task-indices/--pairs/--coordinates/--clip/--progress-inputs/--horizon-inputs")
+                     "--task-indices/--pairs/--coordinates/--clip/--progress-inputs/--horizon-inputs/--objective-views")
         mean, sigma, first = np.asarray(prev["mean"], np.float32), prev["sigma"], prev["generation"] + 1
         rng.bit_generator.state = prev["rng_state"]
         history, runs = prev["history"], prev["runs"]
@@ -262,8 +296,11 @@ def main(argv=None):
         values = np.zeros((len(cands),))
         per_task = {}
         for task in tasks:
-            held, _ = ev.run_curves(task, make_tx, cands, args.seeds, args.steps)
-            v = score_task(held, baselines[task.name], tuple(args.clip))
+            held, train = ev.run_curves(task, make_tx, cands, args.seeds, args.steps)
+            if args.objective_views:
+                v = score_task_views(held, train, by_lr[task.name], args.steps, args.objective_views, tuple(args.clip))
+            else:
+                v = score_task(held, baselines[task.name], tuple(args.clip))
             per_task[task.name] = v.mean(1).tolist()
             values += v.mean(1) / len(tasks)
         # rank-weighted recombination of the perturbations that beat the mean (at most half of
@@ -296,8 +333,10 @@ def main(argv=None):
                   "runs": start.get("runs", []) + [dict(r, outer_steps_end=0) for r in earlier + runs]}
         info = {"command": command, "from_pretrained": args.from_pretrained, "tasks": [t.name for t in tasks],
                 "seeds": args.seeds, "steps": args.steps, "pairs": args.pairs, "coordinates": args.coordinates,
-                "progress_inputs": args.progress_inputs, "horizon_inputs": args.horizon_inputs, "clip": list(args.clip), "objective": "mean log(final validation loss / tuned Adam's), "
-                f"clipped to {list(args.clip)}", "start_from": args.start_from, "earlier_runs": earlier,
+                "progress_inputs": args.progress_inputs, "horizon_inputs": args.horizon_inputs, "clip": list(args.clip), "objective_views": args.objective_views,
+                "objective": (f"mean over task-seeds of the mean over {args.objective_views} of log(ratio to Adam tuned "
+                              "on that view)" if args.objective_views else "mean log(final validation loss / tuned "
+                              "Adam's)") + f", clipped to {list(args.clip)}", "start_from": args.start_from, "earlier_runs": earlier,
                 "best": best.tolist(), "best_score": best_score, "generation": gen, "mean": mean.tolist(),
                 "sigma": sigma, "rng_state": rng.bit_generator.state, "runs": runs,
                 "budget": budget, "wall_s": wall, "cpu_count": os.cpu_count(), "history": history}
