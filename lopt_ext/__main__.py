@@ -243,6 +243,14 @@ def _add_metatrain(sub):
                    help="stop (with a checkpoint) after this many seconds (default: no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-time-inner", action="store_true", help="skip the fused vs reference timing at the end")
+    p.add_argument("--num-processes", type=_positive_int, default=None, metavar="N",
+                   help="meta-train in N processes (jax.distributed; each steps its share of the task slots, "
+                        "process 0 writes; lopt_ext.metatrain.distributed) (default: one process)")
+    p.add_argument("--process-id", type=_nonnegative_int, default=None, metavar="I",
+                   help="with --num-processes: this process's index, 0 .. N-1")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="with --num-processes: process 0's address, the same for every process "
+                        "(e.g. localhost:12355)")
     add_cpu_devices_option(p)
     known = _metatrain_fields()
     for f in dataclasses.fields(MetaTrainConfig):
@@ -270,6 +278,23 @@ def _add_metatrain(sub):
     return p
 
 
+def _start_processes(args):
+    """jax.distributed for meta-train --num-processes (before jax starts its backend)."""
+    given = [a for a in ("num_processes", "process_id", "coordinator") if getattr(args, a, None) is not None]
+    if not given:
+        return
+    p = args._parser
+    if len(given) != 3:
+        p.error("arguments --num-processes, --process-id and --coordinator go together")
+    if args.process_id >= args.num_processes:
+        p.error(f"argument --process-id: must be below --num-processes ({args.num_processes}), got {args.process_id}")
+    if args.resume and args.num_processes > 1:
+        p.error("argument --resume: a run of several processes writes compact checkpoints; continue it with "
+                "--continue-from OUT/resume.safetensors")
+    from lopt_ext.metatrain import distributed
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
 def cmd_metatrain(args):
     from lopt_ext.metatrain import MetaTrainConfig, train
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(MetaTrainConfig)
@@ -290,10 +315,13 @@ def cmd_metatrain(args):
         if ckpt_dir is None:
             cfg = MetaTrainConfig()
     command = "python -m lopt_ext " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if cfg is not None and args.num_processes and cfg.num_tasks < args.num_processes:
+        args._parser.error(f"argument --num-tasks: must be at least --num-processes ({args.num_processes})")
     summary = train.run(cfg, args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress, command=command, time_inner=not args.no_time_inner,
                         time_budget_s=args.time_budget, continue_from=args.continue_from)
-    print(json.dumps({k: v for k, v in summary.items() if k != "provenance"}, indent=1))
+    if summary.get("processes", 1) == 1 or args.process_id == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "provenance"}, indent=1))
 
 
 # ----------------------------------------------------------------------------- demo, evaluate, plot, tasks
@@ -569,6 +597,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     handlers = {"meta-train": cmd_metatrain, "demo": cmd_demo, "evaluate": cmd_evaluate, "plot": cmd_plot,
                 "tasks": cmd_tasks, "tradeoffs": cmd_tradeoffs}
+    if args.command == "meta-train":
+        _start_processes(args)
     _use_cpu_devices(args)
     return handlers[args.command](args)
 

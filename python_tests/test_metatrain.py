@@ -376,3 +376,42 @@ def test_compiled_step_caches_hold_what_fits_under_the_mapping_limit(tmp_path):
     assert "only 44 tasks fit" in train.map_count_warning(str(low))
     for cache in (pes._slot_step_cached, pes._init_pairs_cached):
         assert cache.cache_info().maxsize == compiled.tasks_that_fit()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_meta_train_exactly_as_one(tmp_path):
+    """meta-train --num-processes 2 (two local processes, jax.distributed over gloo): the
+    slots are split between them and the outer updates are the one-process run's, bit for bit
+    (the same seeds, one CPU device per process and in the single run)."""
+    tasks = [TASK, "logreg_d16_n512_b32_seed1", "quadratic_d32_c2_n0.1_seed0"]  # 3 slots: 2 + 1
+    common = [sys.executable, "-m", "lopt_ext", "meta-train", "--num-tasks", "3", "--pairs", "2", "--unroll", "2",
+              "--min-horizon", "4", "--max-horizon", "6", "--outer-steps", "5", "--warmup-steps", "1",
+              "--task-names", *tasks, "--cpu-devices", "1", "--no-progress", "--no-time-inner"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    one = str(tmp_path / "one")
+    subprocess.run(common + ["--out", one], check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    two = str(tmp_path / "two")
+    port = _free_port()
+    procs = [subprocess.Popen(common + ["--out", two, "--num-processes", "2", "--process-id", str(i),
+                                        "--coordinator", f"localhost:{port}"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-2000:]
+    _, theta_one = checkpoint.load_theta(os.path.join(one, "theta.safetensors"))
+    _, theta_two = checkpoint.load_theta(os.path.join(two, "theta.safetensors"))
+    for a, b in zip(jax.tree_util.tree_leaves(theta_one), jax.tree_util.tree_leaves(theta_two)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    read = lambda d: [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
+    log_one, log_two = read(one), read(two)
+    assert [r["meta_loss"] for r in log_one] == [r["meta_loss"] for r in log_two] and len(log_one) == 5
+    assert [r["tasks"] for r in log_one] == [r["tasks"] for r in log_two]
+    assert not any(n.startswith("step_") for n in os.listdir(two))  # compact checkpoints only
+    trainer, ms, _ = train.load_compact(os.path.join(two, "resume.safetensors"))
+    assert ms.step == 5

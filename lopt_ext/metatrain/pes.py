@@ -38,7 +38,7 @@ from lopt_ext.config import SmallFcLOpt
 from lopt_ext.variants import KINDS as LOPT_KINDS
 from lopt_ext.state import init_state
 from lopt_ext.tasks import family
-from lopt_ext.metatrain import compiled, population
+from lopt_ext.metatrain import compiled, distributed, population
 
 
 OBJECTIVES = ("normalized", "log", "valid_log")
@@ -159,6 +159,9 @@ class MetaState:
 class MetaTrainer:
     def __init__(self, cfg: MetaTrainConfig):
         self.cfg = cfg
+        if cfg.num_tasks < jax.process_count():
+            raise ValueError(f"num_tasks ({cfg.num_tasks}) must be at least the number of processes "
+                             f"({jax.process_count()}): each process steps its share of the task slots")
         self.lopt = cfg.lopt()
         if cfg.task_names:
             self.specs = tuple(family.get_task(n).spec for n in cfg.task_names)
@@ -179,11 +182,16 @@ class MetaTrainer:
         if self.cfg.init_theta:
             theta = warm_start_theta(self.cfg.init_theta, self.lopt, theta)
         theta_flat, _ = ravel_pytree(theta)
-        slots = []
-        for _ in range(self.cfg.num_tasks):
-            key, k = jax.random.split(key)
-            slots.append(self._new_slot(k))
+        key, slots = self.draw_slots(key)
         return MetaState(0, theta_flat, self.outer_opt.init(theta_flat), slots, key)
+
+    def draw_slots(self, key):
+        """(key, num_tasks fresh task slots drawn from it)."""
+        slots = []
+        for i in range(self.cfg.num_tasks):
+            key, k = jax.random.split(key)
+            slots.append(self._new_slot(k, self.owns(i)))
+        return key, slots
 
     def _draw_task(self, key):
         k_task, k_hor, k_init = jax.random.split(key, 3)
@@ -193,8 +201,14 @@ class MetaTrainer:
         horizon = int(jax.random.randint(k_hor, (), n_min, n_max + 1)) * self.cfg.unroll
         return spec_index, horizon, k_init
 
-    def _new_slot(self, key) -> Slot:
+    def owns(self, slot_index: int) -> bool:
+        """Whether this process steps slot ``slot_index`` (always, in one process; distributed.py)."""
+        return distributed.owner(slot_index, jax.process_count()) == jax.process_index()
+
+    def _new_slot(self, key, owned: bool = True) -> Slot:
         spec_index, horizon, k_init = self._draw_task(key)
+        if not owned:  # another process's slot: its task and horizon only
+            return Slot(spec_index, 0, horizon, None, None, None, None)
         task = family.make_task(self.specs[spec_index])
         params, opt_state, accum, data_keys = self._init_pairs_fn(task)(k_init, jnp.int32(horizon))
         return Slot(spec_index, 0, horizon, params, opt_state, accum, data_keys)
@@ -222,18 +236,19 @@ class MetaTrainer:
         slot_keys = jax.random.split(k_step, 2 * len(ms.slots))
         # every slot is dispatched before anything is read back: no host round trip until
         # the outer update has been queued
-        grads, losses, failed = [], [], []
+        results = []
         for i, slot in enumerate(ms.slots):
-            fn = self._slot_step_fn(self.slot_task(slot), self.cfg.impl)
-            (slot.params, slot.opt_state, slot.accum, slot.data_keys, grad, stats) = fn(
-                ms.theta_flat, slot.params, slot.opt_state, slot.accum, slot.data_keys,
-                jnp.int32(slot.step), slot_keys[2 * i])
-            grads.append(grad)
-            losses.append(stats["meta_loss"])
-            failed.append(stats["failed"])
+            if self.owns(i):
+                fn = self._slot_step_fn(self.slot_task(slot), self.cfg.impl)
+                (slot.params, slot.opt_state, slot.accum, slot.data_keys, grad, stats) = fn(
+                    ms.theta_flat, slot.params, slot.opt_state, slot.accum, slot.data_keys,
+                    jnp.int32(slot.step), slot_keys[2 * i])
+                results.append((grad, stats["meta_loss"], stats["failed"]))
             slot.step += self.cfg.unroll
             if slot.step >= slot.horizon:
-                ms.slots[i] = self._new_slot(slot_keys[2 * i + 1])
+                ms.slots[i] = self._new_slot(slot_keys[2 * i + 1], self.owns(i))
+        # with several processes: every slot's results, in slot order, on every process
+        grads, losses, failed = zip(*distributed.gather_in_slot_order(results, len(ms.slots)))
         grad = jnp.mean(jnp.stack(grads), axis=0)
         ms.theta_flat, ms.outer_opt_state, gnorm = self._outer_update(ms.theta_flat, ms.outer_opt_state, grad)
         ms.key = key

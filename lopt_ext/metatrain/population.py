@@ -57,8 +57,9 @@ def use_cpu_cores(count: Optional[int] = None) -> int:
 
 
 def population_devices() -> list:
-    """The devices a population is spread over: every device of the default backend."""
-    return list(jax.devices())
+    """The devices a population is spread over: every device of the default backend that this
+    process drives (with jax.distributed, each process spreads its own populations)."""
+    return list(jax.local_devices())
 
 
 @functools.lru_cache(maxsize=None)

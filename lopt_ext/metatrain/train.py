@@ -183,12 +183,16 @@ def load_compact(path: str, cfg: Optional[MetaTrainConfig] = None):
     if theta_flat.shape != (trainer.dim,):
         raise ckpt.CheckpointMismatchError(f"{path}: theta has {theta_flat.shape[0]} values, {trainer.lopt} needs {trainer.dim}")
     outer = _dict_to_tree("outer", flat, trainer.outer_opt.init(theta_flat), path)
-    key = jnp.asarray(flat["rng/key"])
-    slots = []
-    for _ in range(cfg.num_tasks):
-        key, k = jax.random.split(key)
-        slots.append(trainer._new_slot(k))
+    key, slots = trainer.draw_slots(jnp.asarray(flat["rng/key"]))
     return trainer, MetaState(meta["step"], theta_flat, outer, slots, key), meta
+
+
+def _budget(before: Dict[str, Any], wall: float, outer_steps: int, prov: Dict[str, Any]) -> Dict[str, Any]:
+    """The budget of every run that led here (continued runs add up). cpu_hours counts this
+    machine's cores; a run of processes on several machines used "processes" times as many."""
+    return {"wall_s": before["wall_s"] + wall, "cpu_hours": before["cpu_hours"] + _cpu_hours(wall),
+            "outer_steps": outer_steps, "cpu_count": os.cpu_count(), "processes": jax.process_count(),
+            "runs": before["runs"] + [{"command": prov["command"], "wall_s": wall, "outer_steps_end": outer_steps}]}
 
 
 # A run on the full training split meets 53 task shapes, each ~1100 memory mappings of compiled
@@ -228,6 +232,14 @@ def run(cfg: MetaTrainConfig, out_dir: str, resume: bool = False, checkpoint_eve
     optimizer state, schedule position and RNG come from it, task slots are drawn anew, and
     the budget it records is added to this run's. OUT/resume.safetensors is written at the end.
     """
+    # with jax.distributed (distributed.py) every process steps its share of the slots and
+    # process 0 alone writes; the full checkpoints hold every slot's arrays, which no one process
+    # has, so such a run writes compact resume checkpoints (continue with --continue-from)
+    processes, main = jax.process_count(), jax.process_index() == 0
+    if processes > 1 and resume:
+        raise ValueError(f"resume: a run of {processes} processes writes compact checkpoints only; continue it "
+                         f"with continue_from={os.path.join(out_dir, 'resume.safetensors')!r}")
+    progress = progress and main
     os.makedirs(out_dir, exist_ok=True)
     warning = map_count_warning()
     if warning and progress:
@@ -242,7 +254,7 @@ def run(cfg: MetaTrainConfig, out_dir: str, resume: bool = False, checkpoint_eve
         cfg = trainer.cfg
         budget_before = meta["budget"]
         prov = dict(prov, continued_from=continue_from)
-        if os.path.exists(log_path):
+        if main and os.path.exists(log_path):  # process 0 alone writes
             os.unlink(log_path)
     elif last:
         trainer, ms, meta = load_checkpoint(last, MetaTrainer(cfg) if cfg is not None else None)
@@ -260,7 +272,7 @@ def run(cfg: MetaTrainConfig, out_dir: str, resume: bool = False, checkpoint_eve
             print(f"meta-train: no checkpoint in {out_dir}; starting fresh", file=sys.stderr)
         trainer = MetaTrainer(cfg)
         ms = trainer.init()
-        if os.path.exists(log_path):
+        if main and os.path.exists(log_path):  # process 0 alone writes
             os.unlink(log_path)
     end = cfg.outer_steps if stop_at is None else min(stop_at, cfg.outer_steps)
 
@@ -273,7 +285,7 @@ def run(cfg: MetaTrainConfig, out_dir: str, resume: bool = False, checkpoint_eve
     start_step = ms.step
     warm = min(20, max(0, (end - start_step) // 2))
     recent = []
-    with open(log_path, "a") as log:
+    with open(log_path if main else os.devnull, "a") as log:
         def record(pending):  # waits for that step's statistics
             nonlocal recent
             stats = pending.result()
@@ -295,12 +307,19 @@ def run(cfg: MetaTrainConfig, out_dir: str, resume: bool = False, checkpoint_eve
             if ms.step - start_step == warm:
                 t_steady, steady_steps = now, ms.step   # steps/s measured once compilation has settled
             out_of_time = time_budget_s is not None and now - t_start > time_budget_s
+            if processes > 1 and time_budget_s is not None:  # process 0's clock decides for all
+                from jax.experimental import multihost_utils
+                out_of_time = bool(multihost_utils.broadcast_one_to_all(np.bool_(out_of_time)))
             if ms.step % checkpoint_every == 0 or ms.step == end or out_of_time:
                 record(previous)  # the log holds every step up to the checkpoint
                 previous = None
                 log.flush()
-                save_checkpoint(out_dir, trainer, ms, wall0 + time.perf_counter() - t_start, prov,
-                                budget_before=budget_before)
+                wall = wall0 + time.perf_counter() - t_start
+                if processes == 1:
+                    save_checkpoint(out_dir, trainer, ms, wall, prov, budget_before=budget_before)
+                elif main:
+                    save_compact(os.path.join(out_dir, "resume.safetensors"), trainer, ms,
+                                 _budget(budget_before, wall, ms.step, prov), prov)
             if out_of_time:
                 print(f"meta-train: time budget reached at outer step {ms.step}; resume with --resume",
                       file=sys.stderr)
@@ -314,14 +333,13 @@ def run(cfg: MetaTrainConfig, out_dir: str, resume: bool = False, checkpoint_eve
                "outer_steps_per_s_incl_compile": (ms.step - start_step) / max(time.perf_counter() - t_start, 1e-9),
                "final_meta_loss_avg50": float(np.mean(recent)) if recent else float("nan"),
                "config": cfg.to_json(), "provenance": prov}
-    if time_inner:
+    summary["processes"] = processes
+    if time_inner and main:  # slot 0 is process 0's
         summary["inner_step_timing"] = trainer.time_inner_step(ms)
     summary["completed"] = ms.step >= cfg.outer_steps
-    # the budget of every run that led here (continued runs add up)
-    summary["budget"] = {
-        "wall_s": budget_before["wall_s"] + wall, "cpu_hours": budget_before["cpu_hours"] + _cpu_hours(wall),
-        "outer_steps": ms.step, "cpu_count": os.cpu_count(),
-        "runs": budget_before["runs"] + [{"command": prov["command"], "wall_s": wall, "outer_steps_end": ms.step}]}
+    summary["budget"] = _budget(budget_before, wall, ms.step, prov)
+    if not main:
+        return summary
     save_compact(os.path.join(out_dir, "resume.safetensors"), trainer, ms, summary["budget"], prov)
     ckpt.save_theta(os.path.join(out_dir, "theta.safetensors"), trainer.theta(ms), trainer.lopt,
                     info={k: summary[k] for k in ("outer_steps", "wall_time_s", "final_meta_loss_avg50",
