@@ -314,6 +314,32 @@ def test_pretrained_ships_and_loads_offline():
         pretrained.load("small_fc_lopt")
 
 
+def test_horizon_entry_needs_num_steps_and_continues_as_scaled_horizon():
+    """The shipped horizon-aware entry: its transform requires num_steps, its recorded evaluation
+    is the committed one of a run that was told its horizon, and its resume checkpoint
+    continues it as meta-train's scaled_horizon."""
+    from importlib import resources
+    from lopt_ext import pretrained
+    name = "scaled_small_fc_lopt_h4_horizon"
+    lopt, theta = pretrained.load(name)
+    assert lopt.horizon_inputs and not lopt.progress_inputs
+    with pytest.raises(ValueError, match="num_steps"):
+        lopt.transform(theta)
+    params = {"w": jnp.ones((4, 3))}
+    tx = lopt.transform(theta, num_steps=100)
+    u, st = tx.update({"w": jnp.full((4, 3), 0.5)}, tx.init(params), params)
+    assert int(st.num_steps) == 100 and np.all(np.isfinite(np.asarray(u["w"])))
+    info = pretrained.info(name)
+    doc = json.load(open(os.path.join(os.path.dirname(__file__), "..", info["evaluation"]["file"])))
+    assert doc["summary"] == info["evaluation"]["summary"] and doc["lopt"]["horizon_inputs"]
+    with resources.as_file(resources.files("lopt_ext.pretrained").joinpath(info["resume_checkpoint"])) as path:
+        cfg = train.compact_config(str(path))
+        assert cfg.lopt_kind == "scaled_horizon" and cfg.lopt() == lopt
+        flat, _ = train._read_compact(str(path))
+    from jax.flatten_util import ravel_pytree
+    np.testing.assert_array_equal(flat["theta/flat"], np.asarray(ravel_pytree(theta)[0]))
+
+
 def test_default_pretrained_has_provenance_evaluation_and_resume_checkpoint():
     from importlib import resources
     from lopt_ext import ScaledSmallFcLOpt, pretrained

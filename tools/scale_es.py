@@ -29,8 +29,9 @@ mean seen so far (by its score; the mean rather than the luckiest perturbation, 
 selection among many noisy scores would favour) is written after every generation, so a stopped
 run keeps its result; --resume continues the search, and the budget adds up from the starting
 entry's. Writes OUT/es.json (every candidate, score and per-task value), OUT/adam.json (the
-baseline curves), OUT/theta.safetensors and, for a rule that does not read the horizon,
-OUT/resume.safetensors (a compact resume checkpoint for `meta-train --continue-from`).
+baseline curves), OUT/theta.safetensors and, for a rule meta-train has a kind for (all but
+progress and horizon inputs together), OUT/resume.safetensors (a compact resume checkpoint for
+`meta-train --continue-from`).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
 from lopt_ext.scaled import (DECAY_OFF, NUM_HORIZON_INPUTS, NUM_PROGRESS_INPUTS, with_horizon_inputs,  # noqa: E402
                              with_progress_inputs)
 from lopt_ext.tasks import family  # noqa: E402
-from scale_search import validation_task, write_pes_resume  # noqa: E402
+from scale_search import pes_kind, validation_task, write_pes_resume  # noqa: E402
 
 # meta-training MLP tasks of every data set, depth, activation and init scale (indices into
 # family.TRAIN_SPECS, whose first 45 entries are family.TRAIN_MLP_SPECS)
@@ -342,7 +343,7 @@ def main(argv=None):
                 "budget": budget, "wall_s": wall, "cpu_count": os.cpu_count(), "history": history}
         checkpoint.save_theta(os.path.join(args.out, "theta.safetensors"), theta, lopt,
                               info={"es_best_score": best_score})
-        if not lopt.uses_horizon:  # PES meta-training does not tell its trajectories their horizon yet
+        if pes_kind(lopt) is not None:  # a rule that meta-train has a kind for
             info["config"] = write_pes_resume(os.path.join(args.out, "resume.safetensors"), lopt, theta, budget,
                                               command, args.seed).to_json()
         checkpoint.atomic_write_bytes(es_path, json.dumps(info).encode())

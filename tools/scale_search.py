@@ -63,6 +63,13 @@ def validation_task(task):
                                                                             for k in keys])))
 
 
+def pes_kind(lopt):
+    """The meta-training lopt_kind of a ScaledSmallFcLOpt, None for a variant PES has no kind for."""
+    progress, horizon = getattr(lopt, "progress_inputs", False), getattr(lopt, "horizon_inputs", False)
+    return {(False, False): "scaled", (True, False): "scaled_progress", (False, True): "scaled_horizon"}.get(
+        (progress, horizon))
+
+
 def write_pes_resume(path, lopt, theta, budget, command, seed=0):
     """A compact resume checkpoint holding ``theta``, so that PES meta-training can continue
     from a searched rule (python -m lopt_ext meta-train --continue-from PATH); returns the
@@ -70,7 +77,7 @@ def write_pes_resume(path, lopt, theta, budget, command, seed=0):
     from jax.flatten_util import ravel_pytree
     from lopt_ext.metatrain import MetaTrainConfig, MetaTrainer, train
     from lopt_ext.metatrain.pes import MetaState
-    kind = "scaled_progress" if getattr(lopt, "progress_inputs", False) else "scaled"
+    kind = pes_kind(lopt)
     cfg = MetaTrainConfig(hidden_size=lopt.hidden_size, lopt_kind=kind, objective="valid_log", num_tasks=8,
                           pairs=8, min_horizon=200, max_horizon=3000, outer_lr=3e-4, outer_steps=5000)
     trainer = MetaTrainer(cfg)

@@ -64,9 +64,12 @@ def run_demo(task_name: str = "mlp_digits_48_relu_b64_s1", steps: int = 1000, se
 
     params, key = ev._init_run(task, seed)
     rows, curves = [], {}
+    horizon = steps if lopt.uses_horizon else None  # a horizon-aware rule is told the run's length
     for label, make_tx, tx in (
-            ("learned (fused)", ev.lopt_tx_factory(lopt, theta, "fused"), lopt.transform(theta, impl="fused")),
-            ("learned (reference)", ev.lopt_tx_factory(lopt, theta, "reference"), lopt.transform(theta, impl="reference")),
+            ("learned (fused)", ev.lopt_tx_factory(lopt, theta, "fused", horizon),
+             lopt.transform(theta, impl="fused", num_steps=horizon)),
+            ("learned (reference)", ev.lopt_tx_factory(lopt, theta, "reference", horizon),
+             lopt.transform(theta, impl="reference", num_steps=horizon)),
             (f"Adam lr={best_lr:.2g}", ev.adam_tx, ev.adam_tx(best_lr))):
         if label.startswith("Adam"):
             held, train = sweep[best:best + 1], sweep_train[best:best + 1]
