@@ -247,10 +247,10 @@ def _add_metatrain(sub):
                    help="meta-train in N processes (jax.distributed; each steps its share of the task slots, "
                         "process 0 writes; lopt_ext.metatrain.distributed) (default: one process)")
     p.add_argument("--process-id", type=_nonnegative_int, default=None, metavar="I",
-                   help="with --num-processes: this process's index, 0 .. N-1")
+                   help="with --num-processes: this process's index, 0 .. N-1 (default: none, required with --num-processes)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="with --num-processes: process 0's address, the same for every process "
-                        "(e.g. localhost:12355)")
+                        "(e.g. localhost:12355) (default: none, required with --num-processes)")
     add_cpu_devices_option(p)
     known = _metatrain_fields()
     for f in dataclasses.fields(MetaTrainConfig):

@@ -73,32 +73,18 @@ class ScaledSmallFcLOptState(NamedTuple):
     scale_ref: Any
 
 
-class ScaledHorizonState(NamedTuple):
-    """SmallFcLOptState plus num_steps (int32 scalar: the horizon; 0 = not given, each step must
-    pass it): the state of ``ScaledSmallFcLOpt(horizon_inputs=True)``."""
-
-    iteration: jax.Array
-    skipped: jax.Array
-    m: Any
-    rms: Any
-    v_row: Any
-    v_col: Any
-    v_full: Any
-    num_steps: jax.Array
+def _with_num_steps(base, name: str, doc: str):
+    """A state type: ``base``'s fields plus num_steps (int32 scalar: the horizon; 0 = not given,
+    each step must pass it)."""
+    state = NamedTuple(name, [(f, Any) for f in base._fields] + [("num_steps", jax.Array)])
+    state.__doc__ = doc
+    return state
 
 
-class ScaledProgressHorizonState(NamedTuple):
-    """ScaledSmallFcLOptState plus num_steps: progress and horizon inputs both."""
-
-    iteration: jax.Array
-    skipped: jax.Array
-    m: Any
-    rms: Any
-    v_row: Any
-    v_col: Any
-    v_full: Any
-    scale_ref: Any
-    num_steps: jax.Array
+ScaledHorizonState = _with_num_steps(SmallFcLOptState, "ScaledHorizonState",
+                                     "SmallFcLOptState plus num_steps: ScaledSmallFcLOpt(horizon_inputs=True).")
+ScaledProgressHorizonState = _with_num_steps(ScaledSmallFcLOptState, "ScaledProgressHorizonState",
+                                             "ScaledSmallFcLOptState plus num_steps: progress and horizon inputs.")
 
 
 def horizon_features(iteration, num_steps) -> jax.Array:
