@@ -35,7 +35,7 @@ from jax import lax
 
 from lopt_ext import _ffi
 from lopt_ext.base import LearnedOptimizer
-from lopt_ext.common import accumulator_shapes, check_decay_fields, leaf_features
+from lopt_ext.common import accumulator_shapes, check_decay_fields, fraction_steps, leaf_features
 from lopt_ext.update import check_theta, check_theta_finite
 
 _HI = lax.Precision.HIGHEST
@@ -201,7 +201,7 @@ class Celo(LearnedOptimizer):
         feat = jnp.clip((cor[:-1] - loss_min[:-1]) / den - 1.0, -1, 1)
         loss_feat = jnp.where(it + 1 <= 2, feat * 0, feat)
         fraction = it / horizon.astype(jnp.float32)
-        fraction_feat = jnp.tanh((fraction - jnp.asarray(FRACTION_TIMESCALES, jnp.float32)) * 10)
+        fraction_feat = fraction_steps(fraction, FRACTION_TIMESCALES)
         context = jnp.concatenate([fraction_feat, loss_feat])  # sorted keys: fraction_left, loss_features
         return context, {"num_steps": horizon, "loss_means": means, "loss_min": loss_min}
 

@@ -57,6 +57,12 @@ def accumulator_shapes(shape, dm: int, dr: int, da: int):
     return shape + (dm,), shape + (dr,), v_row, v_col, EMPTY_SHAPE
 
 
+def fraction_steps(fraction, centers) -> jax.Array:
+    """tanh(10 (fraction - c)) for each c in centers: soft steps over the fraction of the
+    training horizon done, the schedule inputs of Celo and of ScaledSmallFcLOpt(horizon_inputs)."""
+    return jnp.tanh((fraction - jnp.asarray(centers, jnp.float32)) * 10)
+
+
 def step_features(iteration) -> jax.Array:
     """tanh(iteration / t - 1) for the 11 timescales (iteration before the increment)."""
     x = jnp.asarray(iteration).astype(jnp.float32)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt_ext import _ffi
-from lopt_ext.common import STEP_TIMESCALES, num_normalized_features, step_features
+from lopt_ext.common import STEP_TIMESCALES, fraction_steps, num_normalized_features, step_features
 from lopt_ext.config import SmallFcLOpt, SmallFcLOptState
 
 SCALE_BOUND = 4.0  # |log s| <= 4: the scale stays within [0.018, 55]
@@ -92,7 +92,7 @@ def horizon_features(iteration, num_steps) -> jax.Array:
     run of ``num_steps`` (see the module docstring)."""
     f = jnp.asarray(iteration).astype(jnp.float32) / jnp.maximum(jnp.asarray(num_steps), 1).astype(jnp.float32)
     cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(f, 0.0, 1.0)))
-    steps = jnp.tanh(10.0 * (f - jnp.asarray(HORIZON_FRACTIONS, jnp.float32)))
+    steps = fraction_steps(f, HORIZON_FRACTIONS)
     return jnp.concatenate([steps, jnp.reshape(jnp.log(cosine + 1e-3) / 7.0, (1,))])
 
 

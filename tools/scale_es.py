@@ -257,9 +257,11 @@ def main(argv=None):
         ap.error(f"argument --task-indices: {bad} out of range (0..{n_specs - 1})")
     tasks = [validation_task(family.make_task(family.TRAIN_SPECS[i])) for i in args.task_indices]
     t0 = time.perf_counter()
-    baselines = adam_baselines(tasks, args.seeds, args.steps, os.path.join(args.out, "adam.json"))
-    if args.objective_views:
-        by_lr = adam_candidates(tasks, args.seeds, args.steps, os.path.join(args.out, "adam.json"))
+    adam_cache = os.path.join(args.out, "adam.json")
+    if args.objective_views:  # each view tunes Adam's learning rate on its own quantity
+        by_lr = adam_candidates(tasks, args.seeds, args.steps, adam_cache)
+    else:
+        baselines = adam_baselines(tasks, args.seeds, args.steps, adam_cache)
     print(f"tuned Adam baselines: {time.perf_counter() - t0:.0f} s", flush=True)
     command = "python tools/scale_es.py " + " ".join(argv or sys.argv[1:])
     mean, sigma, first = coordinates(base_theta, args.coordinates), args.sigma, 0

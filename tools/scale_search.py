@@ -64,10 +64,11 @@ def validation_task(task):
 
 
 def pes_kind(lopt):
-    """The meta-training lopt_kind of a ScaledSmallFcLOpt, None for a variant PES has no kind for."""
-    progress, horizon = getattr(lopt, "progress_inputs", False), getattr(lopt, "horizon_inputs", False)
-    return {(False, False): "scaled", (True, False): "scaled_progress", (False, True): "scaled_horizon"}.get(
-        (progress, horizon))
+    """The meta-training lopt_kind (lopt_ext.variants.KINDS) that builds exactly ``lopt``, None
+    when there is none (e.g. progress and horizon inputs together)."""
+    from lopt_ext.variants import KINDS
+    return next((kind for kind, make in KINDS.items()
+                 if make(hidden_size=lopt.hidden_size, hidden_layers=lopt.hidden_layers) == lopt), None)
 
 
 def write_pes_resume(path, lopt, theta, budget, command, seed=0):

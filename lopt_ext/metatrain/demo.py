@@ -64,7 +64,7 @@ def run_demo(task_name: str = "mlp_digits_48_relu_b64_s1", steps: int = 1000, se
 
     params, key = ev._init_run(task, seed)
     rows, curves = [], {}
-    horizon = steps if lopt.uses_horizon else None  # a horizon-aware rule is told the run's length
+    horizon = steps  # the run's length: read by horizon-aware rules, ignored by the others
     for label, make_tx, tx in (
             ("learned (fused)", ev.lopt_tx_factory(lopt, theta, "fused", horizon),
              lopt.transform(theta, impl="fused", num_steps=horizon)),
