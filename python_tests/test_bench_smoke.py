@@ -174,3 +174,17 @@ def test_report_target_checks_on_known_numbers(tmp_path):
     got = {t["id"]: t["ok"] for t in report.check_targets(loaded)}
     assert got == {"h32_sgemm_fraction": True, "h32_vs_reference": False, "h4_vs_adam": True,
                    "h4_model_vs_tensor": False, "h4_temp_bytes": False, "h32_temp_bytes": True}, got
+
+
+def test_metatrain_throughput_tool_runs_and_counts_member_steps():
+    """tools/metatrain_throughput.py (issue 25's member-steps/s) on the cheapest task: it must
+    run against the current MetaTrainer and report steps * members / time."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "tools" / "metatrain_throughput.py"), "--num-tasks", "1",
+                          "--pairs", "2", "--unroll", "2", "--horizon", "4", "--steps", "2", "--cpu-devices", "1",
+                          "--task-names", "logreg_d16_n512_b32_seed0"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["timed_steps"] >= 1 and row["devices"] == 1
+    np.testing.assert_allclose(row["member_steps_per_s"], 2 * 2 * 2 / (row["mean_outer_step_ms"] / 1e3), rtol=1e-9)

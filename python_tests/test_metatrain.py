@@ -36,18 +36,23 @@ def _manual_unroll(trainer, task, theta_flat, params, state, data_key, start, nu
     tx = trainer.lopt.transform(trainer.unravel(theta_flat), impl="reference", num_steps=num_steps)
     losses = []
     for i in range(trainer.cfg.unroll):
-        batch = task.sample_batch(jax.random.fold_in(data_key, start + i))
-        loss, g = jax.value_and_grad(task.loss)(params, batch)
+        key = jax.random.fold_in(data_key, start + i)
+        loss, g = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
         u, state = tx.update(g, state, params)
         params = optax.apply_updates(params, u)
+        if trainer.cfg.objective == "valid_log":  # a validation batch, after the step
+            loss = task.loss(params, task.valid_batch(key))
         losses.append(float(loss))
     norm = np.minimum(np.asarray(losses) / task.loss_scale, trainer.cfg.loss_clip)
+    if trainer.cfg.objective in ("log", "valid_log"):
+        norm = np.log(np.maximum(norm, 1e-6))
     return params, float(norm.mean())
 
 
-@pytest.mark.parametrize("impl", ["fused", pytest.param("reference", marks=pytest.mark.slow)])
-def test_pes_step_matches_hand_written_estimator(impl):
-    cfg = _cfg(impl=impl)
+@pytest.mark.parametrize("impl,objective", [("fused", "normalized"), ("fused", "valid_log"),
+                                            pytest.param("reference", "normalized", marks=pytest.mark.slow)])
+def test_pes_step_matches_hand_written_estimator(impl, objective):
+    cfg = _cfg(impl=impl, objective=objective)
     tr = MetaTrainer(cfg)
     ms = tr.init()
     slot = ms.slots[0]

@@ -30,9 +30,14 @@ def main(argv=None):
     ap.add_argument("--hidden-size", type=int, default=4)
     ap.add_argument("--lopt-kind", default="small_fc_lopt")
     ap.add_argument("--task-names", nargs="+", default=[])
+    ap.add_argument("--horizon", type=int, default=0,
+                    help="every trajectory's length (as tools/lo_pes_throughput.py's); default 0: "
+                         "MetaTrainConfig's range")
     ap.add_argument("--steps", type=int, default=150, help="outer steps timed (after 3 warm-up steps)")
     add_cpu_devices_option(ap)
     args = ap.parse_args(argv)
+    if args.horizon and args.horizon < args.unroll:
+        ap.error("argument --horizon: must be >= --unroll")
     for name in ("num_tasks", "pairs", "unroll", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"argument --{name.replace('_', '-')}: must be >= 1")
@@ -41,14 +46,15 @@ def main(argv=None):
     import jax
     from lopt_ext.metatrain.pes import MetaTrainConfig, MetaTrainer
     cfg = MetaTrainConfig(num_tasks=args.num_tasks, pairs=args.pairs, unroll=args.unroll,
-                          hidden_size=args.hidden_size, lopt_kind=args.lopt_kind, task_names=tuple(args.task_names))
+                          hidden_size=args.hidden_size, lopt_kind=args.lopt_kind, task_names=tuple(args.task_names),
+                          **({"min_horizon": args.horizon, "max_horizon": args.horizon} if args.horizon else {}))
     trainer = MetaTrainer(cfg)
     ms = trainer.init()
     new_slot, drawing = trainer._new_slot, [0.0]
 
-    def timed_new_slot(key):  # compilation of a new task's init happens here
+    def timed_new_slot(key, owned=True):  # compilation of a new task's init happens here
         t0 = time.perf_counter()
-        slot = new_slot(key)
+        slot = new_slot(key, owned)
         jax.block_until_ready(slot.params)
         drawing[0] += time.perf_counter() - t0
         return slot
