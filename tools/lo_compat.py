@@ -30,5 +30,5 @@ for _name, _fn in (("tree_map", jax.tree_util.tree_map), ("tree_multimap", jax.t
     setattr(jax, _name, _fn)
 if not hasattr(jax.lib, "xla_client"):  # only named in type annotations (gradient_learner.py)
     jax.lib.xla_client = types.SimpleNamespace(Device=object)
-if "ShapedArray" not in dir(jax):  # moved under jax.core
+if not hasattr(jax, "ShapedArray"):  # moved under jax.core
     jax.ShapedArray = jax.core.ShapedArray

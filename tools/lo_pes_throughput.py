@@ -1,5 +1,5 @@
 """learned_optimization's own PES on the work `tools/metatrain_throughput.py` times: inner
-member-steps per second, one JSON line, for bench/'s comparison (docs/bench/metatrain_vs_lo.md).
+member-steps per second, one JSON line, for the comparison in docs/metatrain.md (Speed).
 
 The same work: one lopt_ext task (its init, batch sampler and loss, wrapped as a
 learned_optimization Task that draws its own batch from the step's key, so no host data
@@ -7,8 +7,9 @@ pipeline runs), learned_optimization's AdafacMLPLOpt (= small_fc_lopt) with the 
 size, TruncatedPES with ``--pairs`` antithetic pairs (its num_tasks), truncations of
 ``--unroll`` steps in one jit (steps_per_jit = unroll, antithetic members stacked into one
 vmapped call: its fastest single-machine setting), a constant trajectory length, and
-SingleMachineGradientLearner's outer Adam. Outer steps that compiled something are left out
-(the first ones, and those in which a trajectory reached its end and restarted).
+SingleMachineGradientLearner's outer Adam. The first 3 outer steps (compilation) are left out,
+and so is each step in which the trajectories reach their end and restart, as
+metatrain_throughput.py leaves out the time it spends drawing a new slot.
 
 learned_optimization is not a dependency; run it in an environment that has it (as
 tools/lo_mlp_lopt_trajectories.py describes):
@@ -79,7 +80,7 @@ def main(argv=None):
         state, loss, _ = learner.update(state, k)
         jax.block_until_ready((state, loss))
         dt = time.perf_counter() - t0
-        # the first steps compile; a trajectory's restart step compiles its re-init
+        # warm-up steps, and restart steps (metatrain_throughput.py times no slot redraw either)
         if i >= 3 and i % per_trajectory != per_trajectory - 1:
             times.append(dt)
     times = np.asarray(times)
