@@ -188,3 +188,39 @@ def test_metatrain_throughput_tool_runs_and_counts_member_steps():
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["timed_steps"] >= 1 and row["devices"] == 1
     np.testing.assert_allclose(row["member_steps_per_s"], 2 * 2 * 2 / (row["mean_outer_step_ms"] / 1e3), rtol=1e-9)
+
+
+@needs_kernels
+def test_metatrain_bench_cases_run_and_report(tmp_path):
+    """bench/bench_metatrain.py at smoke sizes (learned_optimization's case skipped unless its
+    python is given): its tools' numbers reach the JSON, the ES recipe's task-steps per hour
+    count candidates x seeds x steps over the timed calls, and the report renders the table,
+    including the comparison row when one is present."""
+    out_json = tmp_path / "metatrain.json"
+    env = harness.child_env(drop=("LOPT_BENCH_LO_PYTHON",))
+    env.update(LOPT_BENCH_SIZES="smoke", LOPT_BENCH_CEILINGS="0", LOPT_BENCH_PES_STEPS="3")
+    cmd = [sys.executable, "-m", "pytest", str(BENCH / "bench_metatrain.py"), "-q", "-p", "no:cacheprovider",
+           f"--benchmark-json={out_json}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out_json.read_text())
+    by = {b["name"]: b["extra_info"] for b in data["benchmarks"]}
+    assert sorted(by) == ["es-recipe", "pes-lopt_ext"]
+    pes = by["pes-lopt_ext"]["metatrain"]
+    assert pes["config"]["task_names"] == ["mlp_digits_32_relu_b64_s1"] and pes["timed_steps"] >= 1
+    es = by["es-recipe"]["metatrain"]
+    assert es["candidates"] == 3 and es["steps"] == 200 and len(es["tasks"]) == 1
+    np.testing.assert_allclose(es["task_steps_per_hour"],
+                               3 * 2 * 200 / es["tasks"][0]["steady_call_s"] * 3600, rtol=1e-9)
+
+    # a comparison row, as a run with LOPT_BENCH_LO_PYTHON would write it (numbers by hand)
+    lo = dict(pes, member_steps_per_s=1000.0, median_outer_step_ms=320.0)
+    ours = dict(pes, member_steps_per_s=6000.0)
+    data["benchmarks"].append({"name": "pes-learned_optimization", "stats": {"median": 1.0}, "extra_info": {
+        "metatrain": lo, "lopt_ext_same_run": ours, "lopt_ext_over_learned_optimization": 6.0}})
+    out_json.write_text(json.dumps(data))
+    report = _report_module()
+    assert report.main([str(out_json), "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert "### Meta-training throughput" in md and "| PES, lopt_ext |" in md and "| ES recipe" in md
+    assert "| PES, learned_optimization | 1k member-steps/s | 320 ms/outer step" in md and "(6.00x)" in md

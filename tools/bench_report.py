@@ -326,7 +326,52 @@ def section_targets(results) -> str:
     return table(["target", "measured at", "value", ""], rows, "llrl")
 
 
-def render_markdown(meta, ceilings, rows, png_name: Optional[str]) -> str:
+def metatrain_rows(data) -> List[Dict[str, Any]]:
+    """The meta-training cases (bench/bench_metatrain.py): their tools' numbers, by name."""
+    out = []
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info") or {}
+        if "metatrain" in info:
+            out.append(dict(info, name=b.get("name")))
+    return out
+
+
+def section_metatrain(mrows) -> str:
+    """PES member-steps/s (lopt_ext, learned_optimization's, their ratio in one run) and the ES
+    recipe's task-steps per hour."""
+    if not mrows:
+        return ""
+    by = {r["name"]: r for r in mrows}
+    load = lambda m: f", load {m['load_average_start'][0]:.1f}-{m['load_average_end'][0]:.1f}"  # noqa: E731
+    body = []
+    ours = by.get("pes-lopt_ext")
+    if ours:
+        m = ours["metatrain"]
+        body.append(["PES, lopt_ext", f"{m['member_steps_per_s'] / 1e3:.3g}k member-steps/s",
+                     f"{m['median_outer_step_ms']:.3g} ms/outer step, {m['devices']} CPU devices" + load(m), ""])
+    lo = by.get("pes-learned_optimization")
+    if lo:
+        m, same = lo["metatrain"], lo["lopt_ext_same_run"]
+        body.append(["PES, learned_optimization", f"{m['member_steps_per_s'] / 1e3:.3g}k member-steps/s",
+                     f"{m['median_outer_step_ms']:.3g} ms/outer step, {m['devices']} CPU devices" + load(m),
+                     f"lopt_ext right after it: {same['member_steps_per_s'] / 1e3:.3g}k "
+                     f"({lo['lopt_ext_over_learned_optimization']:.2f}x)"])
+    es = by.get("es-recipe")
+    if es:
+        m = es["metatrain"]
+        body.append(["ES recipe (tools/scale_es.py)", f"{m['task_steps_per_hour'] / 1e6:.3g}M task-steps/hour",
+                     f"{m['candidates']} candidates x {len(m['seeds'])} seeds x {m['steps']} steps, "
+                     f"{len(m['tasks'])} tasks, {m['devices']} CPU devices" + load(m), ""])
+    return "\n".join(["### Meta-training throughput", "",
+                      f"PES: one digits MLP (2.4k parameters), small_fc_lopt H=4, 8 antithetic pairs, "
+                      f"truncations of 20 steps, trajectories of 600; steady state (compilation left out).",
+                      "", table(["what", "throughput", "setting", "comparison"], body)])
+
+
+def render_markdown(meta, ceilings, rows, png_name: Optional[str], mrows=()) -> str:
+    if not rows:  # a run of the meta-training cases alone
+        return "\n".join(["## Benchmark results", "", section_machine(meta, ceilings), "",
+                          section_metatrain(mrows), ""])
     parts = ["## Benchmark results", "", section_machine(meta, ceilings), "",
              "### Time per step (median)", "", section_times(rows), "",
              "### Fused kernel throughput", "",
@@ -347,6 +392,9 @@ def render_markdown(meta, ceilings, rows, png_name: Optional[str]) -> str:
     pops = section_populations(rows)
     if pops:
         parts += [pops, ""]
+    meta_training = section_metatrain(mrows)
+    if meta_training:
+        parts += [meta_training, ""]
     if png_name:
         parts += [f"![time per step vs parameter count]({png_name})", ""]
     return "\n".join(parts)
@@ -420,15 +468,16 @@ def main(argv=None) -> int:
     ap.add_argument("--targets-json", default=None, help="also write the target checks as JSON here")
     args = ap.parse_args(argv)
     data, meta, ceilings, rows = load(args.json)
-    if not rows:
+    mrows = metatrain_rows(data)
+    if not rows and not mrows:
         print(f"{args.json}: no timed benchmarks (was it run with --benchmark-disable?)", file=sys.stderr)
         return 1
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.json))
     os.makedirs(out_dir, exist_ok=True)
     png = None
-    if not args.no_png and render_png(meta, ceilings, rows, os.path.join(out_dir, "benchmarks.png")):
+    if rows and not args.no_png and render_png(meta, ceilings, rows, os.path.join(out_dir, "benchmarks.png")):
         png = args.image_link or "benchmarks.png"
-    md = render_markdown(meta, ceilings, rows, png)
+    md = render_markdown(meta, ceilings, rows, png, mrows)
     with open(os.path.join(out_dir, "benchmarks.md"), "w") as f:
         f.write(md)
     if args.targets_json:
