@@ -1,26 +1,61 @@
-// Times CpuFusedUpdate directly (no JAX) on one matrix: a profiling aid for the
-// per-element loops. Usage: lopt_kernel_bench ROWS COLS HIDDEN [REPEATS]
+// Times CpuFusedUpdate directly (no JAX) on one call: a profiling aid for the per-element
+// loops and the per-tensor fixed costs. Usage: lopt_kernel_bench SHAPES HIDDEN [REPEATS] [MEMBERS]
 #include <chrono>
 #include <ctime>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
 
 #include "lopt_cpu.h"
 
+namespace {
+
+// One tensor's buffers, filled with N(0, scale^2) values; the outputs alias the state.
+struct Tensor {
+  std::vector<int64_t> shape;
+  std::vector<float> packed, p, g, m, rms, vr, vc, vfull, out;
+};
+
+std::vector<int64_t> ParseShape(const char* s) {
+  std::vector<int64_t> shape;
+  while (*s) {
+    char* end = nullptr;
+    shape.push_back(std::strtoll(s, &end, 10));
+    if (end == s || shape.back() < 1) return {};
+    s = *end == 'x' ? end + 1 : end;
+    if (*end && *end != 'x' && *end != ',') return {};
+    if (*end == ',') break;
+  }
+  return shape;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  if (argc < 4) {
-    std::fprintf(stderr, "usage: %s ROWS COLS HIDDEN [REPEATS]\n", argv[0]);
+  if (argc < 3) {
+    std::fprintf(stderr,
+                 "usage: %s SHAPES HIDDEN [REPEATS] [MEMBERS]\n"
+                 "  SHAPES: comma-separated, e.g. 1000x1000 or 64x32,32,32x10,10 (a model);\n"
+                 "  MEMBERS copies of every shape go to one call, each with its own weights\n"
+                 "  (a meta-training population step)\n",
+                 argv[0]);
     return 2;
   }
-  const int64_t rows = std::atoll(argv[1]), cols = std::atoll(argv[2]);
+  std::vector<std::vector<int64_t>> shapes;
+  for (const char* s = argv[1]; *s;) {
+    shapes.push_back(ParseShape(s));
+    if (shapes.back().empty()) { std::fprintf(stderr, "bad SHAPES: %s\n", argv[1]); return 2; }
+    const char* comma = std::strchr(s, ',');
+    s = comma ? comma + 1 : s + std::strlen(s);
+  }
   lopt::Config cfg;
-  cfg.hidden = std::atoi(argv[3]);
+  cfg.hidden = std::atoi(argv[2]);
   if (const char* layers = std::getenv("LOPT_BENCH_LAYERS")) cfg.hidden_layers = std::atoi(layers);
-  const int repeats = argc > 4 ? std::atoi(argv[4]) : 5;
-  const int64_t n = rows * cols;
+  const int repeats = argc > 3 ? std::atoi(argv[3]) : 5;
+  const int members = argc > 4 ? std::atoi(argv[4]) : 1;
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
   auto fill = [&](int64_t size, float scale) {
@@ -29,21 +64,47 @@ int main(int argc, char** argv) {
     return v;
   };
   const lopt::PackedLayout layout(cfg);
-  std::vector<float> packed = fill(layout.size, 0.2f);
-  for (int k = 0; k < cfg.dm; ++k) packed[layout.mom_beta + k] = 0.9f, packed[layout.mom_1mb + k] = 0.1f;
-  for (int k = 0; k < cfg.dr; ++k) packed[layout.rms_beta + k] = 0.99f, packed[layout.rms_1mb + k] = 0.01f;
-  for (int k = 0; k < cfg.da; ++k) packed[layout.fac_beta + k] = 0.9f, packed[layout.fac_1mb + k] = 0.1f;
-  std::vector<float> p = fill(n, 1), g = fill(n, 1), m(n * cfg.dm), rms(n * cfg.dr);
-  std::vector<float> vr(rows * cfg.da), vc(cols * cfg.da), out(n);
-  lopt::TensorArgs t;
-  t.shape = {rows, cols};
-  t.p = p.data(), t.g = g.data(), t.m = m.data(), t.rms = rms.data();
-  const bool cols_larger = cols >= rows;  // v_row drops d0 (the larger axis)
-  t.v_row = cols_larger ? vr.data() : vc.data();
-  t.v_col = cols_larger ? vc.data() : vr.data();
-  t.out = out.data(), t.m_out = m.data(), t.rms_out = rms.data();
-  t.v_row_out = const_cast<float*>(t.v_row), t.v_col_out = const_cast<float*>(t.v_col);
-  t.packed = packed.data();
+  std::vector<Tensor> store;
+  int64_t n_total = 0;
+  for (int member = 0; member < members; ++member)
+    for (const auto& shape : shapes) {
+      Tensor t;
+      t.shape = shape;
+      int64_t n = 1;
+      for (int64_t d : shape) n *= d;
+      n_total += n;
+      t.packed = fill(layout.size, 0.2f);
+      for (int k = 0; k < cfg.dm; ++k) t.packed[layout.mom_beta + k] = 0.9f, t.packed[layout.mom_1mb + k] = 0.1f;
+      for (int k = 0; k < cfg.dr; ++k) t.packed[layout.rms_beta + k] = 0.99f, t.packed[layout.rms_1mb + k] = 0.01f;
+      for (int k = 0; k < cfg.da; ++k) t.packed[layout.fac_beta + k] = 0.9f, t.packed[layout.fac_1mb + k] = 0.1f;
+      t.p = fill(n, 1), t.g = fill(n, 1), t.m.assign(n * cfg.dm, 0.0f), t.rms.assign(n * cfg.dr, 0.0f);
+      t.out.assign(n, 0.0f);
+      if (shape.size() >= 2) {
+        // v_row drops the larger of the last two axes (d0), v_col the other (d1)
+        const int64_t rows = shape[shape.size() - 2], cols = shape.back();
+        const int64_t lead = n / (rows * cols);
+        t.vr.assign(lead * (cols >= rows ? rows : cols) * cfg.da, 0.0f);
+        t.vc.assign(lead * (cols >= rows ? cols : rows) * cfg.da, 0.0f);
+      } else {
+        t.vfull.assign(n * cfg.da, 0.0f);
+      }
+      store.push_back(std::move(t));
+    }
+  std::vector<lopt::TensorArgs> tensors;
+  for (Tensor& t : store) {
+    lopt::TensorArgs a;
+    a.shape = t.shape;
+    a.p = t.p.data(), a.g = t.g.data(), a.m = t.m.data(), a.rms = t.rms.data();
+    a.out = t.out.data(), a.m_out = t.m.data(), a.rms_out = t.rms.data();
+    if (t.shape.size() >= 2) {
+      a.v_row = t.vr.data(), a.v_col = t.vc.data();
+      a.v_row_out = t.vr.data(), a.v_col_out = t.vc.data();
+    } else {
+      a.v_full = t.vfull.data(), a.v_full_out = t.vfull.data();
+    }
+    a.packed = t.packed.data();
+    tensors.push_back(a);
+  }
   const int threads = std::getenv("LOPT_BENCH_THREADS") ? std::atoi(std::getenv("LOPT_BENCH_THREADS")) : 1;
   lopt::ParallelFor pfor = [threads](int64_t count, const std::function<void(int64_t)>& fn) {
     std::vector<std::thread> pool;
@@ -51,7 +112,6 @@ int main(int argc, char** argv) {
       pool.emplace_back([&, w] { for (int64_t i = w; i < count; i += threads) fn(i); });
     for (auto& th : pool) th.join();
   };
-  std::vector<lopt::TensorArgs> tensors{t};
   const lopt::CpuPrecision precision =
       std::getenv("LOPT_BENCH_BF16") ? lopt::CpuPrecision::kBf16 : lopt::CpuPrecision::kFp32;
   // CPU time as well as wall time: on a shared machine the process's CPU time is
@@ -73,11 +133,10 @@ int main(int argc, char** argv) {
     best = s < best ? s : best;
     best_cpu = (c1 - c0) < best_cpu ? (c1 - c0) : best_cpu;
   }
-  const double flops = 2.0 * (28 * cfg.hidden + cfg.hidden * cfg.hidden + 2 * cfg.hidden) * n;
-  std::printf("%s%lldx%lld H=%d threads=%d: %.2f ms wall, %.2f ms cpu, %.1f Mparam/s, "
+  const double flops = 2.0 * (28 * cfg.hidden + cfg.hidden * cfg.hidden + 2 * cfg.hidden) * n_total;
+  std::printf("%s%s x%d (%lld elements) H=%d threads=%d: %.2f us wall, %.2f us cpu, %.2f ns/element, "
               "%.1f GFLOP/s (useful, wall)\n",
-              precision == lopt::CpuPrecision::kBf16 ? "bf16 " : "", (long long)rows,
-              (long long)cols, cfg.hidden, threads, best * 1e3, best_cpu * 1e3,
-              n / best / 1e6, flops / best / 1e9);
+              precision == lopt::CpuPrecision::kBf16 ? "bf16 " : "", argv[1], members, (long long)n_total,
+              cfg.hidden, threads, best * 1e6, best_cpu * 1e6, best * 1e9 / n_total, flops / best / 1e9);
   return 0;
 }
