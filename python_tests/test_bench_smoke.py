@@ -186,7 +186,7 @@ def test_metatrain_throughput_tool_runs_and_counts_member_steps():
                          capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    assert row["timed_steps"] >= 1 and row["devices"] == 1
+    assert row["timed_steps"] >= 1 and row["devices"] == 1 and row["median_outer_step_cpu_ms"] > 0
     np.testing.assert_allclose(row["member_steps_per_s"], 2 * 2 * 2 / (row["mean_outer_step_ms"] / 1e3), rtol=1e-9)
 
 
