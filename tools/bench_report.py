@@ -363,8 +363,8 @@ def section_metatrain(mrows) -> str:
                      f"{m['candidates']} candidates x {len(m['seeds'])} seeds x {m['steps']} steps, "
                      f"{len(m['tasks'])} tasks, {m['devices']} CPU devices" + load(m), ""])
     return "\n".join(["### Meta-training throughput", "",
-                      f"PES: one digits MLP (2.4k parameters), small_fc_lopt H=4, 8 antithetic pairs, "
-                      f"truncations of 20 steps, trajectories of 600; steady state (compilation left out).",
+                      "PES: one digits MLP (2.4k parameters), small_fc_lopt H=4, 8 antithetic pairs, "
+                      "truncations of 20 steps, trajectories of 600; steady state (compilation left out).",
                       "", table(["what", "throughput", "setting", "comparison"], body)])
 
 

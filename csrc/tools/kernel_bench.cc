@@ -4,7 +4,6 @@
 #include <ctime>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
@@ -19,17 +18,18 @@ struct Tensor {
   std::vector<float> packed, p, g, m, rms, vr, vc, vfull, out;
 };
 
-std::vector<int64_t> ParseShape(const char* s) {
+// One shape ("64x32") of a comma-separated list, advancing s past it and its comma;
+// empty when malformed.
+std::vector<int64_t> ParseShape(const char*& s) {
   std::vector<int64_t> shape;
-  while (*s) {
+  for (;;) {
     char* end = nullptr;
-    shape.push_back(std::strtoll(s, &end, 10));
-    if (end == s || shape.back() < 1) return {};
-    s = *end == 'x' ? end + 1 : end;
-    if (*end && *end != 'x' && *end != ',') return {};
-    if (*end == ',') break;
+    const long long d = std::strtoll(s, &end, 10);
+    if (end == s || d < 1) return {};
+    shape.push_back(d);
+    s = end + (*end != '\0');
+    if (*end != 'x') return *end == ',' || *end == '\0' ? shape : std::vector<int64_t>{};
   }
-  return shape;
 }
 
 }  // namespace
@@ -48,8 +48,6 @@ int main(int argc, char** argv) {
   for (const char* s = argv[1]; *s;) {
     shapes.push_back(ParseShape(s));
     if (shapes.back().empty()) { std::fprintf(stderr, "bad SHAPES: %s\n", argv[1]); return 2; }
-    const char* comma = std::strchr(s, ',');
-    s = comma ? comma + 1 : s + std::strlen(s);
   }
   lopt::Config cfg;
   cfg.hidden = std::atoi(argv[2]);
@@ -79,12 +77,11 @@ int main(int argc, char** argv) {
       for (int k = 0; k < cfg.da; ++k) t.packed[layout.fac_beta + k] = 0.9f, t.packed[layout.fac_1mb + k] = 0.1f;
       t.p = fill(n, 1), t.g = fill(n, 1), t.m.assign(n * cfg.dm, 0.0f), t.rms.assign(n * cfg.dr, 0.0f);
       t.out.assign(n, 0.0f);
-      if (shape.size() >= 2) {
-        // v_row drops the larger of the last two axes (d0), v_col the other (d1)
-        const int64_t rows = shape[shape.size() - 2], cols = shape.back();
-        const int64_t lead = n / (rows * cols);
-        t.vr.assign(lead * (cols >= rows ? rows : cols) * cfg.da, 0.0f);
-        t.vc.assign(lead * (cols >= rows ? cols : rows) * cfg.da, 0.0f);
+      if (shape.size() >= 2) {  // v_row drops the factored axis d0, v_col the axis d1
+        int d1 = 0, d0 = 0;
+        lopt::FactoredDims(shape.data(), static_cast<int>(shape.size()), &d1, &d0);
+        t.vr.assign(n / shape[d0] * cfg.da, 0.0f);
+        t.vc.assign(n / shape[d1] * cfg.da, 0.0f);
       } else {
         t.vfull.assign(n * cfg.da, 0.0f);
       }
