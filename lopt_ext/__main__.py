@@ -220,7 +220,8 @@ def _metatrain_fields():
         "lopt_kind": ("learned optimizer (lopt_ext.variants.KINDS): small_fc_lopt, scaled (small_fc_lopt "
                       "with a learned per-tensor step scale), scaled_progress (scaled plus progress inputs and a "
                       "learned weight decay), scaled_horizon (scaled plus the fraction of the trajectory's horizon "
-                      "done: a learned schedule), the small_fc_lopt ablations "
+                      "done: a learned schedule), scaled_horizon_loss (scaled_horizon plus what the minibatch loss has done), "
+                      "the small_fc_lopt ablations "
                       "small_fc_lopt_no_adafactor and small_fc_lopt_1m1r, or mlp_lopt (MLPLOpt)",
                       dict(choices=list(LOPT_KINDS))),
         "seed": ("seed of the initial theta, the task draws and the perturbations", dict(type=_nonnegative_int)),

@@ -39,6 +39,7 @@ class Rule:
     state_fields: Tuple[str, ...] = ()
     global_fields: Tuple[str, ...] = ()  # state fields that are not per-leaf trees
     uses_loss = False      # True: every step needs the loss (optax's ``value``)
+    loss_source = "train"  # which loss ``value`` must be: "train" (the step's minibatch) or "validation"
     uses_horizon = False   # True: the step needs num_steps, the length of training
 
     def _check_mlp_fields(self) -> None:

@@ -26,6 +26,15 @@ computed from un-normalised, loss-scale-free statistics u of the tensor (per ste
     through tanh(10 (f - c)) for c in HORIZON_FRACTIONS and log(cosine(f) + 1e-3) / 7, with
     cosine(f) = (1 + cos(pi min(f, 1))) / 2, so that a linear weight of 7 on the last input is
     a cosine decay to ~0 at the horizon, and the tanh steps any other learned schedule,
+  - with ``loss_inputs`` set, what the loss has done (optax's ``value``, which every step
+    then requires; ``loss_inputs`` names the loss the rule was meta-trained on, "train" for
+    the step's minibatch loss or "validation" for a validation-batch loss, so that callers
+    pass the same): from bias-corrected averages of the loss at two timescales
+    (LOSS_DECAYS, fast a and slow b), its first value L_0 and the lowest fast average so far,
+    log(b / L_0) / 3 (how far it has fallen), log(a / min a) (how far it has risen above
+    its best: overfitting, for a validation loss; instability, for a training loss) and
+    log(a / b) (its trend), each clipped; all three are unchanged when the loss is
+    multiplied by a constant (the loss is taken as >= 0: a cross-entropy, a squared error),
 all from the NEW accumulators (what the fused kernel's statistics pass sees). Multiplying g
 by any constant leaves s unchanged, as it leaves Adam unchanged. w_lin, b and w2 start at
 zero, so a fresh theta gives s = 1: exactly small_fc_lopt.
@@ -36,7 +45,7 @@ a handful of reductions per tensor computed in JAX, applied to the kernel's step
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +59,10 @@ SCALE_BOUND = 4.0  # |log s| <= 4: the scale stays within [0.018, 55]
 NUM_PROGRESS_INPUTS = 2
 HORIZON_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9)
 NUM_HORIZON_INPUTS = len(HORIZON_FRACTIONS) + 1
+LOSS_SOURCES = ("train", "validation")  # the losses a rule with loss inputs may be meta-trained on
+LOSS_DECAYS = (0.9, 0.99)  # the fast and slow averages of the loss inputs
+NUM_LOSS_INPUTS = 3
+LOSS_FLOOR = 1e-30  # losses (and their averages) are read as at least this before the logs
 DECAY_OFF = -30.0  # decay_b at or below this: no weight decay (exactly)
 MAX_LOG_DECAY = float(np.log(0.1))  # lambda <= 0.1 per step
 ZERO_LOG_RMS = 0.5 * float(np.log(1e-6))  # log RMS(p) of an all-zero tensor (the 1e-6 floor)
@@ -86,6 +99,22 @@ ScaledHorizonState = _with_num_steps(SmallFcLOptState, "ScaledHorizonState",
 ScaledProgressHorizonState = _with_num_steps(ScaledSmallFcLOptState, "ScaledProgressHorizonState",
                                              "ScaledSmallFcLOptState plus num_steps: progress and horizon inputs.")
 
+# the global state fields of the loss inputs: the first loss, the fast and slow averages
+# (not bias-corrected) and the lowest bias-corrected fast average so far
+LOSS_FIELDS = ("loss_first", "loss_means", "loss_min")
+_LOSS_STATE_TYPES = {}
+
+
+def _with_loss_fields(base):
+    """``base``'s fields plus LOSS_FIELDS: the state of a rule with loss inputs (one class per
+    base, made once, so that isinstance checks hold across calls)."""
+    if base not in _LOSS_STATE_TYPES:
+        name = base.__name__.replace("State", "") + "LossState"
+        state = NamedTuple(name, [(f, Any) for f in base._fields] + [(f, jax.Array) for f in LOSS_FIELDS])
+        state.__doc__ = f"{base.__name__} plus {', '.join(LOSS_FIELDS)}: ScaledSmallFcLOpt(loss_inputs=...)."
+        _LOSS_STATE_TYPES[base] = state
+    return _LOSS_STATE_TYPES[base]
+
 
 def horizon_features(iteration, num_steps) -> jax.Array:
     """The NUM_HORIZON_INPUTS scale inputs of step ``iteration`` (before the increment) of a
@@ -96,6 +125,23 @@ def horizon_features(iteration, num_steps) -> jax.Array:
     return jnp.concatenate([steps, jnp.reshape(jnp.log(cosine + 1e-3) / 7.0, (1,))])
 
 
+def loss_features(iteration, value, loss_first, loss_means, loss_min):
+    """(the NUM_LOSS_INPUTS scale inputs, new loss_first, loss_means, loss_min) of the step
+    ``iteration`` (before the increment) whose loss is ``value`` (see the module docstring)."""
+    it = jnp.asarray(iteration)
+    loss = jnp.maximum(jnp.asarray(value, jnp.float32), 0.0)
+    decays = jnp.asarray(LOSS_DECAYS, jnp.float32)
+    means = loss_means * decays + (1.0 - decays) * loss
+    corrected = means / (1.0 - decays ** (it + 1).astype(jnp.float32))
+    first = jnp.where(it == 0, loss, loss_first)
+    lowest = jnp.where(it == 0, corrected[0], jnp.minimum(loss_min, corrected[0]))
+    log = lambda x: jnp.log(jnp.maximum(x, LOSS_FLOOR))  # noqa: E731
+    fell = jnp.clip(log(corrected[1]) - log(first), -12.0, 3.0) / 3.0
+    rose = jnp.clip(log(corrected[0]) - log(lowest), 0.0, 3.0)
+    trend = jnp.clip(log(corrected[0]) - log(corrected[1]), -3.0, 3.0)
+    return jnp.stack([fell, rose, trend]), first, means, lowest
+
+
 @dataclasses.dataclass(frozen=True)
 class ScaledSmallFcLOpt(SmallFcLOpt):
     """SmallFcLOpt plus a learned per-tensor step scale; ``scale_hidden`` units in its MLP."""
@@ -103,6 +149,7 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
     scale_hidden: int = 8
     progress_inputs: bool = False
     horizon_inputs: bool = False
+    loss_inputs: Optional[str] = None  # None, or the loss it reads: one of LOSS_SOURCES
 
     def __post_init__(self):
         super().__post_init__()
@@ -112,10 +159,22 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         for name in ("progress_inputs", "horizon_inputs"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"ScaledSmallFcLOpt: {name} must be a bool, got {getattr(self, name)!r}")
+        if self.loss_inputs is not None and self.loss_inputs not in LOSS_SOURCES:
+            raise ValueError(f"ScaledSmallFcLOpt: loss_inputs must be None or one of {LOSS_SOURCES}, "
+                             f"got {self.loss_inputs!r}")
 
     @property
     def uses_horizon(self) -> bool:
         return bool(self.horizon_inputs)
+
+    @property
+    def uses_loss(self) -> bool:
+        return self.loss_inputs is not None
+
+    @property
+    def loss_source(self) -> str:
+        """The loss each step's ``value`` must be: the one the rule was meta-trained on."""
+        return self.loss_inputs or "train"
 
     @property
     def num_base_scale_inputs(self) -> int:
@@ -125,37 +184,56 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
     @property
     def num_scale_inputs(self) -> int:
         return (self.num_base_scale_inputs + (NUM_PROGRESS_INPUTS if self.progress_inputs else 0)
-                + (NUM_HORIZON_INPUTS if self.horizon_inputs else 0))
+                + (NUM_HORIZON_INPUTS if self.horizon_inputs else 0) + (NUM_LOSS_INPUTS if self.uses_loss else 0))
 
-    # ----- state: small_fc_lopt's, plus scale_ref with progress_inputs, num_steps with horizon_inputs
+    # ----- state: small_fc_lopt's, plus scale_ref with progress_inputs, num_steps with
+    # horizon_inputs, LOSS_FIELDS with loss_inputs
     @property
     def state_fields(self):
         return SmallFcLOpt.state_fields + (("scale_ref",) if self.progress_inputs else ())
 
     @property
     def global_fields(self):
-        return ("num_steps",) if self.horizon_inputs else ()
+        return (("num_steps",) if self.horizon_inputs else ()) + (LOSS_FIELDS if self.uses_loss else ())
 
     @property
     def state_type(self):
         if self.horizon_inputs:
-            return ScaledProgressHorizonState if self.progress_inputs else ScaledHorizonState
-        return ScaledSmallFcLOptState if self.progress_inputs else SmallFcLOptState
+            base = ScaledProgressHorizonState if self.progress_inputs else ScaledHorizonState
+        else:
+            base = ScaledSmallFcLOptState if self.progress_inputs else SmallFcLOptState
+        return _with_loss_fields(base) if self.uses_loss else base
 
     def global_shapes(self):
-        return {"num_steps": ((), jnp.int32)} if self.horizon_inputs else {}
+        shapes = {"num_steps": ((), jnp.int32)} if self.horizon_inputs else {}
+        if self.uses_loss:
+            shapes.update(loss_first=((), jnp.float32), loss_means=((len(LOSS_DECAYS),), jnp.float32),
+                          loss_min=((), jnp.float32))
+        return shapes
 
     def init_globals(self, num_steps):
-        if not self.horizon_inputs:
-            return {}
-        return {"num_steps": jnp.asarray(0 if num_steps is None else num_steps, jnp.int32)}
+        out = {}
+        if self.horizon_inputs:
+            out["num_steps"] = jnp.asarray(0 if num_steps is None else num_steps, jnp.int32)
+        if self.uses_loss:
+            out.update(loss_first=jnp.zeros((), jnp.float32), loss_means=jnp.zeros((len(LOSS_DECAYS),), jnp.float32),
+                       loss_min=jnp.zeros((), jnp.float32))
+        return out
 
     def step_context(self, theta, state, value, num_steps):
-        """With horizon_inputs: (the horizon inputs of this step, the horizon kept in the state)."""
-        if not self.horizon_inputs:
-            return None, {}
-        horizon = state.num_steps if num_steps is None else jnp.asarray(num_steps, jnp.int32)
-        return horizon_features(state.iteration, horizon), {"num_steps": horizon}
+        """With horizon or loss inputs: (the scale inputs of this step shared by every tensor,
+        the horizon and loss fields of the new state)."""
+        parts, new = [], {}
+        if self.horizon_inputs:
+            horizon = state.num_steps if num_steps is None else jnp.asarray(num_steps, jnp.int32)
+            parts.append(horizon_features(state.iteration, horizon))
+            new["num_steps"] = horizon
+        if self.uses_loss:
+            u, first, means, lowest = loss_features(state.iteration, value, state.loss_first, state.loss_means,
+                                                    state.loss_min)
+            parts.append(u)
+            new.update(loss_first=first, loss_means=means, loss_min=lowest)
+        return (jnp.concatenate(parts) if parts else None), new
 
     def leaf_state_shapes(self, shape):
         shapes = super().leaf_state_shapes(shape)
@@ -243,10 +321,15 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         return jnp.concatenate([jnp.reshape(log_rms_p / 3.0, (1,)), snr / 3.0,
                                 jnp.reshape(log_size / 10.0, (1,)), step_features(iteration)])
 
+    @property
+    def has_context_inputs(self) -> bool:
+        """Whether the scale has inputs beyond one tensor's statistics (progress, horizon, loss)."""
+        return bool(self.progress_inputs or self.horizon_inputs or self.uses_loss)
+
     def scale_from_sums(self, theta, iteration, sums, n):
         """The step multiplier of a tensor of n elements from its scale_sums (no progress inputs)."""
-        if self.progress_inputs or self.horizon_inputs:
-            raise ValueError("scale_from_sums does not take the progress or horizon inputs: use step_scales")
+        if self.has_context_inputs:
+            raise ValueError("scale_from_sums does not take the progress, horizon or loss inputs: use step_scales")
         return self._scale(theta, self.scale_inputs_from_sums(iteration, sums, n))
 
     def progress_inputs_new(self, theta, iteration, p, new):
@@ -273,8 +356,8 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
     def tensor_scale(self, theta, iteration, p, g, m, rms):
         """The step multiplier s of one tensor (a float32 scalar), from its old state (no
         progress inputs: see step_scales)."""
-        if self.progress_inputs or self.horizon_inputs:
-            raise ValueError("tensor_scale does not take the progress or horizon inputs: use step_scales")
+        if self.has_context_inputs:
+            raise ValueError("tensor_scale does not take the progress, horizon or loss inputs: use step_scales")
         return self._scale(theta, self.scale_inputs(theta, iteration, p, g, m, rms))
 
     def _scale(self, theta, u):
@@ -326,16 +409,17 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
     def step_scales(self, theta, iteration, leaves, new_state, impl: str = "reference", context=None):
         """Per leaf (p, g, m, rms, ...) with new state (m_new, rms_new, ...) its step's multiplier;
         impl: how the tensor-wide sums are computed (scale_sums_leaves); context: step_context's
-        (the horizon inputs, the same for every tensor)."""
-        if self.horizon_inputs and context is None:
-            raise ValueError("ScaledSmallFcLOpt(horizon_inputs=True).step_scales needs step_context's context")
+        (the horizon and loss inputs, the same for every tensor)."""
+        shared = self.horizon_inputs or self.uses_loss
+        if shared and context is None:
+            raise ValueError("ScaledSmallFcLOpt with horizon or loss inputs: step_scales needs step_context's context")
         out = []
         sums = self.scale_sums_leaves([(leaf[0], new[0], new[1]) for leaf, new in zip(leaves, new_state)], impl)
         for leaf, new, su in zip(leaves, new_state, sums):
             u = self.scale_inputs_from_sums(iteration, su, _numel(leaf[0]))
             if self.progress_inputs:
                 u = jnp.concatenate([u, self.progress_inputs_new(theta, iteration, leaf[0], new)])
-            if self.horizon_inputs:
+            if shared:
                 u = jnp.concatenate([u, context])
             out.append(self._scale(theta, u))
         return out
@@ -388,8 +472,22 @@ def with_horizon_inputs(lopt: ScaledSmallFcLOpt, theta):
     the same rule, step for step, whatever the horizon; a search can then learn a schedule."""
     if lopt.horizon_inputs:
         return lopt, theta
-    ts = _with_zero_inputs(theta["tensor_scale"], lopt.num_scale_inputs, NUM_HORIZON_INPUTS)
+    at = lopt.num_scale_inputs - (NUM_LOSS_INPUTS if lopt.uses_loss else 0)  # the loss inputs come last
+    ts = _with_zero_inputs(theta["tensor_scale"], at, NUM_HORIZON_INPUTS)
     return dataclasses.replace(lopt, horizon_inputs=True), dict(theta, tensor_scale=ts)
+
+
+def with_loss_inputs(lopt: ScaledSmallFcLOpt, theta, source: str = "train"):
+    """(lopt reading the loss ``source`` (LOSS_SOURCES), theta extended with zero weights on the
+    loss inputs): the same rule, step for step, whatever the loss; a search can then teach it
+    to use them."""
+    if lopt.uses_loss:
+        if lopt.loss_inputs != source:
+            raise ValueError(f"{lopt} already reads the {lopt.loss_inputs} loss, not the {source} loss")
+        return lopt, theta
+    rule = dataclasses.replace(lopt, loss_inputs=source)  # validates source
+    ts = _with_zero_inputs(theta["tensor_scale"], lopt.num_scale_inputs, NUM_LOSS_INPUTS)
+    return rule, dict(theta, tensor_scale=ts)
 
 
 def _with_zero_inputs(ts, at: int, k: int):

@@ -516,10 +516,11 @@ def _check_supported(lopt) -> None:
     check_lopt(lopt)
     if not isinstance(lopt, SmallFcLOpt):
         raise NotImplementedError(f"{type(lopt).__name__}: the sharded path supports small_fc_lopt only")
-    for flag in ("progress_inputs", "horizon_inputs"):
-        if getattr(lopt, flag, False):
-            raise NotImplementedError(f"{type(lopt).__name__}({flag}=True): the sharded path supports "
-                                      "small_fc_lopt and ScaledSmallFcLOpt without progress or horizon inputs")
+    for flag in ("progress_inputs", "horizon_inputs", "loss_inputs"):
+        if getattr(lopt, flag, None):
+            raise NotImplementedError(f"{type(lopt).__name__}({flag}={getattr(lopt, flag)!r}): the sharded path "
+                                      "supports small_fc_lopt and ScaledSmallFcLOpt without progress, horizon or "
+                                      "loss inputs")
     if not lopt.has_adafactor:
         raise NotImplementedError("the sharded path needs the Adafactor features (initial_adafactor_decays "
                                   "is empty); use the unsharded fused_update or transform")

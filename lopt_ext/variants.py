@@ -25,6 +25,8 @@ KINDS: Dict[str, Callable[..., LearnedOptimizer]] = {
     "scaled_progress": functools.partial(ScaledSmallFcLOpt, progress_inputs=True),
     # the scale also sees the fraction of its horizon a run has done (a learned schedule; needs num_steps)
     "scaled_horizon": functools.partial(ScaledSmallFcLOpt, horizon_inputs=True),
+    # ... and what the step's minibatch loss has done (optax's value, which every step then needs)
+    "scaled_horizon_loss": functools.partial(ScaledSmallFcLOpt, horizon_inputs=True, loss_inputs="train"),
     # ablation: no row/column (Adafactor) accumulators or features (10 normalised features, not 28)
     "small_fc_lopt_no_adafactor": functools.partial(SmallFcLOpt, initial_adafactor_decays=()),
     # ablation: one momentum, one rms and one Adafactor decay instead of three, one and three

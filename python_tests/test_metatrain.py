@@ -446,3 +446,66 @@ def test_two_processes_meta_train_exactly_as_one(tmp_path):
     assert not any(n.startswith("step_") for n in os.listdir(two))  # compact checkpoints only
     trainer, ms, _ = train.load_compact(os.path.join(two, "resume.safetensors"))
     assert ms.step == 5
+
+
+def test_pes_feeds_a_loss_reading_rule_its_minibatch_loss(tmp_path):
+    """scaled_horizon_loss: started from a horizon rule's file (the loss weights at 0), the
+    population step equals a hand-written loop that passes each step's minibatch loss as value,
+    and not one that passes another loss."""
+    from lopt_ext.scaled import with_horizon_inputs, with_loss_inputs
+    from lopt_ext import ScaledSmallFcLOpt
+    from jax.flatten_util import ravel_pytree
+    base = ScaledSmallFcLOpt(hidden_size=4)
+    stored, theta = with_horizon_inputs(base, base.init_theta(jax.random.PRNGKey(5)))
+    path = str(tmp_path / "h.safetensors")
+    checkpoint.save_theta(path, theta, stored)
+    tr = MetaTrainer(_cfg(lopt_kind="scaled_horizon_loss", init_theta=path, min_horizon=6, max_horizon=6,
+                          sigma=1e-9, unroll=3))
+    lopt, started = with_loss_inputs(stored, theta)
+    assert tr.lopt == lopt
+    ms = tr.init()
+    np.testing.assert_array_equal(np.asarray(ms.theta_flat), np.asarray(ravel_pytree(started)[0]))
+    ts = started["tensor_scale"]
+    theta_flat = ravel_pytree(dict(started, tensor_scale=dict(ts, w_lin=ts["w_lin"].at[-3:].set(
+        jnp.asarray([2.0, -3.0, 2.5])))))[0]
+    slot = ms.slots[0]
+    task = tr.slot_task(slot)
+    out = tr._slot_step_fn(task, "fused")(theta_flat, slot.params, slot.opt_state, slot.accum, slot.data_keys,
+                                          jnp.int32(0), jax.random.PRNGKey(7))
+    tx = tr.lopt.transform(tr.unravel(theta_flat), impl="reference", num_steps=slot.horizon)
+    for factor, same in ((1.0, True), (0.1, False)):
+        params, state = _member(slot.params, 0), _member(slot.opt_state, 0)
+        for i in range(tr.cfg.unroll):
+            key = jax.random.fold_in(slot.data_keys[0], i)
+            loss, g = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
+            u, state = tx.update(g, state, params, value=loss * (factor if i else 1.0))
+            params = optax.apply_updates(params, u)
+        close = all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6) for a, b in
+                    zip(jax.tree_util.tree_leaves(_member(out[0], 0)), jax.tree_util.tree_leaves(params)))
+        assert close == same, factor
+
+
+def test_loss_entry_needs_the_loss_and_num_steps_and_continues_as_scaled_horizon_loss():
+    """The shipped loss-reading entry: its updates require value= and num_steps, its recorded
+    evaluation is the committed one, and its resume checkpoint continues it as meta-train's
+    scaled_horizon_loss."""
+    from importlib import resources
+    from lopt_ext import pretrained
+    name = "scaled_small_fc_lopt_h4_loss"
+    lopt, theta = pretrained.load(name)
+    assert lopt.horizon_inputs and lopt.loss_inputs == "train" and lopt.uses_loss
+    params, g = {"w": jnp.ones((4, 3))}, {"w": jnp.full((4, 3), 0.5)}
+    tx = lopt.transform(theta, num_steps=100)
+    with pytest.raises(ValueError, match="value="):
+        tx.update(g, tx.init(params), params)
+    u, st = tx.update(g, tx.init(params), params, value=jnp.float32(0.7))
+    assert float(st.loss_first) == pytest.approx(0.7) and np.all(np.isfinite(np.asarray(u["w"])))
+    info = pretrained.info(name)
+    doc = json.load(open(os.path.join(os.path.dirname(__file__), "..", info["evaluation"]["file"])))
+    assert doc["summary"] == info["evaluation"]["summary"] and doc["lopt"]["loss_inputs"] == "train"
+    with resources.as_file(resources.files("lopt_ext.pretrained").joinpath(info["resume_checkpoint"])) as path:
+        cfg = train.compact_config(str(path))
+        assert cfg.lopt_kind == "scaled_horizon_loss" and cfg.lopt() == lopt
+        flat, _ = train._read_compact(str(path))
+    from jax.flatten_util import ravel_pytree
+    np.testing.assert_array_equal(flat["theta/flat"], np.asarray(ravel_pytree(theta)[0]))

@@ -115,3 +115,33 @@ def test_resume_continues_the_search_exactly(tmp_path):
     with pytest.raises(SystemExit):
         scale_es.main(["--out", part, "--generations", "3", "--resume", "--pairs", "2",
                        "--task-indices", "0", "--steps", "100", "--seeds", "0"])
+
+
+def test_loss_coordinates_move_the_last_inputs_and_a_search_feeds_the_loss(tmp_path):
+    from lopt_ext import checkpoint, pretrained
+    from lopt_ext.scaled import with_loss_inputs
+    lopt, theta = with_loss_inputs(*pretrained.load("scaled_small_fc_lopt_h4_horizon"), "validation")
+    ts = theta["tensor_scale"]
+    n = ts["w_lin"].shape[0]
+    x = scale_es.coordinates(theta, "horizon+loss")  # the 6 horizon weights, the 3 loss weights, the bias
+    np.testing.assert_array_equal(x[:-1], np.asarray(ts["w_lin"])[-9:])
+    np.testing.assert_array_equal(x[-4:-1], [0, 0, 0])
+    moved = scale_es.with_coordinates(theta, np.arange(4, dtype=np.float32) + 1, "loss")["tensor_scale"]
+    np.testing.assert_array_equal(np.asarray(moved["w_lin"][:n - 3]), np.asarray(ts["w_lin"][:n - 3]))
+    np.testing.assert_array_equal(np.asarray(moved["w_lin"][-3:]), [1, 2, 3])
+    assert float(moved["b"][0]) == 4
+    assert "horizon+loss" in scale_es.usable_kind("horizon", False, True, "train")
+    assert scale_es.usable_kind("horizon+loss", False, True, None) is not None
+    assert scale_es.usable_kind("loss", False, False, "train") is None
+    with pytest.raises(SystemExit):  # 'horizon' would move the loss weights of such a rule
+        scale_es.main(["--out", str(tmp_path), "--from-pretrained", "scaled_small_fc_lopt_h4_horizon",
+                       "--loss-inputs", "train", "--coordinates", "horizon"])
+    out = str(tmp_path / "run")
+    scale_es.main(["--out", out, "--from-pretrained", "scaled_small_fc_lopt_h4_horizon", "--loss-inputs",
+                   "validation", "--coordinates", "loss", "--task-indices", "0", "--pairs", "1", "--steps", "100",
+                   "--seeds", "0", "--generations", "1", "--objective-views", "best_heldout", "train_final"])
+    info = json.load(open(os.path.join(out, "es.json")))
+    assert info["loss_inputs"] == "validation" and len(info["history"][0]["scores"]) == 3
+    assert all(np.isfinite(info["history"][0]["scores"]))
+    rule, _ = checkpoint.load_theta(os.path.join(out, "theta.safetensors"))
+    assert rule.loss_inputs == "validation" and rule.horizon_inputs

@@ -427,3 +427,114 @@ def test_horizon_rule_needs_num_steps_keeps_it_and_fused_matches_reference(tmp_p
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("d",))
     with pytest.raises(NotImplementedError, match="horizon_inputs"):
         sharded.sharded_transform(lopt, theta, mesh=mesh, param_specs=P())
+
+
+# ----- loss inputs (what the loss passed as optax's value has done)
+def _numpy_loss_inputs(values):
+    """Independent float64 transcription of the loss inputs after the losses ``values``: fast and
+    slow bias-corrected averages (decays 0.9, 0.99), the first loss, the lowest fast average."""
+    v = np.maximum(np.asarray(values, np.float64), 0.0)
+    avg = lambda d, n: sum((1 - d) * d ** (n - 1 - j) * v[j] for j in range(n)) / (1 - d ** n)  # noqa: E731
+    fast = [avg(0.9, n) for n in range(1, len(v) + 1)]
+    slow = avg(0.99, len(v))
+    lg = lambda x: np.log(max(x, 1e-30))  # noqa: E731
+    return np.array([np.clip(lg(slow) - lg(v[0]), -12, 3) / 3, np.clip(lg(fast[-1]) - lg(min(fast)), 0, 3),
+                     np.clip(lg(fast[-1]) - lg(slow), -3, 3)])
+
+
+def _losses_at(i):  # falls, then rises again (an overfitting validation loss)
+    return 2.0 * 0.8 ** i + 0.05 * max(i - 6, 0)
+
+
+def test_loss_variant_starts_as_the_rule_it_extends_whatever_the_loss():
+    from lopt_ext.scaled import NUM_LOSS_INPUTS, with_horizon_inputs, with_loss_inputs
+    lopt = ScaledSmallFcLOpt(hidden_size=4, horizon_inputs=True)
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(60))
+    ll, tl = with_loss_inputs(lopt, theta, "validation")
+    assert ll.uses_loss and ll.loss_source == "validation" and ll.num_scale_inputs == lopt.num_scale_inputs + 3
+    params = _tree(jax.random.PRNGKey(61))
+    for impl in ("fused", "reference"):
+        a = _trajectory(lopt, theta, params, impl, 12, _grads_at, num_steps=20)
+        b = _loss_trajectory(ll, tl, params, impl, 12, num_steps=20)
+        for k in SHAPES:
+            np.testing.assert_array_equal(a[k], b[k])
+    # loss then horizon inputs, or horizon then loss: the same rule and theta layout
+    base = ScaledSmallFcLOpt(hidden_size=4)
+    bt = _random_scale_theta(base, jax.random.PRNGKey(62))
+    l1, t1 = with_horizon_inputs(*with_loss_inputs(base, bt))
+    l2, t2 = with_loss_inputs(*with_horizon_inputs(base, bt))
+    assert l1 == l2 and l1.loss_inputs == "train" and l1.num_scale_inputs == base.num_scale_inputs + 6 + NUM_LOSS_INPUTS
+    for a, b in zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="train loss"):
+        with_loss_inputs(l1, t1, "validation")
+
+
+def _loss_trajectory(lopt, theta, params, impl, steps, num_steps=None, loss_scale=1.0):
+    tx = lopt.transform(theta, impl=impl, num_steps=num_steps)
+    p, st = params, tx.init(params)
+    upd = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))
+    for i in range(steps):
+        u, st = upd(_grads_at(i, p), st, p, jnp.float32(loss_scale * _losses_at(i)))
+        p = jax.tree_util.tree_map(jnp.add, p, u)
+    return p
+
+
+def test_loss_scale_matches_an_independent_transcription():
+    """Over a run whose loss falls and then rises, every step is the plain small_fc_lopt step
+    times the float64 transcription's scale, whose u ends with the loss inputs of the losses so
+    far; multiplying the loss by a constant changes no step."""
+    lopt = ScaledSmallFcLOpt(hidden_size=4, loss_inputs="train")
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(63))
+    theta["tensor_scale"]["w_lin"] = theta["tensor_scale"]["w_lin"].at[-3:].set(jnp.asarray([1.5, -2.0, 1.0]))
+    base = SmallFcLOpt(hidden_size=4)
+    base_theta = {k: v for k, v in theta.items() if k != "tensor_scale"}
+    params = _tree(jax.random.PRNGKey(64))
+    tx, tb = lopt.transform(theta, impl="reference"), base.transform(base_theta, impl="reference")
+    st = tx.init(params)
+    for i in range(14):
+        g = _grads_at(i, params)
+        u, st_new = tx.update(g, st, params, value=jnp.float32(_losses_at(i)))
+        ub, _ = tb.update(g, base.state_type(*st[:len(base.state_type._fields)]), params)
+        extra = _numpy_loss_inputs([_losses_at(j) for j in range(i + 1)])
+        for k in SHAPES:
+            s = _numpy_scale(lopt, theta, i, params[k], g[k], st.m[k], st.rms[k], extra)
+            np.testing.assert_allclose(np.asarray(u[k]), s * np.asarray(ub[k]), rtol=3e-5, atol=1e-9,
+                                       err_msg=f"{k} step {i}")
+        params, st = jax.tree_util.tree_map(jnp.add, params, u), st_new
+    assert float(st.loss_first) == pytest.approx(2.0)
+    start = _tree(jax.random.PRNGKey(64))
+    a = _loss_trajectory(lopt, theta, start, "fused", 14)
+    b = _loss_trajectory(lopt, theta, start, "fused", 14, loss_scale=1e3)
+    for k in SHAPES:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-5, atol=1e-7)
+
+
+def test_loss_rule_needs_the_loss_fused_matches_reference_and_checkpoints_keep_it(tmp_path):
+    from jax.sharding import Mesh, PartitionSpec as P
+    from lopt_ext import sharded
+    lopt = ScaledSmallFcLOpt(hidden_size=4, progress_inputs=True, horizon_inputs=True, loss_inputs="validation")
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(65))
+    theta["tensor_scale"]["w_lin"] = theta["tensor_scale"]["w_lin"].at[-3:].set(jnp.asarray([1.0, -1.5, 0.8]))
+    params = _tree(jax.random.PRNGKey(66))
+    tx = lopt.transform(theta, num_steps=30)
+    st = tx.init(params)
+    assert type(st).__name__ == "ScaledProgressHorizonLossState" and type(st) is lopt.state_type
+    with pytest.raises(ValueError, match="value="):
+        tx.update(params, st, params)
+    with pytest.raises(TypeError, match="value"):
+        tx.update(params, st, params, value=jnp.ones(3))
+    with pytest.raises(TypeError, match="loss_first"):  # a state whose loss fields were tampered with
+        tx.update(params, st._replace(loss_first=jnp.ones(2)), params, value=1.0)
+    fused, ref = (_loss_trajectory(lopt, theta, params, impl, 25, num_steps=30) for impl in ("fused", "reference"))
+    for k in SHAPES:
+        a, b = np.asarray(fused[k]), np.asarray(ref[k])
+        assert np.all(np.abs(a - b) <= 1e-6 * np.max(np.abs(b)) + 1e-5 * np.abs(b)), k
+    path = str(tmp_path / "l.safetensors")
+    checkpoint.save_theta(path, theta, lopt)
+    assert checkpoint.load_theta(path)[0] == lopt
+    with pytest.raises(ValueError, match="loss_inputs"):
+        ScaledSmallFcLOpt(loss_inputs="test")
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("d",))
+    with pytest.raises(NotImplementedError, match="loss_inputs"):
+        sharded.sharded_transform(ScaledSmallFcLOpt(loss_inputs="train"), theta, mesh=mesh, param_specs=P())

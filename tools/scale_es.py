@@ -18,7 +18,9 @@ weights, decay off or at --decay-start), and --coordinates progress moves only t
 coefficients and the two biases. --horizon-inputs gives it the horizon inputs of
 ScaledSmallFcLOpt(horizon_inputs=True) (zero weights: the same rule; every run is told its
 length, --steps), and --coordinates horizon moves only their coefficients and the scale's bias:
-a learned schedule over the fraction of training done.
+a learned schedule over the fraction of training done. --loss-inputs train|validation gives it
+the loss inputs (what the minibatch or a validation-batch loss has done; zero weights), and
+--coordinates loss (or horizon+loss) moves their coefficients and the bias.
 
 Each generation evaluates the mean and ``pairs`` antithetic perturbations on every task in one
 vmapped, jitted call per task (common random numbers: the same seeds and batches for every
@@ -51,8 +53,8 @@ from lopt_ext import checkpoint, pretrained  # noqa: E402
 from lopt_ext.metatrain import evaluate as ev  # noqa: E402
 from lopt_ext.__main__ import add_cpu_devices_option  # noqa: E402
 from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
-from lopt_ext.scaled import (DECAY_OFF, NUM_HORIZON_INPUTS, NUM_PROGRESS_INPUTS, with_horizon_inputs,  # noqa: E402
-                             with_progress_inputs)
+from lopt_ext.scaled import (DECAY_OFF, LOSS_SOURCES, NUM_HORIZON_INPUTS, NUM_LOSS_INPUTS,  # noqa: E402
+                             NUM_PROGRESS_INPUTS, with_horizon_inputs, with_loss_inputs, with_progress_inputs)
 from lopt_ext.tasks import family  # noqa: E402
 from scale_search import pes_kind, validation_task, write_pes_resume  # noqa: E402
 
@@ -70,16 +72,36 @@ CLIP = (-1.0, 3.0)  # default --clip (the score of a non-finite run is the upper
 # learned weight decay's coefficients and bias (needs --progress-inputs); "scale+progress" all
 # of the scale's linear coefficients and bias and the decay's (needs --progress-inputs);
 # "horizon" the coefficients of the horizon inputs (the last inputs) and the scale's bias (needs
-# --horizon-inputs).
-COORDINATES = ("scale", "scale+decays", "scale+hidden", "progress", "scale+progress", "horizon")
+# --horizon-inputs; the last but the loss inputs' with --loss-inputs); "loss" the coefficients of
+# the loss inputs (the last inputs) and the bias (needs --loss-inputs); "horizon+loss" both.
+COORDINATES = ("scale", "scale+decays", "scale+hidden", "progress", "scale+progress", "horizon", "loss",
+               "horizon+loss")
 NEEDS_PROGRESS = ("progress", "scale+progress")
+# kinds that move the last inputs of the scale (how many) and its bias
+TAIL_INPUTS = {"horizon": NUM_HORIZON_INPUTS, "loss": NUM_LOSS_INPUTS,
+               "horizon+loss": NUM_HORIZON_INPUTS + NUM_LOSS_INPUTS}
+
+
+def usable_kind(kind, progress_inputs, horizon_inputs, loss_inputs):
+    """None if ``kind`` fits a rule with these inputs, else why not."""
+    if kind in NEEDS_PROGRESS and not progress_inputs:
+        return f"{kind!r} needs --progress-inputs"
+    if "horizon" in kind and not horizon_inputs:
+        return f"{kind!r} needs --horizon-inputs"
+    if "loss" in kind and not loss_inputs:
+        return f"{kind!r} needs --loss-inputs"
+    if kind == "progress" and (horizon_inputs or loss_inputs):
+        return "'progress' moves the last inputs, which --horizon-inputs/--loss-inputs make theirs: use 'scale+progress'"
+    if kind == "horizon" and loss_inputs:
+        return "'horizon' moves the last inputs, which --loss-inputs makes the loss's: use 'horizon+loss'"
+    return None
 DECAY_UNIT = 10.0
 
 
 def coordinates(theta, kind="scale"):
     ts = theta["tensor_scale"]
-    if kind == "horizon":
-        return np.concatenate([np.asarray(ts["w_lin"], np.float32)[-NUM_HORIZON_INPUTS:], np.asarray(ts["b"], np.float32)])
+    if kind in TAIL_INPUTS:
+        return np.concatenate([np.asarray(ts["w_lin"], np.float32)[-TAIL_INPUTS[kind]:], np.asarray(ts["b"], np.float32)])
     if kind == "progress":
         return np.concatenate([np.asarray(ts["w_lin"], np.float32)[-NUM_PROGRESS_INPUTS:],
                                np.asarray(ts["b"], np.float32), np.asarray(ts["decay_w"], np.float32),
@@ -96,8 +118,8 @@ def coordinates(theta, kind="scale"):
 
 def with_coordinates(theta, x, kind="scale"):
     ts = dict(theta["tensor_scale"])
-    if kind == "horizon":
-        k = NUM_HORIZON_INPUTS
+    if kind in TAIL_INPUTS:
+        k = TAIL_INPUTS[kind]
         ts["w_lin"], ts["b"] = jnp.concatenate([jnp.asarray(ts["w_lin"])[:-k], x[:k]]), x[k:k + 1]
         return dict(theta, tensor_scale=ts)
     if kind == "progress":
@@ -198,6 +220,9 @@ def main(argv=None):
     ap.add_argument("--horizon-inputs", action="store_true",
                     help="give the scale the horizon inputs of lopt_ext.scaled (weights starting at 0: the "
                          "starting rule unchanged; runs are told their length, --steps)")
+    ap.add_argument("--loss-inputs", choices=LOSS_SOURCES, default=None,
+                    help="give the scale the loss inputs of lopt_ext.scaled (weights starting at 0: the starting "
+                         "rule unchanged), fed each step's minibatch loss (train) or a validation-batch loss")
     ap.add_argument("--clip", type=float, nargs=2, default=list(CLIP), metavar=("LOW", "HIGH"),
                     help="per task-seed log-ratio clip (the upper end also scores a non-finite run)")
     ap.add_argument("--decay-start", type=float, default=None, metavar="LAMBDA",
@@ -220,14 +245,14 @@ def main(argv=None):
         ap.error("argument --clip: needs LOW < 0 < HIGH")
     if args.resume and args.start_from:
         ap.error("argument --start-from: not with --resume (a resumed search keeps its start)")
-    if args.coordinates in NEEDS_PROGRESS and not args.progress_inputs:
-        ap.error(f"argument --coordinates: {args.coordinates!r} needs --progress-inputs")
-    if args.coordinates == "horizon" and not args.horizon_inputs:
-        ap.error("argument --coordinates: 'horizon' needs --horizon-inputs")
-    if args.coordinates == "progress" and args.horizon_inputs:
-        ap.error("argument --coordinates: 'progress' moves the last inputs, which --horizon-inputs makes "
-                 "the horizon's: use 'scale+progress'")
     lopt, base_theta = pretrained.load(args.from_pretrained)
+    # an entry that has the inputs already keeps them
+    args.horizon_inputs = args.horizon_inputs or bool(getattr(lopt, "horizon_inputs", False))
+    args.progress_inputs = args.progress_inputs or bool(getattr(lopt, "progress_inputs", False))
+    args.loss_inputs = args.loss_inputs or getattr(lopt, "loss_inputs", None)
+    why = usable_kind(args.coordinates, args.progress_inputs, args.horizon_inputs, args.loss_inputs)
+    if why:
+        ap.error(f"argument --coordinates: {why}")
     if args.progress_inputs:
         lopt, base_theta = with_progress_inputs(lopt, base_theta)
         if args.decay_start is not None and float(base_theta["tensor_scale"]["decay_b"][0]) <= DECAY_OFF:
@@ -235,6 +260,8 @@ def main(argv=None):
             base_theta = dict(base_theta, tensor_scale=ts)
     if args.horizon_inputs:
         lopt, base_theta = with_horizon_inputs(lopt, base_theta)
+    if args.loss_inputs:
+        lopt, base_theta = with_loss_inputs(lopt, base_theta, args.loss_inputs)
     start = pretrained.info(args.from_pretrained)["budget"]
     earlier = []  # runs of earlier searches this one starts from
     if args.start_from:
@@ -247,8 +274,11 @@ def main(argv=None):
         if prev["from_pretrained"] != args.from_pretrained:
             ap.error(f"argument --start-from: {args.start_from} started from {prev['from_pretrained']!r}, "
                      f"not {args.from_pretrained!r}")
-        kind = next(k for k in COORDINATES if (args.progress_inputs or k not in NEEDS_PROGRESS)
-                    and (args.horizon_inputs or k != "horizon") and coordinates(base_theta, k).size == x_prev.size)
+        kind = next((k for k in COORDINATES if prev.get("coordinates", k) == k
+                     and not usable_kind(k, args.progress_inputs, args.horizon_inputs, args.loss_inputs)
+                     and coordinates(base_theta, k).size == x_prev.size), None)
+        if kind is None:
+            ap.error(f"argument --start-from: its {prev.get('coordinates')!r} coordinates do not fit this rule")
         base_theta = with_coordinates(base_theta, jnp.asarray(x_prev), kind)
         earlier = prev.get("runs") or [{"command": prev["command"], "wall_s": prev["wall_s"]}]
     n_specs = len(family.TRAIN_SPECS)
@@ -274,13 +304,14 @@ def main(argv=None):
         with open(es_path) as f:
             prev = json.load(f)
         keys = ("from_pretrained", "seeds", "steps", "tasks", "pairs", "coordinates", "clip", "progress_inputs",
-                "horizon_inputs", "objective_views")
-        same = tuple(prev.get(k, False) for k in keys[:-1]) + (prev.get("objective_views"),) == (
+                "horizon_inputs")
+        same = tuple(prev.get(k, False) for k in keys) + (prev.get("objective_views"), prev.get("loss_inputs")) == (
             args.from_pretrained, args.seeds, args.steps, [t.name for t in tasks], args.pairs, args.coordinates,
-            list(args.clip), args.progress_inputs, args.horizon_inputs, args.objective_views)
+            list(args.clip), args.progress_inputs, args.horizon_inputs, args.objective_views, args.loss_inputs)
         if not same:
             ap.error(f"argument --resume: {es_path} was made with other --from-pretrained/--seeds/--steps/"
-                     "--task-indices/--pairs/--coordinates/--clip/--progress-inputs/--horizon-inputs/--objective-views")
+                     "--task-indices/--pairs/--coordinates/--clip/--progress-inputs/--horizon-inputs/--objective-views/"
+                     "--loss-inputs")
         mean, sigma, first = np.asarray(prev["mean"], np.float32), prev["sigma"], prev["generation"] + 1
         rng.bit_generator.state = prev["rng_state"]
         history, runs = prev["history"], prev["runs"]
@@ -290,6 +321,9 @@ def main(argv=None):
     horizon = args.steps if lopt.uses_horizon else None
     make_tx = lambda x: lopt.transform(with_coordinates(base_theta, x, args.coordinates), num_steps=horizon)
     dim = mean.size
+    # a loss-reading rule gets the loss it reads (evaluate.run_curves)
+    loss_values = {"train_value": lopt.uses_loss and lopt.loss_source == "train",
+                   "validation_value": lopt.uses_loss and lopt.loss_source == "validation"}
     runs = runs + [{"command": command, "wall_s": 0.0}]
     from tqdm import tqdm
     bar = tqdm(range(first, args.generations), desc="scale_es", dynamic_ncols=True)
@@ -299,7 +333,7 @@ def main(argv=None):
         values = np.zeros((len(cands),))
         per_task = {}
         for task in tasks:
-            held, train = ev.run_curves(task, make_tx, cands, args.seeds, args.steps)
+            held, train = ev.run_curves(task, make_tx, cands, args.seeds, args.steps, **loss_values)
             if args.objective_views:
                 v = score_task_views(held, train, by_lr[task.name], args.steps, args.objective_views, tuple(args.clip))
             else:
@@ -336,7 +370,8 @@ def main(argv=None):
                   "runs": start.get("runs", []) + [dict(r, outer_steps_end=0) for r in earlier + runs]}
         info = {"command": command, "from_pretrained": args.from_pretrained, "tasks": [t.name for t in tasks],
                 "seeds": args.seeds, "steps": args.steps, "pairs": args.pairs, "coordinates": args.coordinates,
-                "progress_inputs": args.progress_inputs, "horizon_inputs": args.horizon_inputs, "clip": list(args.clip), "objective_views": args.objective_views,
+                "progress_inputs": args.progress_inputs, "horizon_inputs": args.horizon_inputs,
+                "loss_inputs": args.loss_inputs, "clip": list(args.clip), "objective_views": args.objective_views,
                 "objective": (f"mean over task-seeds of the mean over {args.objective_views} of log(ratio to Adam tuned "
                               "on that view)" if args.objective_views else "mean log(final validation loss / tuned "
                               "Adam's)") + f", clipped to {list(args.clip)}", "start_from": args.start_from, "earlier_runs": earlier,

@@ -315,6 +315,8 @@ def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=E
     (the longest horizon) and one that reads the loss gets each step's minibatch loss."""
     steps = max(horizons)
     t0 = time.perf_counter()
+    # a rule meta-trained on a validation loss is fed one, as it was in meta-training
+    validation_value = validation_value or (make_tx is None and lopt.uses_loss and lopt.loss_source == "validation")
     reads_loss = make_tx is None and lopt.uses_loss and not validation_value
     make_tx = make_tx or lopt_tx_factory(lopt, theta, impl, num_steps=steps if lopt.uses_horizon else None)
     l_held, l_train = run_curves(task, make_tx, [0.0], list(seeds), steps, every,

@@ -333,7 +333,11 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
             params, state = carry
             key = jax.random.fold_in(data_key, start + i)
             loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
-            updates, state = tx.update(grads, state, params)
+            if not lopt.uses_loss:
+                updates, state = tx.update(grads, state, params)
+            else:  # a loss-reading rule gets the loss it reads: this batch's, or a validation batch's
+                value = loss if lopt.loss_source == "train" else task.loss(params, task.valid_batch(key))
+                updates, state = tx.update(grads, state, params, value=value)
             params = optax.apply_updates(params, updates)
             if cfg.objective == "valid_log":  # held-out batch, scored after the step
                 loss = task.loss(params, task.valid_batch(key))
@@ -412,22 +416,26 @@ def trainable_mask(cfg: MetaTrainConfig):
 
 def warm_start_theta(path: str, lopt: SmallFcLOpt, theta):
     """theta with every entry the file at ``path`` holds: a file of the same configuration
-    replaces all of it; a ScaledSmallFcLOpt file starts its progress_inputs and horizon_inputs
-    variants as the same rule (lopt_ext.scaled.with_progress_inputs, with_horizon_inputs); a
+    replaces all of it; a ScaledSmallFcLOpt file starts its progress, horizon and loss input
+    variants as the same rule (lopt_ext.scaled.with_progress_inputs, with_horizon_inputs,
+    with_loss_inputs); a
     plain small_fc_lopt file of the same sizes gives a scaled variant its per-element part (its
     per-tensor scale keeps the fresh init, s = 1)."""
     from lopt_ext.checkpoint import CheckpointMismatchError, load_theta
     stored, _ = load_theta(path)
-    from lopt_ext.scaled import ScaledSmallFcLOpt, with_horizon_inputs, with_progress_inputs
+    from lopt_ext.scaled import ScaledSmallFcLOpt, with_horizon_inputs, with_loss_inputs, with_progress_inputs
     if (isinstance(lopt, ScaledSmallFcLOpt) and type(stored) is ScaledSmallFcLOpt and stored != lopt
             and all(getattr(lopt, f) or not getattr(stored, f) for f in ("progress_inputs", "horizon_inputs"))
-            and dataclasses.replace(stored, progress_inputs=lopt.progress_inputs,
-                                    horizon_inputs=lopt.horizon_inputs) == lopt):
+            and stored.loss_inputs in (None, lopt.loss_inputs)
+            and dataclasses.replace(stored, progress_inputs=lopt.progress_inputs, horizon_inputs=lopt.horizon_inputs,
+                                    loss_inputs=lopt.loss_inputs) == lopt):
         rule, out = stored, load_theta(path, stored)[1]  # the same rule, the new inputs at weight 0
         if lopt.progress_inputs:
             rule, out = with_progress_inputs(rule, out)
         if lopt.horizon_inputs:
             rule, out = with_horizon_inputs(rule, out)
+        if lopt.loss_inputs:
+            rule, out = with_loss_inputs(rule, out, lopt.loss_inputs)
         return out
     if type(stored) is type(lopt):
         return load_theta(path, lopt)[1]

@@ -17,14 +17,17 @@ import os
 from importlib import resources
 from typing import Any, Dict, List
 
-AVAILABLE = ("scaled_small_fc_lopt_h4_es", "scaled_small_fc_lopt_h4_horizon", "scaled_small_fc_lopt_h4",
-             "small_fc_lopt_h4")
+AVAILABLE = ("scaled_small_fc_lopt_h4_es", "scaled_small_fc_lopt_h4_horizon", "scaled_small_fc_lopt_h4_loss",
+             "scaled_small_fc_lopt_h4", "small_fc_lopt_h4")
 # What load() returns without a name: the default's rule and API (no num_steps needed);
 # scaled_small_fc_lopt_h4 is the rule it was searched from and small_fc_lopt_h4 the first
 # release, both kept for comparison. scaled_small_fc_lopt_h4_horizon (the default plus a learned
 # schedule over num_steps, which its transform requires) is ahead of the default in most views
 # at 3000 steps (docs/evaluation/horizon/) but not yet the default: it diverges on more task-seeds
 # and a drop-in `transform(theta)` without num_steps would stop working.
+# scaled_small_fc_lopt_h4_loss (the horizon entry plus inputs from the minibatch loss, which every
+# update then takes as value=) is ahead in the training-loss views and at least Celo's equal in
+# every view (docs/evaluation/loss/), behind the horizon entry on held-out loss and divergences.
 DEFAULT = "scaled_small_fc_lopt_h4_es"
 
 
