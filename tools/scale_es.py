@@ -32,7 +32,7 @@ selection among many noisy scores would favour) is written after every generatio
 run keeps its result; --resume continues the search, and the budget adds up from the starting
 entry's. Writes OUT/es.json (every candidate, score and per-task value), OUT/adam.json (the
 baseline curves), OUT/theta.safetensors and, for a rule meta-train has a kind for (all but
-progress and horizon inputs together), OUT/resume.safetensors (a compact resume checkpoint for
+progress and horizon inputs together, and a validation loss's), OUT/resume.safetensors (a compact resume checkpoint for
 `meta-train --continue-from`).
 """
 from __future__ import annotations

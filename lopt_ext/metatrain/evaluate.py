@@ -312,7 +312,8 @@ def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=E
                   validation_value: bool = False) -> Dict[str, Any]:
     """make_tx: hp -> the optax transformation judged (default: the learned optimizer's);
     validation_value: see _curve_fn. A rule that reads the horizon is told the run's length
-    (the longest horizon) and one that reads the loss gets each step's minibatch loss."""
+    (the longest horizon) and one that reads the loss gets the one it was meta-trained on
+    (``lopt.loss_source``: each step's minibatch loss, or a validation batch's)."""
     steps = max(horizons)
     t0 = time.perf_counter()
     # a rule meta-trained on a validation loss is fed one, as it was in meta-training
