@@ -215,9 +215,9 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
         out = {}
         if self.horizon_inputs:
             out["num_steps"] = jnp.asarray(0 if num_steps is None else num_steps, jnp.int32)
-        if self.uses_loss:
-            out.update(loss_first=jnp.zeros((), jnp.float32), loss_means=jnp.zeros((len(LOSS_DECAYS),), jnp.float32),
-                       loss_min=jnp.zeros((), jnp.float32))
+        if self.uses_loss:  # zeros of global_shapes' loss fields (step_context sets them at step 0)
+            out.update({name: jnp.zeros(shape, dtype) for name, (shape, dtype) in self.global_shapes().items()
+                        if name in LOSS_FIELDS})
         return out
 
     def step_context(self, theta, state, value, num_steps):

@@ -77,6 +77,7 @@ CLIP = (-1.0, 3.0)  # default --clip (the score of a non-finite run is the upper
 COORDINATES = ("scale", "scale+decays", "scale+hidden", "progress", "scale+progress", "horizon", "loss",
                "horizon+loss")
 NEEDS_PROGRESS = ("progress", "scale+progress")
+DECAY_UNIT = 10.0
 # kinds that move the last inputs of the scale (how many) and its bias
 TAIL_INPUTS = {"horizon": NUM_HORIZON_INPUTS, "loss": NUM_LOSS_INPUTS,
                "horizon+loss": NUM_HORIZON_INPUTS + NUM_LOSS_INPUTS}
@@ -95,7 +96,6 @@ def usable_kind(kind, progress_inputs, horizon_inputs, loss_inputs):
     if kind == "horizon" and loss_inputs:
         return "'horizon' moves the last inputs, which --loss-inputs makes the loss's: use 'horizon+loss'"
     return None
-DECAY_UNIT = 10.0
 
 
 def coordinates(theta, kind="scale"):
@@ -321,9 +321,7 @@ def main(argv=None):
     horizon = args.steps if lopt.uses_horizon else None
     make_tx = lambda x: lopt.transform(with_coordinates(base_theta, x, args.coordinates), num_steps=horizon)
     dim = mean.size
-    # a loss-reading rule gets the loss it reads (evaluate.run_curves)
-    loss_values = {"train_value": lopt.uses_loss and lopt.loss_source == "train",
-                   "validation_value": lopt.uses_loss and lopt.loss_source == "validation"}
+    loss_values = ev.loss_values(lopt)  # a loss-reading rule gets the loss it reads
     runs = runs + [{"command": command, "wall_s": 0.0}]
     from tqdm import tqdm
     bar = tqdm(range(first, args.generations), desc="scale_es", dynamic_ncols=True)

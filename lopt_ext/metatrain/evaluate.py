@@ -164,6 +164,13 @@ def _curve_fn(task, make_tx, steps: int, every: int, train_every: int, validatio
     return jax.jit(population_vmap(run, in_axes=(0, 0, 0)))
 
 
+def loss_values(lopt) -> Dict[str, bool]:
+    """run_curves' train_value / validation_value for ``lopt``: a rule that reads the loss is fed
+    the one it was meta-trained on (``lopt.loss_source``), the others none."""
+    return {"train_value": lopt.uses_loss and lopt.loss_source == "train",
+            "validation_value": lopt.uses_loss and lopt.loss_source == "validation"}
+
+
 def run_curves(task, make_tx, hps, seeds, steps=1000, every=EVERY, train_every=TRAIN_EVERY,
                validation_value=False, train_value=False):
     """Held-out curves [len(hps), len(seeds), steps//every + 1] and training-loss curves
@@ -316,12 +323,11 @@ def evaluate_task(task, lopt, theta, seeds=(0, 1, 2), horizons=HORIZONS, every=E
     (``lopt.loss_source``: each step's minibatch loss, or a validation batch's)."""
     steps = max(horizons)
     t0 = time.perf_counter()
-    # a rule meta-trained on a validation loss is fed one, as it was in meta-training
-    validation_value = validation_value or (make_tx is None and lopt.uses_loss and lopt.loss_source == "validation")
-    reads_loss = make_tx is None and lopt.uses_loss and not validation_value
+    values = {"validation_value": validation_value, "train_value": False}
+    if make_tx is None and not validation_value:
+        values = loss_values(lopt)
     make_tx = make_tx or lopt_tx_factory(lopt, theta, impl, num_steps=steps if lopt.uses_horizon else None)
-    l_held, l_train = run_curves(task, make_tx, [0.0], list(seeds), steps, every,
-                                 validation_value=validation_value, train_value=reads_loss)
+    l_held, l_train = run_curves(task, make_tx, [0.0], list(seeds), steps, every, **values)
     res = {"task": task.name, "seeds": list(seeds), "every": every, "smooth": SMOOTH, "horizons": list(horizons),
            "lopt_time_s": time.perf_counter() - t0, "lopt_curve": l_held[0].tolist(),
            "lopt_train_curve": l_train[0].tolist(), "by_horizon": {}}
