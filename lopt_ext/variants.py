@@ -34,6 +34,10 @@ KINDS: Dict[str, Callable[..., LearnedOptimizer]] = {
         SmallFcLOpt, initial_momentum_decays=(0.9,), initial_rms_decays=(0.999,),
         initial_adafactor_decays=(0.999,)),
     "mlp_lopt": MLPLOpt,
+    # Celo's architecture (its per-element MLP of hidden_size x hidden_layers, LSTM scheduler of
+    # 64); meta-training starts it from the published weights with --init-theta (a file of
+    # pretrained.load("celo") written by checkpoint.save_theta)
+    "celo": lambda hidden_size=4, hidden_layers=2: Celo(ff_hidden_size=hidden_size, ff_hidden_layers=hidden_layers),
 }
 
 
@@ -45,8 +49,6 @@ class Variant:
     description: str
 
     def lopt(self) -> LearnedOptimizer:
-        if self.kind == CELO:  # not a meta-training kind: the published weights are studied
-            return Celo(ff_hidden_size=self.hidden_size)
         return KINDS[self.kind](hidden_size=self.hidden_size)
 
 
