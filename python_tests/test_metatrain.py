@@ -31,14 +31,18 @@ def _member(tree, m):
     return jax.tree_util.tree_map(lambda x: x[m], tree)
 
 
-def _manual_unroll(trainer, task, theta_flat, params, state, data_key, start, num_steps=None):
-    """One member, plain Python loop over steps, reference implementation."""
+def _manual_unroll(trainer, task, theta_flat, params, state, data_key, start, num_steps=None, loss_factor=1.0):
+    """One member, plain Python loop over steps, reference implementation. A rule that reads
+    the loss is passed each step's minibatch loss, times ``loss_factor`` after the first step."""
     tx = trainer.lopt.transform(trainer.unravel(theta_flat), impl="reference", num_steps=num_steps)
     losses = []
     for i in range(trainer.cfg.unroll):
         key = jax.random.fold_in(data_key, start + i)
         loss, g = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
-        u, state = tx.update(g, state, params)
+        if trainer.lopt.uses_loss:
+            u, state = tx.update(g, state, params, value=loss * (loss_factor if i else 1.0))
+        else:
+            u, state = tx.update(g, state, params)
         params = optax.apply_updates(params, u)
         if trainer.cfg.objective == "valid_log":  # a validation batch, after the step
             loss = task.loss(params, task.valid_batch(key))
@@ -478,18 +482,13 @@ def test_pes_feeds_a_loss_reading_rule_its_minibatch_loss(tmp_path):
 def _assert_fed_the_minibatch_loss(tr, theta_flat, slot, out):
     """The slot step's first member (out) equals a hand loop of the reference that passes each
     step's minibatch loss and the slot's horizon, and not one that passes a tenth of the loss."""
-    task = tr.slot_task(slot)
-    tx = tr.lopt.transform(tr.unravel(theta_flat), impl="reference", num_steps=slot.horizon)
+    # the parameters' moves, not the parameters: Celo's steps are small next to them
+    moved = lambda p: [np.asarray(a) - np.asarray(b) for a, b in  # noqa: E731
+                       zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(_member(slot.params, 0)))]
     for factor, same in ((1.0, True), (0.1, False)):
-        params, state = _member(slot.params, 0), _member(slot.opt_state, 0)
-        for i in range(tr.cfg.unroll):
-            key = jax.random.fold_in(slot.data_keys[0], i)
-            loss, g = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
-            u, state = tx.update(g, state, params, value=loss * (factor if i else 1.0))
-            params = optax.apply_updates(params, u)
-        # the parameters' moves, not the parameters: Celo's steps are small next to them
-        moved = lambda p: [np.asarray(a) - np.asarray(b) for a, b in
-                           zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(_member(slot.params, 0)))]
+        params, _ = _manual_unroll(tr, tr.slot_task(slot), theta_flat, _member(slot.params, 0),
+                                   _member(slot.opt_state, 0), slot.data_keys[0], 0, num_steps=slot.horizon,
+                                   loss_factor=factor)
         close = all(np.allclose(a, b, rtol=1e-3, atol=1e-7) for a, b in zip(moved(_member(out[0], 0)), moved(params)))
         assert close == same, factor
 
