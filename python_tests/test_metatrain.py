@@ -128,7 +128,7 @@ def test_divergent_member_is_clipped_counted_and_reset():
     assert np.all(np.asarray(accum[1]) != 0.0)
     assert int(state.iteration[0]) == 0 and int(state.iteration[1]) == cfg.unroll
     # the outer update stays finite
-    theta, _, _ = tr._outer_update(ms.theta_flat, ms.outer_opt_state, grad)
+    theta = tr._outer_update(ms.theta_flat, ms.outer_opt_state, (grad,), (stats["meta_loss"],), (stats["failed"],))[0]
     assert np.all(np.isfinite(np.asarray(theta)))
 
 

@@ -138,9 +138,9 @@ class PendingStats:
     tasks: List[str]
 
     def result(self) -> Dict[str, Any]:
-        return {"step": self.step, "meta_loss": float(np.mean(np.asarray(self.losses))),
-                "grad_norm": float(self.grad_norm), "failed": int(np.sum(np.asarray(self.failed))),
-                "tasks": self.tasks}
+        losses, failed, grad_norm = jax.device_get((self.losses, self.failed, self.grad_norm))  # one wait
+        return {"step": self.step, "meta_loss": float(np.mean(losses)), "grad_norm": float(grad_norm),
+                "failed": int(np.sum(failed)), "tasks": self.tasks}
 
 
 @dataclasses.dataclass
@@ -171,6 +171,10 @@ class MetaTrainer:
         _, self.unravel = ravel_pytree(theta0)
         self.dim = int(ravel_pytree(theta0)[0].size)
         self.outer_opt = make_outer_optimizer(cfg)
+        # An outer step is three kinds of dispatch: its keys, one slot step per slot, the update.
+        # Each eager op on the population's devices costs ~0.1 ms of host time, which on 2 cores
+        # is taken from the slots' compute.
+        self._step_keys = jax.jit(functools.partial(_step_keys, num_slots=cfg.num_tasks))
         self._outer_update = jax.jit(self._outer_update_impl, out_shardings=population.replicated())
 
     # ----- state -----
@@ -222,18 +226,20 @@ class MetaTrainer:
     def _slot_step_fn(self, task, impl: str):
         return _slot_step_cached(self.cfg, task, impl)
 
-    def _outer_update_impl(self, theta_flat, opt_state, grad):
+    def _outer_update_impl(self, theta_flat, opt_state, grads, losses, failed):
+        """The outer update from every slot's (gradient, loss, failures), in slot order;
+        also returns the gradient's norm and the slots' losses and failures stacked."""
+        grad = jnp.mean(jnp.stack(grads), axis=0)
         grad = jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         updates, opt_state = self.outer_opt.update(grad, opt_state, theta_flat)
-        return optax.apply_updates(theta_flat, updates), opt_state, _norm(grad)
+        return optax.apply_updates(theta_flat, updates), opt_state, _norm(grad), jnp.stack(losses), jnp.stack(failed)
 
 
     def outer_step(self, ms: MetaState) -> "PendingStats":
         """One outer step in place on ``ms``, dispatched without waiting for its result;
         ``.result()`` of the returned stats waits and gives floats. Reading them only after the
         next step has been dispatched keeps the host from idling the cores between steps."""
-        key, k_step = jax.random.split(ms.key)
-        slot_keys = jax.random.split(k_step, 2 * len(ms.slots))
+        key, slot_keys = self._step_keys(ms.key)
         # every slot is dispatched before anything is read back: no host round trip until
         # the outer update has been queued
         results = []
@@ -249,11 +255,11 @@ class MetaTrainer:
                 ms.slots[i] = self._new_slot(slot_keys[2 * i + 1], self.owns(i))
         # with several processes: every slot's results, in slot order, on every process
         grads, losses, failed = zip(*distributed.gather_in_slot_order(results, len(ms.slots)))
-        grad = jnp.mean(jnp.stack(grads), axis=0)
-        ms.theta_flat, ms.outer_opt_state, gnorm = self._outer_update(ms.theta_flat, ms.outer_opt_state, grad)
+        ms.theta_flat, ms.outer_opt_state, gnorm, losses, failed = self._outer_update(
+            ms.theta_flat, ms.outer_opt_state, grads, losses, failed)
         ms.key = key
         ms.step += 1
-        return PendingStats(ms.step, jnp.stack(losses), jnp.stack(failed), gnorm,
+        return PendingStats(ms.step, losses, failed, gnorm,
                             [family.task_name(self.specs[s.spec_index]) for s in ms.slots])
 
     def theta(self, ms: MetaState):
@@ -396,6 +402,14 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
         return params, state, accum, data_keys, grad, stats
 
     return _jit_slot_arrays(slot_step, cfg, extra_outputs=2)
+
+
+def _step_keys(key, num_slots: int):
+    """(the next state's key, the outer step's 2 * num_slots keys as separate arrays: each
+    slot's truncation key and its key for a new task), as jax.random.split drew them before."""
+    key, k_step = jax.random.split(key)
+    slot_keys = jax.random.split(k_step, 2 * num_slots)
+    return key, tuple(slot_keys[i] for i in range(2 * num_slots))
 
 
 def trainable_mask(cfg: MetaTrainConfig):
