@@ -221,6 +221,7 @@ def _metatrain_fields():
                       "with a learned per-tensor step scale), scaled_progress (scaled plus progress inputs and a "
                       "learned weight decay), scaled_horizon (scaled plus the fraction of the trajectory's horizon "
                       "done: a learned schedule), scaled_horizon_loss (scaled_horizon plus what the minibatch loss has done), "
+                      "scaled_horizon_loss_gap (plus a validation batch's loss: the generalisation gap), "
                       "the small_fc_lopt ablations "
                       "small_fc_lopt_no_adafactor and small_fc_lopt_1m1r, or mlp_lopt (MLPLOpt)",
                       dict(choices=list(LOPT_KINDS))),

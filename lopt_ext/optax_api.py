@@ -12,9 +12,10 @@ def transform(lopt: Rule, theta, impl: str = "fused", skip_nonfinite: bool = Fal
     """An optax GradientTransformationExtraArgs: ``tx.update(grads, state, params, value=loss)``.
 
     updates = -step, so optax.apply_updates(params, updates) == p - step exactly.
-    num_steps: the training horizon, kept in the state; value: the loss at params. Rules that
-    read them (Celo: ``lopt.uses_horizon``, ``lopt.uses_loss``) require them, the others
-    ignore them (so ``optax.chain`` passes them through unharmed).
+    num_steps: the training horizon, kept in the state; value: the loss at params;
+    validation_value: the loss on a validation batch (data not trained on). Rules that read
+    them (Celo: ``lopt.uses_horizon``, ``lopt.uses_loss``; ``lopt.uses_validation_loss``)
+    require them, the others ignore them (so ``optax.chain`` passes them through unharmed).
 
     skip_nonfinite=True: a step whose gradients hold a NaN/Inf, or any |g| above
     sqrt(float32 max) ~ 1.8e19 (g^2 would overflow the accumulators), leaves params and
@@ -33,11 +34,11 @@ def transform(lopt: Rule, theta, impl: str = "fused", skip_nonfinite: bool = Fal
     def init_fn(params):
         return init_state(lopt, params, num_steps=num_steps)
 
-    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    def update_fn(updates, state, params=None, *, value=None, validation_value=None, **extra_args):
         del extra_args  # optax.chain hands every extra argument to every member
         if params is None:
             raise ValueError(f"{type(lopt).__name__} reads the parameters: call tx.update(grads, state, params)")
         return apply_step(lopt, theta, state, params, updates, impl=impl, write_delta=True,
-                          skip_nonfinite=skip_nonfinite, value=value)
+                          skip_nonfinite=skip_nonfinite, value=value, validation_value=validation_value)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

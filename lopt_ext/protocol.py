@@ -13,7 +13,8 @@ A learned optimizer is a frozen dataclass (the reference's keyword names) that f
 - optionally, for rules that read the loss or the horizon (``uses_loss``, ``uses_horizon``;
   lopt_ext.celo): ``global_fields`` (state fields that are arrays, not per-leaf trees) with
   ``global_shapes()`` and ``init_globals(num_steps)``, and ``step_context(theta, state, value,
-  num_steps)`` -> (context passed to the leaves functions, new global fields);
+  num_steps)`` -> (context passed to the leaves functions, new global fields), with
+  ``validation_value=`` too for a rule that reads a validation loss (``uses_validation_loss``);
 - optionally ``has_step_scales = True`` and ``step_scales(theta, iteration, leaves, new_state, impl)``
   (plus ``context=`` for a rule with a step context): per-tensor multipliers of the step, from
   the leaves and the new state fields of each, and
@@ -40,6 +41,7 @@ class Rule:
     global_fields: Tuple[str, ...] = ()  # state fields that are not per-leaf trees
     uses_loss = False      # True: every step needs the loss (optax's ``value``)
     loss_source = "train"  # which loss ``value`` must be: "train" (the step's minibatch) or "validation"
+    uses_validation_loss = False  # True: every step also needs a validation-batch loss (``validation_value``)
     uses_horizon = False   # True: the step needs num_steps, the length of training
 
     def _check_mlp_fields(self) -> None:

@@ -34,7 +34,13 @@ computed from un-normalised, loss-scale-free statistics u of the tensor (per ste
     log(b / L_0) / 3 (how far it has fallen), log(a / min a) (how far it has risen above
     its best: overfitting, for a validation loss; instability, for a training loss) and
     log(a / b) (its trend), each clipped; all three are unchanged when the loss is
-    multiplied by a constant (the loss is taken as >= 0: a cross-entropy, a squared error),
+    multiplied by a constant (the loss is taken as >= 0: a cross-entropy, a squared error);
+    with ``loss_inputs="train+validation"`` the step also takes a validation-batch loss
+    (``validation_value``) and the scale 2 more inputs (NUM_GAP_INPUTS) from bias-corrected
+    averages of it: log(slow validation / slow training average) / 3, the generalisation gap
+    (a model memorising a small data set drives it up while its training loss falls), and
+    log(fast validation average / its lowest so far), how far the held-out loss has risen
+    above its best (the signal of early stopping), each clipped,
 all from the NEW accumulators (what the fused kernel's statistics pass sees). Multiplying g
 by any constant leaves s unchanged, as it leaves Adam unchanged. w_lin, b and w2 start at
 zero, so a fresh theta gives s = 1: exactly small_fc_lopt.
@@ -59,9 +65,12 @@ SCALE_BOUND = 4.0  # |log s| <= 4: the scale stays within [0.018, 55]
 NUM_PROGRESS_INPUTS = 2
 HORIZON_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9)
 NUM_HORIZON_INPUTS = len(HORIZON_FRACTIONS) + 1
-LOSS_SOURCES = ("train", "validation")  # the losses a rule with loss inputs may be meta-trained on
+# the losses a rule with loss inputs may be meta-trained on: "train+validation" reads the
+# minibatch loss (value) and a validation batch's (validation_value)
+LOSS_SOURCES = ("train", "validation", "train+validation")
 LOSS_DECAYS = (0.9, 0.99)  # the fast and slow averages of the loss inputs
 NUM_LOSS_INPUTS = 3
+NUM_GAP_INPUTS = 2  # the validation inputs of loss_inputs="train+validation"
 LOSS_FLOOR = 1e-30  # losses (and their averages) are read as at least this before the logs
 DECAY_OFF = -30.0  # decay_b at or below this: no weight decay (exactly)
 MAX_LOG_DECAY = float(np.log(0.1))  # lambda <= 0.1 per step
@@ -102,18 +111,21 @@ ScaledProgressHorizonState = _with_num_steps(ScaledSmallFcLOptState, "ScaledProg
 # the global state fields of the loss inputs: the first loss, the fast and slow averages
 # (not bias-corrected) and the lowest bias-corrected fast average so far
 LOSS_FIELDS = ("loss_first", "loss_means", "loss_min")
+# and, with loss_inputs="train+validation", the validation loss's averages and lowest fast one
+GAP_FIELDS = ("valid_means", "valid_min")
 _LOSS_STATE_TYPES = {}
 
 
-def _with_loss_fields(base):
-    """``base``'s fields plus LOSS_FIELDS: the state of a rule with loss inputs (one class per
-    base, made once, so that isinstance checks hold across calls)."""
-    if base not in _LOSS_STATE_TYPES:
-        name = base.__name__.replace("State", "") + "LossState"
-        state = NamedTuple(name, [(f, Any) for f in base._fields] + [(f, jax.Array) for f in LOSS_FIELDS])
-        state.__doc__ = f"{base.__name__} plus {', '.join(LOSS_FIELDS)}: ScaledSmallFcLOpt(loss_inputs=...)."
-        _LOSS_STATE_TYPES[base] = state
-    return _LOSS_STATE_TYPES[base]
+def _with_loss_fields(base, fields=LOSS_FIELDS):
+    """``base``'s fields plus ``fields``: the state of a rule with loss inputs (one class per
+    base and fields, made once, so that isinstance checks hold across calls)."""
+    if (base, fields) not in _LOSS_STATE_TYPES:
+        suffix = "LossGapState" if fields != LOSS_FIELDS else "LossState"
+        name = base.__name__.replace("State", "") + suffix
+        state = NamedTuple(name, [(f, Any) for f in base._fields] + [(f, jax.Array) for f in fields])
+        state.__doc__ = f"{base.__name__} plus {', '.join(fields)}: ScaledSmallFcLOpt(loss_inputs=...)."
+        _LOSS_STATE_TYPES[base, fields] = state
+    return _LOSS_STATE_TYPES[base, fields]
 
 
 def horizon_features(iteration, num_steps) -> jax.Array:
@@ -140,6 +152,23 @@ def loss_features(iteration, value, loss_first, loss_means, loss_min):
     rose = jnp.clip(log(corrected[0]) - log(lowest), 0.0, 3.0)
     trend = jnp.clip(log(corrected[0]) - log(corrected[1]), -3.0, 3.0)
     return jnp.stack([fell, rose, trend]), first, means, lowest
+
+
+def gap_features(iteration, validation_value, train_means, valid_means, valid_min):
+    """(the NUM_GAP_INPUTS scale inputs, new valid_means, valid_min) of the step ``iteration``
+    whose validation-batch loss is ``validation_value``; train_means: the training loss's new
+    averages (loss_features'), see the module docstring."""
+    it = jnp.asarray(iteration)
+    loss = jnp.maximum(jnp.asarray(validation_value, jnp.float32), 0.0)
+    decays = jnp.asarray(LOSS_DECAYS, jnp.float32)
+    debias = 1.0 - decays ** (it + 1).astype(jnp.float32)
+    means = valid_means * decays + (1.0 - decays) * loss
+    corrected, train = means / debias, train_means / debias
+    lowest = jnp.where(it == 0, corrected[0], jnp.minimum(valid_min, corrected[0]))
+    log = lambda x: jnp.log(jnp.maximum(x, LOSS_FLOOR))  # noqa: E731
+    gap = jnp.clip(log(corrected[1]) - log(train[1]), -3.0, 6.0) / 3.0
+    rose = jnp.clip(log(corrected[0]) - log(lowest), 0.0, 3.0)
+    return jnp.stack([gap, rose]), means, lowest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +203,12 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
     @property
     def loss_source(self) -> str:
         """The loss each step's ``value`` must be: the one the rule was meta-trained on."""
-        return self.loss_inputs or "train"
+        return "train" if self.loss_inputs in (None, "train+validation") else self.loss_inputs
+
+    @property
+    def uses_validation_loss(self) -> bool:
+        """Whether every step also needs a validation-batch loss (``validation_value``)."""
+        return self.loss_inputs == "train+validation"
 
     @property
     def num_base_scale_inputs(self) -> int:
@@ -184,7 +218,16 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
     @property
     def num_scale_inputs(self) -> int:
         return (self.num_base_scale_inputs + (NUM_PROGRESS_INPUTS if self.progress_inputs else 0)
-                + (NUM_HORIZON_INPUTS if self.horizon_inputs else 0) + (NUM_LOSS_INPUTS if self.uses_loss else 0))
+                + (NUM_HORIZON_INPUTS if self.horizon_inputs else 0) + self.num_loss_inputs)
+
+    @property
+    def num_loss_inputs(self) -> int:
+        """The loss inputs (the scale's last): the training loss's, then the validation loss's."""
+        return (NUM_LOSS_INPUTS if self.uses_loss else 0) + (NUM_GAP_INPUTS if self.uses_validation_loss else 0)
+
+    @property
+    def loss_fields(self):
+        return (LOSS_FIELDS if self.uses_loss else ()) + (GAP_FIELDS if self.uses_validation_loss else ())
 
     # ----- state: small_fc_lopt's, plus scale_ref with progress_inputs, num_steps with
     # horizon_inputs, LOSS_FIELDS with loss_inputs
@@ -194,7 +237,7 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
 
     @property
     def global_fields(self):
-        return (("num_steps",) if self.horizon_inputs else ()) + (LOSS_FIELDS if self.uses_loss else ())
+        return (("num_steps",) if self.horizon_inputs else ()) + self.loss_fields
 
     @property
     def state_type(self):
@@ -202,13 +245,15 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
             base = ScaledProgressHorizonState if self.progress_inputs else ScaledHorizonState
         else:
             base = ScaledSmallFcLOptState if self.progress_inputs else SmallFcLOptState
-        return _with_loss_fields(base) if self.uses_loss else base
+        return _with_loss_fields(base, self.loss_fields) if self.uses_loss else base
 
     def global_shapes(self):
         shapes = {"num_steps": ((), jnp.int32)} if self.horizon_inputs else {}
         if self.uses_loss:
             shapes.update(loss_first=((), jnp.float32), loss_means=((len(LOSS_DECAYS),), jnp.float32),
                           loss_min=((), jnp.float32))
+        if self.uses_validation_loss:
+            shapes.update(valid_means=((len(LOSS_DECAYS),), jnp.float32), valid_min=((), jnp.float32))
         return shapes
 
     def init_globals(self, num_steps):
@@ -217,12 +262,13 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
             out["num_steps"] = jnp.asarray(0 if num_steps is None else num_steps, jnp.int32)
         if self.uses_loss:  # zeros of global_shapes' loss fields (step_context sets them at step 0)
             out.update({name: jnp.zeros(shape, dtype) for name, (shape, dtype) in self.global_shapes().items()
-                        if name in LOSS_FIELDS})
+                        if name in self.loss_fields})
         return out
 
-    def step_context(self, theta, state, value, num_steps):
+    def step_context(self, theta, state, value, num_steps, validation_value=None):
         """With horizon or loss inputs: (the scale inputs of this step shared by every tensor,
-        the horizon and loss fields of the new state)."""
+        the horizon and loss fields of the new state); validation_value: the validation-batch
+        loss of a rule with uses_validation_loss."""
         parts, new = [], {}
         if self.horizon_inputs:
             horizon = state.num_steps if num_steps is None else jnp.asarray(num_steps, jnp.int32)
@@ -233,6 +279,13 @@ class ScaledSmallFcLOpt(SmallFcLOpt):
                                                     state.loss_min)
             parts.append(u)
             new.update(loss_first=first, loss_means=means, loss_min=lowest)
+        if self.uses_validation_loss:
+            if validation_value is None:
+                raise ValueError("ScaledSmallFcLOpt(loss_inputs='train+validation'): step_context needs validation_value")
+            u, v_means, v_min = gap_features(state.iteration, validation_value, means, state.valid_means,
+                                             state.valid_min)
+            parts.append(u)
+            new.update(valid_means=v_means, valid_min=v_min)
         return (jnp.concatenate(parts) if parts else None), new
 
     def leaf_state_shapes(self, shape):
@@ -472,7 +525,7 @@ def with_horizon_inputs(lopt: ScaledSmallFcLOpt, theta):
     the same rule, step for step, whatever the horizon; a search can then learn a schedule."""
     if lopt.horizon_inputs:
         return lopt, theta
-    at = lopt.num_scale_inputs - (NUM_LOSS_INPUTS if lopt.uses_loss else 0)  # the loss inputs come last
+    at = lopt.num_scale_inputs - lopt.num_loss_inputs  # the loss inputs come last
     ts = _with_zero_inputs(theta["tensor_scale"], at, NUM_HORIZON_INPUTS)
     return dataclasses.replace(lopt, horizon_inputs=True), dict(theta, tensor_scale=ts)
 
@@ -480,13 +533,14 @@ def with_horizon_inputs(lopt: ScaledSmallFcLOpt, theta):
 def with_loss_inputs(lopt: ScaledSmallFcLOpt, theta, source: str = "train"):
     """(lopt reading the loss ``source`` (LOSS_SOURCES), theta extended with zero weights on the
     loss inputs): the same rule, step for step, whatever the loss; a search can then teach it
-    to use them."""
-    if lopt.uses_loss:
-        if lopt.loss_inputs != source:
-            raise ValueError(f"{lopt} already reads the {lopt.loss_inputs} loss, not the {source} loss")
+    to use them. A rule reading the training loss extends to "train+validation" (the gap
+    inputs appended, its training-loss weights kept)."""
+    if lopt.loss_inputs == source:
         return lopt, theta
+    if lopt.uses_loss and not (lopt.loss_inputs == "train" and source == "train+validation"):
+        raise ValueError(f"{lopt} already reads the {lopt.loss_inputs} loss, not the {source} loss")
     rule = dataclasses.replace(lopt, loss_inputs=source)  # validates source
-    ts = _with_zero_inputs(theta["tensor_scale"], lopt.num_scale_inputs, NUM_LOSS_INPUTS)
+    ts = _with_zero_inputs(theta["tensor_scale"], lopt.num_scale_inputs, rule.num_scale_inputs - lopt.num_scale_inputs)
     return rule, dict(theta, tensor_scale=ts)
 
 

@@ -128,16 +128,18 @@ def check_inputs(lopt: Rule, theta, state, params, grads, grads_name="grads"):
     return treedef, p_leaves, g_leaves, fields
 
 
-def check_value(lopt: Rule, value):
-    """The loss of the step (optax's ``value``): a real scalar where the rule reads it, else ignored."""
-    if not lopt.uses_loss:
+def check_value(lopt: Rule, value, name: str = "value"):
+    """The loss of the step (optax's ``value``; name="validation_value": a validation batch's
+    loss): a real scalar where the rule reads it, else ignored."""
+    if not (lopt.uses_loss if name == "value" else lopt.uses_validation_loss):
         return None
+    what = "loss" if name == "value" else "loss on a validation batch (data it does not train on)"
     if value is None:
-        raise ValueError(f"{type(lopt).__name__} reads the loss: pass it as value= (tx.update(grads, state, params, "
-                         "value=loss), or fused_update(..., value=loss))")
-    dtype = _dtype(value, "value")
+        raise ValueError(f"{type(lopt).__name__} reads the {what}: pass it as {name}= (tx.update(grads, state, "
+                         f"params, {name}=...), or fused_update(..., {name}=...))")
+    dtype = _dtype(value, name)
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)) or jnp.shape(value) != ():
-        raise TypeError(f"value (the loss) must be a real scalar, got {dtype} of shape {jnp.shape(value)}")
+        raise TypeError(f"{name} (the {what}) must be a real scalar, got {dtype} of shape {jnp.shape(value)}")
     return jnp.asarray(value, jnp.float32)
 
 
@@ -155,16 +157,18 @@ def check_horizon(lopt: Rule, state, num_steps):
 
 def apply_step(lopt: Rule, theta, state, params, grads, *, impl: str,
                write_delta: bool, skip_nonfinite: bool = False, grads_name: str = "grads",
-               value=None, num_steps=None):
+               value=None, num_steps=None, validation_value=None):
     """One step. Returns (tree of new params, or of updates when write_delta; new state).
 
-    value: the loss, num_steps: the horizon (read by the rules that use them, else ignored).
+    value: the loss, num_steps: the horizon, validation_value: a validation batch's loss (read
+    by the rules that use them, else ignored).
     Everything is computed in float32; outputs take each parameter's dtype.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     treedef, p_leaves, g_leaves, fields = check_inputs(lopt, theta, state, params, grads, grads_name)
     value = check_value(lopt, value)
+    validation_value = check_value(lopt, validation_value, "validation_value")
     num_steps = check_horizon(lopt, state, num_steps)
     check_theta_finite(theta)
     # Both paths compute in float32 (theta in float64 under x64 would make the reference's
@@ -177,7 +181,8 @@ def apply_step(lopt: Rule, theta, state, params, grads, *, impl: str,
     old_globals = {name: getattr(state, name) for name in lopt.global_fields}
 
     def step(_):
-        context, new_globals = lopt.step_context(theta, state, value, num_steps)
+        extra = {"validation_value": validation_value} if validation_value is not None else {}
+        context, new_globals = lopt.step_context(theta, state, value, num_steps, **extra)
         return leaf_steps(context), {**old_globals, **new_globals}
 
     def leaf_steps(context):
@@ -210,8 +215,9 @@ def apply_step(lopt: Rule, theta, state, params, grads, *, impl: str,
     finite = jnp.bool_(True)
     if skip_nonfinite and leaves:
         finite = count_bad_grads([leaf[1] for leaf in leaves]) == 0
-        if value is not None:  # a NaN/Inf loss would poison a loss-reading rule's state for good
-            finite = finite & jnp.isfinite(value)
+        for loss in (value, validation_value):  # a NaN/Inf loss would poison a loss-reading rule's state
+            if loss is not None:
+                finite = finite & jnp.isfinite(loss)
         results, new_globals = lax.cond(finite, step, skip, None)
     else:
         results, new_globals = step(None)
@@ -249,7 +255,7 @@ def assemble(lopt, treedef, p_leaves, fields, live, results, applied, state, wri
 
 
 def fused_update(lopt: Rule, theta, state, params, grads, *, impl: str = "fused",
-                 skip_nonfinite: bool = False, value=None, num_steps=None):
+                 skip_nonfinite: bool = False, value=None, num_steps=None, validation_value=None):
     """(new_params, new_state) for one step of the learned optimizer on a whole pytree.
 
     Argument order: ``params`` comes BEFORE ``grads`` here, while optax's
@@ -258,7 +264,9 @@ def fused_update(lopt: Rule, theta, state, params, grads, *, impl: str = "fused"
     ``fused_update(lopt, theta, state, params=params, grads=grads)``.
 
     value: the loss at params; num_steps: the training horizon (for this step, instead of the
-    one init_state kept). Rules that read them (Celo) require them; the others ignore them.
+    one init_state kept); validation_value: the loss on a validation batch. Rules that read
+    them (Celo; ScaledSmallFcLOpt with loss inputs) require them; the others ignore them.
     """
     return apply_step(lopt, theta, state, params, grads, impl=impl, write_delta=False,
-                      skip_nonfinite=skip_nonfinite, value=value, num_steps=num_steps)
+                      skip_nonfinite=skip_nonfinite, value=value, num_steps=num_steps,
+                      validation_value=validation_value)

@@ -27,6 +27,9 @@ KINDS: Dict[str, Callable[..., LearnedOptimizer]] = {
     "scaled_horizon": functools.partial(ScaledSmallFcLOpt, horizon_inputs=True),
     # ... and what the step's minibatch loss has done (optax's value, which every step then needs)
     "scaled_horizon_loss": functools.partial(ScaledSmallFcLOpt, horizon_inputs=True, loss_inputs="train"),
+    # ... and the gap between a validation batch's loss and the minibatch loss (validation_value too)
+    "scaled_horizon_loss_gap": functools.partial(ScaledSmallFcLOpt, horizon_inputs=True,
+                                                 loss_inputs="train+validation"),
     # ablation: no row/column (Adafactor) accumulators or features (10 normalised features, not 28)
     "small_fc_lopt_no_adafactor": functools.partial(SmallFcLOpt, initial_adafactor_decays=()),
     # ablation: one momentum, one rms and one Adafactor decay instead of three, one and three

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -169,6 +170,41 @@ def test_validation_value_drives_reduce_on_plateau():
     assert np.ptp(plain[-20:]) > 1e-4 * plain[-1]                   # where Adam alone still moves
     with pytest.raises(Exception):
         ev.run_curves(task, frozen, [0.03], [0], 400)               # the plateau needs its value
+
+
+def test_evaluate_gives_a_gap_reading_rule_both_losses():
+    """A rule with loss_inputs="train+validation" is fed, by evaluate's runs, each step's
+    minibatch loss as value and the step's validation-batch loss as validation_value: the same
+    end point as a plain loop written here, and not that of a loop passing the minibatch loss
+    for both."""
+    from lopt_ext import ScaledSmallFcLOpt, tasks
+    lopt = ScaledSmallFcLOpt(hidden_size=4, loss_inputs="train+validation")
+    theta = lopt.adam_like_theta(jax.random.PRNGKey(3))
+    ts = theta["tensor_scale"]
+    theta = dict(theta, tensor_scale=dict(ts, w_lin=ts["w_lin"].at[-2:].set(jnp.asarray([-3.0, -4.0]))))
+    assert ev.loss_values(lopt) == {"train_value": True, "validation_value": True}
+    task = tasks.get_task("mlp_wine_16_gelu_b64_s1_noise0.3")
+    steps = 100
+    held, _ = ev.run_curves(task, ev.lopt_tx_factory(lopt, theta, "reference"), [0.0], [0], steps,
+                            **ev.loss_values(lopt))
+    params0, key = ev._init_run(task, 0)
+    tx = lopt.transform(theta, impl="reference")
+
+    def end(same_loss):
+        @jax.jit
+        def step(params, state, i):
+            k = jax.random.fold_in(key, i)
+            loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(k))
+            valid = loss if same_loss else task.loss(params, task.valid_batch(k))
+            updates, state = tx.update(grads, state, params, value=loss, validation_value=valid)
+            return optax.apply_updates(params, updates), state
+
+        params, state = params0, tx.init(params0)
+        for i in range(steps):
+            params, state = step(params, state, i)
+        return float(task.eval_loss(params))
+    np.testing.assert_allclose(held[0, 0, -1], end(False), rtol=1e-4)
+    assert abs(held[0, 0, -1] - end(True)) > 1e-3 * held[0, 0, -1]
 
 
 def test_work_units_count_the_runs_left_by_hand(tmp_path):

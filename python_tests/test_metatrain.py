@@ -31,15 +31,21 @@ def _member(tree, m):
     return jax.tree_util.tree_map(lambda x: x[m], tree)
 
 
-def _manual_unroll(trainer, task, theta_flat, params, state, data_key, start, num_steps=None, loss_factor=1.0):
+def _manual_unroll(trainer, task, theta_flat, params, state, data_key, start, num_steps=None, loss_factor=1.0,
+                   valid_factor=1.0):
     """One member, plain Python loop over steps, reference implementation. A rule that reads
-    the loss is passed each step's minibatch loss, times ``loss_factor`` after the first step."""
+    the loss is passed each step's minibatch loss, times ``loss_factor`` after the first step
+    (and one that reads a validation loss too, that of the step's validation batch, times
+    ``valid_factor`` after the first step)."""
     tx = trainer.lopt.transform(trainer.unravel(theta_flat), impl="reference", num_steps=num_steps)
     losses = []
     for i in range(trainer.cfg.unroll):
         key = jax.random.fold_in(data_key, start + i)
         loss, g = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
-        if trainer.lopt.uses_loss:
+        if trainer.lopt.uses_validation_loss:
+            valid = task.loss(params, task.valid_batch(key)) * (valid_factor if i else 1.0)
+            u, state = tx.update(g, state, params, value=loss * (loss_factor if i else 1.0), validation_value=valid)
+        elif trainer.lopt.uses_loss:
             u, state = tx.update(g, state, params, value=loss * (loss_factor if i else 1.0))
         else:
             u, state = tx.update(g, state, params)
@@ -477,6 +483,39 @@ def test_pes_feeds_a_loss_reading_rule_its_minibatch_loss(tmp_path):
     out = tr._slot_step_fn(task, "fused")(theta_flat, slot.params, slot.opt_state, slot.accum, slot.data_keys,
                                           jnp.int32(0), jax.random.PRNGKey(7))
     _assert_fed_the_minibatch_loss(tr, theta_flat, slot, out)
+
+
+def test_pes_feeds_a_gap_reading_rule_its_minibatch_and_validation_losses(tmp_path):
+    """scaled_horizon_loss_gap: started from a loss rule's file (the gap weights at 0), the
+    population step equals a hand loop that passes the minibatch loss as value and the step's
+    validation-batch loss as validation_value, and not one that passes a tenth of the latter."""
+    from lopt_ext.scaled import NUM_GAP_INPUTS, with_horizon_inputs, with_loss_inputs
+    from lopt_ext import ScaledSmallFcLOpt
+    from jax.flatten_util import ravel_pytree
+    base = ScaledSmallFcLOpt(hidden_size=4)
+    stored, theta = with_loss_inputs(*with_horizon_inputs(base, base.init_theta(jax.random.PRNGKey(5))))
+    path = str(tmp_path / "l.safetensors")
+    checkpoint.save_theta(path, theta, stored)
+    tr = MetaTrainer(_cfg(lopt_kind="scaled_horizon_loss_gap", init_theta=path, min_horizon=6, max_horizon=6,
+                          sigma=1e-9, unroll=3))
+    lopt, started = with_loss_inputs(stored, theta, "train+validation")
+    assert tr.lopt == lopt and lopt.uses_validation_loss
+    ms = tr.init()
+    np.testing.assert_array_equal(np.asarray(ms.theta_flat), np.asarray(ravel_pytree(started)[0]))
+    ts = started["tensor_scale"]
+    theta_flat = ravel_pytree(dict(started, tensor_scale=dict(ts, w_lin=ts["w_lin"].at[-NUM_GAP_INPUTS:].set(
+        jnp.asarray([3.0, -2.5])))))[0]
+    slot = ms.slots[0]
+    task = tr.slot_task(slot)
+    out = tr._slot_step_fn(task, "fused")(theta_flat, slot.params, slot.opt_state, slot.accum, slot.data_keys,
+                                          jnp.int32(0), jax.random.PRNGKey(7))
+    moved = lambda p: [np.asarray(a) - np.asarray(b) for a, b in  # noqa: E731
+                       zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(_member(slot.params, 0)))]
+    for factor, same in ((1.0, True), (0.1, False)):
+        params, _ = _manual_unroll(tr, task, theta_flat, _member(slot.params, 0), _member(slot.opt_state, 0),
+                                   slot.data_keys[0], 0, num_steps=slot.horizon, valid_factor=factor)
+        close = all(np.allclose(a, b, rtol=1e-3, atol=1e-7) for a, b in zip(moved(_member(out[0], 0)), moved(params)))
+        assert close == same, factor
 
 
 def _assert_fed_the_minibatch_loss(tr, theta_flat, slot, out):

@@ -538,3 +538,121 @@ def test_loss_rule_needs_the_loss_fused_matches_reference_and_checkpoints_keep_i
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("d",))
     with pytest.raises(NotImplementedError, match="loss_inputs"):
         sharded.sharded_transform(ScaledSmallFcLOpt(loss_inputs="train"), theta, mesh=mesh, param_specs=P())
+
+
+# ----- the gap inputs (loss_inputs="train+validation": the validation loss beside the minibatch's)
+def _numpy_gap_inputs(train, valid):
+    """Independent float64 transcription of the two gap inputs after the losses so far:
+    log(slow validation / slow training average) / 3 and the fast validation average's rise over
+    its lowest, from bias-corrected averages at decays 0.9 and 0.99."""
+    t, v = (np.maximum(np.asarray(x, np.float64), 0.0) for x in (train, valid))
+    avg = lambda x, d, n: sum((1 - d) * d ** (n - 1 - j) * x[j] for j in range(n)) / (1 - d ** n)  # noqa: E731
+    fast_v = [avg(v, 0.9, n) for n in range(1, len(v) + 1)]
+    lg = lambda x: np.log(max(x, 1e-30))  # noqa: E731
+    return np.array([np.clip(lg(avg(v, 0.99, len(v))) - lg(avg(t, 0.99, len(t))), -3, 6) / 3,
+                     np.clip(lg(fast_v[-1]) - lg(min(fast_v)), 0, 3)])
+
+
+def _train_losses_at(i):  # a training loss that keeps falling while the validation loss turns up
+    return 2.0 * 0.7 ** i
+
+
+def _valid_losses_at(i):
+    return 2.0 * 0.8 ** i + 0.15 * max(i - 5, 0)
+
+
+def test_gap_scale_matches_an_independent_transcription():
+    """Every step is the plain small_fc_lopt step times the float64 transcription's scale, whose
+    u ends with the training-loss inputs and then the gap inputs; multiplying both losses by a
+    constant changes no step."""
+    lopt = ScaledSmallFcLOpt(hidden_size=4, loss_inputs="train+validation")
+    assert lopt.uses_validation_loss and lopt.loss_source == "train" and lopt.num_loss_inputs == 5
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(67))
+    theta["tensor_scale"]["w_lin"] = theta["tensor_scale"]["w_lin"].at[-5:].set(
+        jnp.asarray([1.5, -2.0, 1.0, -1.2, -0.9]))
+    base = SmallFcLOpt(hidden_size=4)
+    base_theta = {k: v for k, v in theta.items() if k != "tensor_scale"}
+    params = _tree(jax.random.PRNGKey(68))
+    tx, tb = lopt.transform(theta, impl="reference"), base.transform(base_theta, impl="reference")
+    st = tx.init(params)
+    assert type(st).__name__ == "SmallFcLOptLossGapState" and type(st) is lopt.state_type
+    for i in range(14):
+        g = _grads_at(i, params)
+        u, st_new = tx.update(g, st, params, value=jnp.float32(_train_losses_at(i)),
+                              validation_value=jnp.float32(_valid_losses_at(i)))
+        ub, _ = tb.update(g, base.state_type(*st[:len(base.state_type._fields)]), params)
+        train = [_train_losses_at(j) for j in range(i + 1)]
+        valid = [_valid_losses_at(j) for j in range(i + 1)]
+        extra = np.concatenate([_numpy_loss_inputs(train), _numpy_gap_inputs(train, valid)])
+        for k in SHAPES:
+            s = _numpy_scale(lopt, theta, i, params[k], g[k], st.m[k], st.rms[k], extra)
+            np.testing.assert_allclose(np.asarray(u[k]), s * np.asarray(ub[k]), rtol=3e-5, atol=1e-9,
+                                       err_msg=f"{k} step {i}")
+        params, st = jax.tree_util.tree_map(jnp.add, params, u), st_new
+    # the gap grew (the training loss fell 2e-2x below the validation loss) and the validation
+    # loss rose above its best: both inputs are away from 0 where it matters
+    last = _numpy_gap_inputs([_train_losses_at(j) for j in range(14)], [_valid_losses_at(j) for j in range(14)])
+    assert last[0] > 0.1 and last[1] > 0.05, last
+
+    def run(factor):
+        tx = lopt.transform(theta, impl="fused")
+        p = _tree(jax.random.PRNGKey(68))
+        s = tx.init(p)
+        upd = jax.jit(lambda g, s, p, v, w: tx.update(g, s, p, value=v, validation_value=w))
+        for i in range(14):
+            u, s = upd(_grads_at(i, p), s, p, jnp.float32(factor * _train_losses_at(i)),
+                       jnp.float32(factor * _valid_losses_at(i)))
+            p = jax.tree_util.tree_map(jnp.add, p, u)
+        return p
+    a, b = run(1.0), run(1e3)
+    for k in SHAPES:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-5, atol=1e-7)
+
+
+def test_gap_rule_starts_as_the_loss_rule_needs_the_validation_loss_and_checkpoints_keep_it(tmp_path):
+    from lopt_ext.scaled import NUM_GAP_INPUTS, with_horizon_inputs, with_loss_inputs
+    lopt = ScaledSmallFcLOpt(hidden_size=4, horizon_inputs=True, loss_inputs="train")
+    theta = _random_scale_theta(lopt, jax.random.PRNGKey(69))
+    gl, gt = with_loss_inputs(lopt, theta, "train+validation")
+    assert gl.uses_validation_loss and gl.num_scale_inputs == lopt.num_scale_inputs + NUM_GAP_INPUTS
+    np.testing.assert_array_equal(gt["tensor_scale"]["w_lin"][:-NUM_GAP_INPUTS], theta["tensor_scale"]["w_lin"])
+    # horizon inputs added after the loss inputs land before them, as for the training loss alone
+    l1, t1 = with_horizon_inputs(*with_loss_inputs(ScaledSmallFcLOpt(hidden_size=4), _random_scale_theta(
+        ScaledSmallFcLOpt(hidden_size=4), jax.random.PRNGKey(70)), "train+validation"))
+    assert l1 == gl and t1["tensor_scale"]["w_lin"].shape == gt["tensor_scale"]["w_lin"].shape
+    params = _tree(jax.random.PRNGKey(71))
+
+    def run(rule, th, impl, valid_factor):
+        tx = rule.transform(th, impl=impl, num_steps=20)
+        p, s = params, tx.init(params)
+        for i in range(10):
+            kw = {"validation_value": jnp.float32(valid_factor * _valid_losses_at(i))} if rule.uses_validation_loss else {}
+            u, s = tx.update(_grads_at(i, p), s, p, value=jnp.float32(_train_losses_at(i)), **kw)
+            p = jax.tree_util.tree_map(jnp.add, p, u)
+        return p
+    for impl in ("fused", "reference"):  # zero gap weights: the loss rule, whatever the validation loss
+        a, b = run(lopt, theta, impl, 1.0), run(gl, gt, impl, 7.0)
+        for k in SHAPES:
+            np.testing.assert_array_equal(a[k], b[k])
+    gt["tensor_scale"]["w_lin"] = gt["tensor_scale"]["w_lin"].at[-2:].set(jnp.asarray([-1.0, -2.0]))
+    fused, ref = run(gl, gt, "fused", 1.0), run(gl, gt, "reference", 1.0)
+    for k in SHAPES:
+        a, b = np.asarray(fused[k]), np.asarray(ref[k])
+        assert np.all(np.abs(a - b) <= 1e-6 * np.max(np.abs(b)) + 1e-5 * np.abs(b)), k
+    tx = gl.transform(gt, num_steps=20)
+    st = tx.init(params)
+    with pytest.raises(ValueError, match="validation_value="):
+        tx.update(params, st, params, value=1.0)
+    with pytest.raises(TypeError, match="validation_value"):
+        tx.update(params, st, params, value=1.0, validation_value=jnp.ones(2))
+    with pytest.raises(ValueError, match="already reads the validation loss"):
+        with_loss_inputs(ScaledSmallFcLOpt(hidden_size=4, loss_inputs="validation"), theta, "train+validation")
+    # a NaN validation loss is a non-finite step: skipped, the state kept
+    tx = gl.transform(gt, num_steps=20, skip_nonfinite=True)
+    st = tx.init(params)
+    u, st2 = tx.update(params, st, params, value=1.0, validation_value=jnp.float32(np.nan))
+    assert int(st2.skipped) == 1 and all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree_util.tree_leaves(u))
+    np.testing.assert_array_equal(st2.valid_means, st.valid_means)
+    path = str(tmp_path / "g.safetensors")
+    checkpoint.save_theta(path, gt, gl)
+    assert checkpoint.load_theta(path)[0] == gl

@@ -20,7 +20,9 @@ ScaledSmallFcLOpt(horizon_inputs=True) (zero weights: the same rule; every run i
 length, --steps), and --coordinates horizon moves only their coefficients and the scale's bias:
 a learned schedule over the fraction of training done. --loss-inputs train|validation gives it
 the loss inputs (what the minibatch or a validation-batch loss has done; zero weights), and
---coordinates loss (or horizon+loss) moves their coefficients and the bias.
+--coordinates loss (or horizon+loss) moves their coefficients and the bias;
+--loss-inputs train+validation adds the validation loss's gap inputs (--coordinates
+horizon+loss+gap moves all three groups).
 
 Each generation evaluates the mean and ``pairs`` antithetic perturbations on every task in one
 vmapped, jitted call per task (common random numbers: the same seeds and batches for every
@@ -53,7 +55,7 @@ from lopt_ext import checkpoint, pretrained  # noqa: E402
 from lopt_ext.metatrain import evaluate as ev  # noqa: E402
 from lopt_ext.__main__ import add_cpu_devices_option  # noqa: E402
 from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
-from lopt_ext.scaled import (DECAY_OFF, LOSS_SOURCES, NUM_HORIZON_INPUTS, NUM_LOSS_INPUTS,  # noqa: E402
+from lopt_ext.scaled import (DECAY_OFF, LOSS_SOURCES, NUM_GAP_INPUTS, NUM_HORIZON_INPUTS, NUM_LOSS_INPUTS,  # noqa: E402
                              NUM_PROGRESS_INPUTS, with_horizon_inputs, with_loss_inputs, with_progress_inputs)
 from lopt_ext.tasks import family  # noqa: E402
 from scale_search import pes_kind, validation_task, write_pes_resume  # noqa: E402
@@ -73,14 +75,18 @@ CLIP = (-1.0, 3.0)  # default --clip (the score of a non-finite run is the upper
 # of the scale's linear coefficients and bias and the decay's (needs --progress-inputs);
 # "horizon" the coefficients of the horizon inputs (the last inputs) and the scale's bias (needs
 # --horizon-inputs; the last but the loss inputs' with --loss-inputs); "loss" the coefficients of
-# the loss inputs (the last inputs) and the bias (needs --loss-inputs); "horizon+loss" both.
+# the loss inputs (the last inputs) and the bias (needs --loss-inputs); "horizon+loss" both;
+# "gap", "loss+gap", "horizon+loss+gap" the same with the validation loss's gap inputs (the
+# last with --loss-inputs train+validation, which the kinds without "gap" then cannot move).
 COORDINATES = ("scale", "scale+decays", "scale+hidden", "progress", "scale+progress", "horizon", "loss",
-               "horizon+loss")
+               "horizon+loss", "gap", "loss+gap", "horizon+loss+gap")
 NEEDS_PROGRESS = ("progress", "scale+progress")
 DECAY_UNIT = 10.0
 # kinds that move the last inputs of the scale (how many) and its bias
 TAIL_INPUTS = {"horizon": NUM_HORIZON_INPUTS, "loss": NUM_LOSS_INPUTS,
-               "horizon+loss": NUM_HORIZON_INPUTS + NUM_LOSS_INPUTS}
+               "horizon+loss": NUM_HORIZON_INPUTS + NUM_LOSS_INPUTS, "gap": NUM_GAP_INPUTS,
+               "loss+gap": NUM_LOSS_INPUTS + NUM_GAP_INPUTS,
+               "horizon+loss+gap": NUM_HORIZON_INPUTS + NUM_LOSS_INPUTS + NUM_GAP_INPUTS}
 
 
 def usable_kind(kind, progress_inputs, horizon_inputs, loss_inputs):
@@ -95,6 +101,13 @@ def usable_kind(kind, progress_inputs, horizon_inputs, loss_inputs):
         return "'progress' moves the last inputs, which --horizon-inputs/--loss-inputs make theirs: use 'scale+progress'"
     if kind == "horizon" and loss_inputs:
         return "'horizon' moves the last inputs, which --loss-inputs makes the loss's: use 'horizon+loss'"
+    gap = loss_inputs == "train+validation"
+    if "gap" in kind and not gap:
+        return f"{kind!r} needs --loss-inputs train+validation"
+    if "loss" in kind and "gap" not in kind and gap:
+        return f"{kind!r} moves the last inputs, which train+validation makes the gap's: use '{kind}+gap'"
+    if "horizon" in kind and kind != "horizon+loss+gap" and gap:
+        return "with train+validation loss inputs use 'horizon+loss+gap'"
     return None
 
 
@@ -222,7 +235,8 @@ def main(argv=None):
                          "starting rule unchanged; runs are told their length, --steps)")
     ap.add_argument("--loss-inputs", choices=LOSS_SOURCES, default=None,
                     help="give the scale the loss inputs of lopt_ext.scaled (weights starting at 0: the starting "
-                         "rule unchanged), fed each step's minibatch loss (train) or a validation-batch loss")
+                         "rule unchanged), fed each step's minibatch loss (train), a validation-batch loss, or "
+                         "both (train+validation: also the generalisation-gap inputs)")
     ap.add_argument("--clip", type=float, nargs=2, default=list(CLIP), metavar=("LOW", "HIGH"),
                     help="per task-seed log-ratio clip (the upper end also scores a non-finite run)")
     ap.add_argument("--decay-start", type=float, default=None, metavar="LAMBDA",

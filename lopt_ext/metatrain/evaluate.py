@@ -129,7 +129,8 @@ def _curve_fn(task, make_tx, steps: int, every: int, train_every: int, validatio
     step's loss on a validation batch (never trained on, not the test data) to the
     transformation as ``value`` (optax's extra argument, e.g. for reduce_on_plateau);
     train_value: pass the step's minibatch loss instead (what loss-reading rules such as
-    Celo are meta-trained with)."""
+    Celo are meta-trained with); both: the minibatch loss as ``value`` and the validation
+    batch's as ``validation_value`` (ScaledSmallFcLOpt(loss_inputs="train+validation"))."""
     n_chunks = steps // every
     ratio = train_every // every
 
@@ -144,10 +145,12 @@ def _curve_fn(task, make_tx, steps: int, every: int, train_every: int, validatio
                 value, grads = jax.value_and_grad(task.loss)(params, batch)
             else:
                 grads = jax.grad(task.loss)(params, batch)
+            losses = {"value": value} if train_value else {}
             if validation_value:
-                value = task.loss(params, task.valid_batch(jax.random.fold_in(seed_key, i)))
-            if validation_value or train_value:
-                updates, state = tx.update(grads, state, params, value=value)
+                valid = task.loss(params, task.valid_batch(jax.random.fold_in(seed_key, i)))
+                losses["validation_value" if train_value else "value"] = valid
+            if losses:
+                updates, state = tx.update(grads, state, params, **losses)
             else:
                 updates, state = tx.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), None
@@ -168,7 +171,7 @@ def loss_values(lopt) -> Dict[str, bool]:
     """run_curves' train_value / validation_value for ``lopt``: a rule that reads the loss is fed
     the one it was meta-trained on (``lopt.loss_source``), the others none."""
     return {"train_value": lopt.uses_loss and lopt.loss_source == "train",
-            "validation_value": lopt.uses_loss and lopt.loss_source == "validation"}
+            "validation_value": lopt.uses_loss and (lopt.loss_source == "validation" or lopt.uses_validation_loss)}
 
 
 def run_curves(task, make_tx, hps, seeds, steps=1000, every=EVERY, train_every=TRAIN_EVERY,

@@ -342,8 +342,13 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
             if not lopt.uses_loss:
                 updates, state = tx.update(grads, state, params)
             else:  # a loss-reading rule gets the loss it reads: this batch's, or a validation batch's
-                value = loss if lopt.loss_source == "train" else task.loss(params, task.valid_batch(key))
-                updates, state = tx.update(grads, state, params, value=value)
+                valid = (task.loss(params, task.valid_batch(key))
+                         if lopt.loss_source == "validation" or lopt.uses_validation_loss else None)
+                if lopt.uses_validation_loss:
+                    updates, state = tx.update(grads, state, params, value=loss, validation_value=valid)
+                else:
+                    value = loss if lopt.loss_source == "train" else valid
+                    updates, state = tx.update(grads, state, params, value=value)
             params = optax.apply_updates(params, updates)
             if cfg.objective == "valid_log":  # held-out batch, scored after the step
                 loss = task.loss(params, task.valid_batch(key))
@@ -440,7 +445,8 @@ def warm_start_theta(path: str, lopt: SmallFcLOpt, theta):
     from lopt_ext.scaled import ScaledSmallFcLOpt, with_horizon_inputs, with_loss_inputs, with_progress_inputs
     if (isinstance(lopt, ScaledSmallFcLOpt) and type(stored) is ScaledSmallFcLOpt and stored != lopt
             and all(getattr(lopt, f) or not getattr(stored, f) for f in ("progress_inputs", "horizon_inputs"))
-            and stored.loss_inputs in (None, lopt.loss_inputs)
+            and (stored.loss_inputs in (None, lopt.loss_inputs)
+                 or (stored.loss_inputs, lopt.loss_inputs) == ("train", "train+validation"))
             and dataclasses.replace(stored, progress_inputs=lopt.progress_inputs, horizon_inputs=lopt.horizon_inputs,
                                     loss_inputs=lopt.loss_inputs) == lopt):
         rule, out = stored, load_theta(path, stored)[1]  # the same rule, the new inputs at weight 0
