@@ -411,7 +411,8 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
 
 def _step_keys(key, num_slots: int):
     """(the next state's key, the outer step's 2 * num_slots keys as separate arrays: each
-    slot's truncation key and its key for a new task), as jax.random.split drew them before."""
+    slot's truncation key and its key for a new task), split from ``key``: separate outputs, so
+    that no indexing op runs per slot."""
     key, k_step = jax.random.split(key)
     slot_keys = jax.random.split(k_step, 2 * num_slots)
     return key, tuple(slot_keys[i] for i in range(2 * num_slots))
