@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 
@@ -35,6 +36,7 @@ struct Work {
   std::vector<double> line_sums, cross_partial;
   int64_t cross_stride = 0;  // row length of the transposed cross tables
   std::vector<float> line_fac, cross_fac_t, line_tab, cross_tab_t;
+  std::vector<float> line_rsqrt, cross_rsqrt;  // factored: rsqrt(new v + 1e-8), v's layout
   const float* v_row_new = nullptr;  // new factored accumulators (tables of pass C)
   const float* v_col_new = nullptr;
   std::vector<float> w0c;
@@ -46,7 +48,6 @@ struct Work {
 };
 
 inline float RSqrt(float x) { return 1.0f / std::sqrt(x); }
-inline float SafeRSqrt(float x) { return RSqrt(kSafeRsqrtFloor > x ? kSafeRsqrtFloor : x); }
 
 std::string Plan(const Config& cfg, bool write_delta, Work& w) {
   TensorArgs& a = *w.args;
@@ -174,8 +175,19 @@ void UseExternalFactors(const Config& cfg, Work& w) {
   SetFactorTables(cfg.da, ext.row_factor, ext.col_factor, w);
 }
 
+// rsqrt(v + 1e-8) of the new factored accumulators, line- and cross-indexed, for the
+// v-feature statistics (FinishA) and the first-layer tables (FinishB).
+void RSqrtTables(const tiles::Kernels& K, const float* v_line, const float* v_cross, Work& w) {
+  const int64_t da = w.plan.da;
+  w.line_rsqrt.resize(w.n_line * da);
+  w.cross_rsqrt.resize(w.n_cross * da);
+  constexpr float kNoFloor = -std::numeric_limits<float>::infinity();  // max(x, -inf) is x, NaN too
+  K.rsqrt_tables(v_line, w.n_line * da, kFacRsqrtEps, kNoFloor, w.line_rsqrt.data());
+  K.rsqrt_tables(v_cross, w.n_cross * da, kFacRsqrtEps, kNoFloor, w.cross_rsqrt.data());
+}
+
 // Between A and B: new factored accumulators, factors and v-feature statistics.
-void FinishA(const Config& cfg, const FeatureIndex& F, Work& w) {
+void FinishA(const tiles::Kernels& K, const Config& cfg, const FeatureIndex& F, Work& w) {
   const TensorPlan& P = w.plan;
   TensorArgs& a = *w.args;
   const int da = cfg.da;
@@ -223,19 +235,22 @@ void FinishA(const Config& cfg, const FeatureIndex& F, Work& w) {
     const int64_t gi = row_group(i);
     for (int k = 0; k < da; ++k) {
       const float mean = static_cast<float>(group_sum[gi * da + k] / d1_size);
-      row_fac[i * da + k] = SafeRSqrt(v_row[i * da + k] / (mean + kRowMeanEps));
+      row_fac[i * da + k] = v_row[i * da + k] / (mean + kRowMeanEps);
     }
   }
-  for (size_t i = 0; i < v_col.size(); ++i) col_fac[i] = SafeRSqrt(v_col[i]);
+  // SafeRSqrt of the row ratios and of v_col.
+  K.rsqrt_tables(row_fac.data(), static_cast<int64_t>(row_fac.size()), 0.0f, kSafeRsqrtFloor, row_fac.data());
+  K.rsqrt_tables(v_col.data(), static_cast<int64_t>(v_col.size()), 0.0f, kSafeRsqrtFloor, col_fac.data());
+  RSqrtTables(K, v_line.data(), v_cross.data(), w);
   // Mean squares of the broadcast v features equal their means over the entries.
   w.table_mean_sq.assign(F.count, 0.0);
-  auto mean_sq = [&](const std::vector<float>& v, int base_v, int base_rs) {
+  auto mean_sq = [&](const std::vector<float>& v, const std::vector<float>& rs, int base_v, int base_rs) {
     const int64_t n = static_cast<int64_t>(v.size()) / da;
     for (int k = 0; k < da; ++k) {
       double sv = 0, sr = 0;
       for (int64_t i = 0; i < n; ++i) {
         const float x = v[i * da + k];
-        const float r = RSqrt(x + kFacRsqrtEps);
+        const float r = rs[i * da + k];
         sv += double(x * x);
         sr += double(r * r);
       }
@@ -243,8 +258,8 @@ void FinishA(const Config& cfg, const FeatureIndex& F, Work& w) {
       w.table_mean_sq[base_rs + k] = sr / static_cast<double>(n);
     }
   };
-  mean_sq(v_row, F.row_v, F.row_rsqrt);
-  mean_sq(v_col, F.col_v, F.col_rsqrt);
+  mean_sq(v_row, w.line_is_row ? w.line_rsqrt : w.cross_rsqrt, F.row_v, F.row_rsqrt);
+  mean_sq(v_col, w.line_is_row ? w.cross_rsqrt : w.line_rsqrt, F.col_v, F.col_rsqrt);
   // The new accumulators are outputs and the source of pass C's tables.
   std::memcpy(w.line_is_row ? a.v_row_out : a.v_col_out, v_line.data(), v_line.size() * 4);
   std::memcpy(w.line_is_row ? a.v_col_out : a.v_row_out, v_cross.data(), v_cross.size() * 4);
@@ -258,7 +273,7 @@ void FinishA(const Config& cfg, const FeatureIndex& F, Work& w) {
 }
 
 // Between B and C: normalisation scales folded into the first layer.
-void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
+void FinishB(const tiles::Kernels& Kn, const Config& cfg, const FeatureIndex& F, Work& w) {
   const TensorPlan& P = w.plan;
   TensorArgs& a = *w.args;
   const int H = cfg.hidden, dm = cfg.dm, dr = cfg.dr, da = cfg.da, K = P.num_compact;
@@ -314,12 +329,12 @@ void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
   if (!P.factored) return;
   // First-layer contribution of the broadcast v features, once per row/column:
   // entry i, output h gets sum_k s*w0[v_k][h]*v + s*w0[rsqrt_k][h]*rsqrt(v + 1e-8).
-  auto table = [&](const float* v, int64_t n_entries, int base_v, int base_rs,
+  auto table = [&](const float* v, const float* rs, int64_t n_entries, int base_v, int base_rs,
                    std::vector<float>& out, int64_t entry_stride, int64_t h_stride) {
     for (int64_t i = 0; i < n_entries; ++i)
       for (int k = 0; k < da; ++k) {
         const float x = v[i * da + k] * scale[base_v + k];
-        const float r = RSqrt(v[i * da + k] + kFacRsqrtEps) * scale[base_rs + k];
+        const float r = rs[i * da + k] * scale[base_rs + k];
         const float* wv = w0 + (base_v + k) * H;
         const float* wr = w0 + (base_rs + k) * H;
         for (int h = 0; h < H; ++h) out[i * entry_stride + h * h_stride] += x * wv[h] + r * wr[h];
@@ -332,8 +347,9 @@ void FinishB(const Config& cfg, const FeatureIndex& F, Work& w) {
   const int cross_v = row_is_line ? F.col_v : F.row_v, cross_rs = row_is_line ? F.col_rsqrt : F.row_rsqrt;
   w.line_tab.assign(w.n_line * H, 0.0f);
   w.cross_tab_t.assign(H * w.cross_stride, 0.0f);
-  table(v_line, w.n_line, line_v, line_rs, w.line_tab, H, 1);
-  table(v_cross, w.n_cross, cross_v, cross_rs, w.cross_tab_t, 1, w.cross_stride);
+  if (w.line_rsqrt.empty()) RSqrtTables(Kn, v_line, v_cross, w);  // external statistics
+  table(v_line, w.line_rsqrt.data(), w.n_line, line_v, line_rs, w.line_tab, H, 1);
+  table(v_cross, w.cross_rsqrt.data(), w.n_cross, cross_v, cross_rs, w.cross_tab_t, 1, w.cross_stride);
   w.plan.line_tab = w.line_tab.data();
   w.plan.cross_tab_t = w.cross_tab_t.data();
 }
@@ -412,7 +428,7 @@ std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<Tens
       Work& w = work[i];
       if (w.plan.factored) {
         if (w.args->has_external) UseExternalFactors(cfg, w);
-        else FinishA(cfg, F, w);
+        else FinishA(K, cfg, F, w);
       }
       if (!w.args->has_external) w.chunk_sumsq.assign(w.n_chunks * w.plan.num_compact, 0.0);
     });
@@ -432,7 +448,7 @@ std::string CpuFusedUpdate(const Config& cfg, bool write_delta, std::vector<Tens
       for (int64_t c = 0; c < work[i].n_chunks; ++c) tasks.emplace_back(static_cast<int>(i), c);
     parallel_for(static_cast<int64_t>(work.size()), [&](int64_t i) {
       Work& w = work[i];
-      FinishB(cfg, F, w);
+      FinishB(K, cfg, F, w);
       if (bf16) {  // the first layer's weights exist once the scales are folded in
         w.amx_first.resize(tiles::AmxLayerWords(w.plan.num_compact, cfg.hidden));
         tiles::PackAmxLayer(w.plan.w0c, w.plan.num_compact, cfg.hidden, w.amx_first.data());

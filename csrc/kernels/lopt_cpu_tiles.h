@@ -83,6 +83,10 @@ struct Kernels {
   // (kMlpNormalized values added to sumsq), and the step with its writes.
   void (*mlp_stats)(const MlpPlan& plan, int64_t e0, int64_t e1, double* sumsq);
   void (*mlp_apply)(const MlpPlan& plan, int64_t e0, int64_t e1);
+  // out[i] = 1 / sqrt(max(x[i] + eps, floor)) (max propagating NaN; out may be x),
+  // IEEE-rounded: the per-row/column tables of factored tensors (a few hundred entries
+  // per tensor, which scalar sqrt and division made a tenth of a small population's call).
+  void (*rsqrt_tables)(const float* x, int64_t n, float eps, float floor, float* out);
 };
 
 // Compact per-element feature order. Both kinds start with
