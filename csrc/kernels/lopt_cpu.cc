@@ -347,7 +347,7 @@ void FinishB(const tiles::Kernels& Kn, const Config& cfg, const FeatureIndex& F,
   const int cross_v = row_is_line ? F.col_v : F.row_v, cross_rs = row_is_line ? F.col_rsqrt : F.row_rsqrt;
   w.line_tab.assign(w.n_line * H, 0.0f);
   w.cross_tab_t.assign(H * w.cross_stride, 0.0f);
-  if (w.line_rsqrt.empty()) RSqrtTables(Kn, v_line, v_cross, w);  // external statistics
+  if (a.has_external) RSqrtTables(Kn, v_line, v_cross, w);  // else FinishA made them
   table(v_line, w.line_rsqrt.data(), w.n_line, line_v, line_rs, w.line_tab, H, 1);
   table(v_cross, w.cross_rsqrt.data(), w.n_cross, cross_v, cross_rs, w.cross_tab_t, 1, w.cross_stride);
   w.plan.line_tab = w.line_tab.data();

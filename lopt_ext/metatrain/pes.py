@@ -341,14 +341,11 @@ def _slot_step_cached(cfg: MetaTrainConfig, task, impl: str):
             loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
             if not lopt.uses_loss:
                 updates, state = tx.update(grads, state, params)
-            else:  # a loss-reading rule gets the loss it reads: this batch's, or a validation batch's
-                valid = (task.loss(params, task.valid_batch(key))
-                         if lopt.loss_source == "validation" or lopt.uses_validation_loss else None)
-                if lopt.uses_validation_loss:
-                    updates, state = tx.update(grads, state, params, value=loss, validation_value=valid)
-                else:
-                    value = loss if lopt.loss_source == "train" else valid
-                    updates, state = tx.update(grads, state, params, value=value)
+            else:  # a loss-reading rule gets the losses it reads: this batch's, a validation batch's, or both
+                losses = {"value": loss} if lopt.loss_source == "train" else {}
+                if lopt.loss_source == "validation" or lopt.uses_validation_loss:
+                    losses["validation_value" if losses else "value"] = task.loss(params, task.valid_batch(key))
+                updates, state = tx.update(grads, state, params, **losses)
             params = optax.apply_updates(params, updates)
             if cfg.objective == "valid_log":  # held-out batch, scored after the step
                 loss = task.loss(params, task.valid_batch(key))
