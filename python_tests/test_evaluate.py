@@ -132,10 +132,13 @@ def test_evaluate_command_writes_the_reference_rows_and_views(tmp_path):
     # the views: tuned Adam scored against itself (the same candidates, tuned the same way) is 1
     summary = doc["views"]["by_horizon"]["100"]["vs_tuned_adam"]["summary"]["all"]
     name = "scaled_small_fc_lopt_h4_es"
-    assert set(summary) == {name, "adam_1e-3", "adam (tuned)", "adam_warmup_cosine (tuned)"}
+    assert set(summary) == {name, "adam_1e-3", "adam (tuned)", "adam_warmup_cosine (tuned)",
+                            *ev.ONE_RUN_ADAM.values()}
     best_of_both = min(summary["adam (tuned)"]["best_heldout"]["median"],
                        summary["adam_warmup_cosine (tuned)"]["best_heldout"]["median"])
     assert best_of_both == pytest.approx(1.0)
+    bar = doc["views"]["ship_check"]["adam_one_run"]
+    assert set(bar) == set(ev.ONE_RUN_ADAM.values()) and "same bar for Adam's one run" in md
     # the untuned reference really is lr 1e-3: Adam 1e-3 judged against it is 1 in every view
     fixed = doc["views"]["by_horizon"]["100"]["vs_tuned_adam"]["per_task"][0]["contenders"]["adam_1e-3"]
     assert fixed["picked"] == {} and len(fixed["best_heldout"]) == 1
@@ -322,3 +325,40 @@ def test_compiled_runs_are_bounded_so_memory_mappings_stay_flat(monkeypatch):
     assert filled - start > 10 * n, (start, filled)  # compilations do map code (else this proves nothing)
     assert after - filled < 0.5 * (filled - start), (start, filled, after)
     assert ev._curve_fn.cache_info().currsize <= n
+
+
+def test_adam_one_run_rows_judge_one_run_on_every_view(tmp_path):
+    """Adam's one-run rows keep the run picked on one view and judge it on the others: with a
+    hand-made cache where the run with the best held-out minimum (A) is not the one with the
+    lowest training loss (B), B's best held-out ratio is min(B) / min(A) = 0.7 / 0.5 and A's
+    training-loss ratio is 0.2 / 0.01; B ends above its initial held-out loss (diverged)."""
+    from lopt_ext import tasks
+    task = tasks.get_task("mlp_digits_16_relu_b128_s2")
+    T, n = 100, 100 // ev.EVERY
+    flat = lambda *segs: [[v for v, k in segs for _ in range(k)]]
+    other_h, other_t = flat((1.0, 1), (0.9, n)), [[2.0, 0.5]]
+    a_h, a_t = flat((1.0, 1), (0.5, 12), (0.6, n - 12)), [[2.0, 0.2]]
+    b_h, b_t = flat((1.0, 1), (0.7, 12), (1.2, n - 12)), [[2.0, 0.01]]
+    cache = {}
+    for b in ev.BASELINES:
+        held = [other_h] * len(ev.DEFAULT_LRS)
+        train = [other_t] * len(ev.DEFAULT_LRS)
+        if b == "adam":
+            held[1], train[1], held[5], train[5] = a_h, a_t, b_h, b_t
+        cache[ev._cache_key(b, task, [0], T, ev.EVERY, ev.DEFAULT_LRS)] = {
+            "name": b, "horizon": T, "lrs": list(ev.DEFAULT_LRS), "best_lr": ev.DEFAULT_LRS[1],
+            "final_by_lr": [0.9] * 7, "curve": a_h, "train_curve": a_t, "time_s": 0.0,
+            "by_lr": {"heldout": held, "train": train}}
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps(cache))
+    runs = {"x": [{"task": task.name, "seeds": [0], "every": ev.EVERY, "lopt_curve": other_h, "lopt_train_curve": other_t}]}
+    out = ev.evaluate_views(runs, (T,), adam_cache=str(path), primary="x")
+    c = out["by_horizon"][str(T)]["vs_tuned_adam"]["per_task"][0]["contenders"]
+    on_best, on_train = c[ev.ONE_RUN_ADAM["best_heldout"]], c[ev.ONE_RUN_ADAM["train_final"]]
+    assert on_best["best_heldout"] == [1.0] and on_train["train_final"] == [1.0]
+    assert on_train["best_heldout"][0] == pytest.approx(0.7 / 0.5)
+    assert on_best["train_final"][0] == pytest.approx(0.2 / 0.01)
+    assert on_train["diverged"] == [True] and on_best["diverged"] == [False]
+    bar = {b["criterion"]: b["pass"] for b in out["ship_check"]["adam_one_run"][ev.ONE_RUN_ADAM["train_final"]]}
+    assert bar["no divergence"] is False and bar["no task-seed best held-out > 1.25"] is False
+    assert bar["median training loss <= 1"] is True

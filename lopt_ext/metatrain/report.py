@@ -102,11 +102,19 @@ def format_views(summary, reference: str) -> str:
 
 
 def format_ship_check(check) -> str:
-    lines = [f"Shipping bar for `{check['optimizer']}` at {check['horizon']} steps (issue 24):", "",
-             "| criterion | value | pass |", "|---|---:|---|"]
-    for c in check["checks"]:
-        value = c["value"]
-        lines.append(f"| {c['criterion']} | {value if isinstance(value, int) else _num(value)} | {'yes' if c['pass'] else '**no**'} |")
+    """The bar's criteria for the optimizer (value, pass) and, where recorded, the same bar for
+    Adam's one run per task (a value and pass column each): what one Adam run meets of it."""
+    others = check.get("adam_one_run", {})
+    head = f"Shipping bar for `{check['optimizer']}` at {check['horizon']} steps (issue 24)"
+    cols = ["value", "pass"] + [f"{name} | pass" for name in others]
+    lines = [head + (", and the same bar for Adam's one run per task:" if others else ":"), "",
+             "| criterion | " + " | ".join(cols) + " |", "|---|" + "---:|---|" * (1 + len(others))]
+    cell = lambda c: (f"{c['value'] if isinstance(c['value'], int) else _num(c['value'])} | "
+                      f"{'yes' if c['pass'] else '**no**'}")
+    for i, c in enumerate(check["checks"]):
+        row = [cell(c)] + [cell(o[i]) if i < len(o) and o[i]["criterion"] == c["criterion"] else "- | -"
+                           for o in others.values()]
+        lines.append(f"| {c['criterion']} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
