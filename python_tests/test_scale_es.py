@@ -145,3 +145,19 @@ def test_loss_coordinates_move_the_last_inputs_and_a_search_feeds_the_loss(tmp_p
     assert all(np.isfinite(info["history"][0]["scores"]))
     rule, _ = checkpoint.load_theta(os.path.join(out, "theta.safetensors"))
     assert rule.loss_inputs == "validation" and rule.horizon_inputs
+
+
+def test_augmented_search_runs_on_reparameterized_copies(tmp_path):
+    common = ["--task-indices", "0", "--pairs", "1", "--steps", "100", "--seeds", "0", "--generations", "1"]
+    out = str(tmp_path / "aug")
+    scale_es.main(["--out", out, "--augment-reparam", "1"] + common)
+    info = json.load(open(os.path.join(out, "es.json")))
+    from lopt_ext.tasks import family
+    assert info["tasks"] == [family.task_name(family.TRAIN_SPECS[0]) + "@reparam0"]
+    assert info["augment_reparam"] == 1.0 and all(np.isfinite(info["history"][0]["scores"]))
+    adam = json.load(open(os.path.join(out, "adam.json")))
+    assert all("@reparam0" in k for k in adam)  # Adam is tuned on the copy, not the task
+    with pytest.raises(SystemExit):  # a resumed search keeps its augmentation
+        scale_es.main(["--out", out, "--resume"] + common[:-2] + ["--generations", "2"])
+    with pytest.raises(SystemExit):
+        scale_es.main(["--out", str(tmp_path / "bad"), "--augment-reparam", "-1"] + common)

@@ -165,3 +165,30 @@ def test_family_tasks_are_learnable_with_adam():
         params, state = step(params, state, i)
     assert float(task.train_loss(params)) < 0.7 * before
     assert math.isclose(task.loss_scale, math.log(10))
+
+
+def test_reparameterized_task_is_the_same_problem_in_scaled_coordinates():
+    from lopt_ext.tasks import augment
+    task = tasks.get_task("mlp_digits_32x16_tanh_b128_s0.5")
+    aug = augment.reparameterized(task, seed=3, log10_range=1.0)
+    scales = augment.reparameterization_scales(task, 3, 1.0)
+    s = jax.tree_util.tree_leaves(scales)
+    assert aug.name == task.name + "@reparam3" and len(set(s)) == len(s)
+    assert all(0.1 <= x <= 10.0 for x in s)
+    assert s != jax.tree_util.tree_leaves(augment.reparameterization_scales(task, 4, 1.0))
+    key, batch = jax.random.PRNGKey(2), task.sample_batch(jax.random.PRNGKey(5))
+    p, q = task.init(key), aug.init(key)
+    # stored q = p / s, by hand per tensor
+    for pl, ql, sl in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q), s):
+        np.testing.assert_allclose(np.asarray(ql), np.asarray(pl) / sl, rtol=1e-6)
+    for g in ((lambda t, x: t.loss(x, batch)), (lambda t, x: t.train_loss(x)), (lambda t, x: t.eval_loss(x))):
+        np.testing.assert_allclose(float(g(aug, q)), float(g(task, p)), rtol=1e-5)
+    # chain rule: dL/dq = s * dL/dp
+    gp = jax.grad(task.loss)(p, batch)
+    gq = jax.grad(aug.loss)(q, batch)
+    for a, b, sl in zip(jax.tree_util.tree_leaves(gq), jax.tree_util.tree_leaves(gp), s):
+        np.testing.assert_allclose(np.asarray(a), sl * np.asarray(b), rtol=1e-4, atol=1e-7 * sl)
+    # range 0 is the task itself, and a negative range is refused
+    assert all(x == 1.0 for x in jax.tree_util.tree_leaves(augment.reparameterization_scales(task, 3, 0.0)))
+    with pytest.raises(ValueError, match="log10_range"):
+        augment.reparameterized(task, 3, -1.0)

@@ -22,7 +22,9 @@ a learned schedule over the fraction of training done. --loss-inputs train|valid
 the loss inputs (what the minibatch or a validation-batch loss has done; zero weights), and
 --coordinates loss (or horizon+loss) moves their coefficients and the bias;
 --loss-inputs train+validation adds the validation loss's gap inputs (--coordinates
-horizon+loss+gap moves all three groups).
+horizon+loss+gap moves all three groups). --augment-reparam R searches on reparameterised copies
+of the tasks instead (lopt_ext.tasks.augment: each parameter tensor stored divided by a fixed
+factor 10**U(-R, R); Adam is tuned on the copies too).
 
 Each generation evaluates the mean and ``pairs`` antithetic perturbations on every task in one
 vmapped, jitted call per task (common random numbers: the same seeds and batches for every
@@ -57,7 +59,7 @@ from lopt_ext.__main__ import add_cpu_devices_option  # noqa: E402
 from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
 from lopt_ext.scaled import (DECAY_OFF, LOSS_SOURCES, NUM_GAP_INPUTS, NUM_HORIZON_INPUTS, NUM_LOSS_INPUTS,  # noqa: E402
                              NUM_PROGRESS_INPUTS, with_horizon_inputs, with_loss_inputs, with_progress_inputs)
-from lopt_ext.tasks import family  # noqa: E402
+from lopt_ext.tasks import augment, family  # noqa: E402
 from scale_search import pes_kind, validation_task, write_pes_resume  # noqa: E402
 
 # meta-training MLP tasks of every data set, depth, activation and init scale (indices into
@@ -237,6 +239,10 @@ def main(argv=None):
                     help="give the scale the loss inputs of lopt_ext.scaled (weights starting at 0: the starting "
                          "rule unchanged), fed each step's minibatch loss (train), a validation-batch loss, or "
                          "both (train+validation: also the generalisation-gap inputs)")
+    ap.add_argument("--augment-reparam", type=float, default=0.0, metavar="LOG10_RANGE",
+                    help="task augmentation: search on copies of the tasks whose parameter tensors are stored "
+                         "divided by fixed factors 10**U(-R, R), one per tensor (lopt_ext.tasks.augment; "
+                         "the copy of TRAIN_SPECS[i] draws them with seed i). Default 0: the tasks themselves")
     ap.add_argument("--clip", type=float, nargs=2, default=list(CLIP), metavar=("LOW", "HIGH"),
                     help="per task-seed log-ratio clip (the upper end also scores a non-finite run)")
     ap.add_argument("--decay-start", type=float, default=None, metavar="LAMBDA",
@@ -254,6 +260,8 @@ def main(argv=None):
         ap.error(f"argument --steps: must be a multiple of {ev.TRAIN_EVERY}")
     if not args.sigma > 0:
         ap.error("argument --sigma: must be > 0")
+    if not 0 <= args.augment_reparam <= 6:
+        ap.error("argument --augment-reparam: must be in [0, 6]")
     os.makedirs(args.out, exist_ok=True)
     if not args.clip[0] < 0 < args.clip[1]:
         ap.error("argument --clip: needs LOW < 0 < HIGH")
@@ -300,6 +308,8 @@ def main(argv=None):
     if bad:
         ap.error(f"argument --task-indices: {bad} out of range (0..{n_specs - 1})")
     tasks = [validation_task(family.make_task(family.TRAIN_SPECS[i])) for i in args.task_indices]
+    if args.augment_reparam:
+        tasks = [augment.reparameterized(t, i, args.augment_reparam) for t, i in zip(tasks, args.task_indices)]
     t0 = time.perf_counter()
     adam_cache = os.path.join(args.out, "adam.json")
     if args.objective_views:  # each view tunes Adam's learning rate on its own quantity
@@ -319,13 +329,15 @@ def main(argv=None):
             prev = json.load(f)
         keys = ("from_pretrained", "seeds", "steps", "tasks", "pairs", "coordinates", "clip", "progress_inputs",
                 "horizon_inputs")
-        same = tuple(prev.get(k, False) for k in keys) + (prev.get("objective_views"), prev.get("loss_inputs")) == (
+        same = tuple(prev.get(k, False) for k in keys) + (prev.get("objective_views"), prev.get("loss_inputs"),
+                                                          prev.get("augment_reparam", 0.0)) == (
             args.from_pretrained, args.seeds, args.steps, [t.name for t in tasks], args.pairs, args.coordinates,
-            list(args.clip), args.progress_inputs, args.horizon_inputs, args.objective_views, args.loss_inputs)
+            list(args.clip), args.progress_inputs, args.horizon_inputs, args.objective_views, args.loss_inputs,
+            args.augment_reparam)
         if not same:
             ap.error(f"argument --resume: {es_path} was made with other --from-pretrained/--seeds/--steps/"
                      "--task-indices/--pairs/--coordinates/--clip/--progress-inputs/--horizon-inputs/--objective-views/"
-                     "--loss-inputs")
+                     "--loss-inputs/--augment-reparam")
         mean, sigma, first = np.asarray(prev["mean"], np.float32), prev["sigma"], prev["generation"] + 1
         rng.bit_generator.state = prev["rng_state"]
         history, runs = prev["history"], prev["runs"]
@@ -383,7 +395,7 @@ def main(argv=None):
         info = {"command": command, "from_pretrained": args.from_pretrained, "tasks": [t.name for t in tasks],
                 "seeds": args.seeds, "steps": args.steps, "pairs": args.pairs, "coordinates": args.coordinates,
                 "progress_inputs": args.progress_inputs, "horizon_inputs": args.horizon_inputs,
-                "loss_inputs": args.loss_inputs, "clip": list(args.clip), "objective_views": args.objective_views,
+                "loss_inputs": args.loss_inputs, "augment_reparam": args.augment_reparam, "clip": list(args.clip), "objective_views": args.objective_views,
                 "objective": (f"mean over task-seeds of the mean over {args.objective_views} of log(ratio to Adam tuned "
                               "on that view)" if args.objective_views else "mean log(final validation loss / tuned "
                               "Adam's)") + f", clipped to {list(args.clip)}", "start_from": args.start_from, "earlier_runs": earlier,
