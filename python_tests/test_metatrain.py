@@ -576,3 +576,49 @@ def test_loss_entry_needs_the_loss_and_num_steps_and_continues_as_scaled_horizon
         flat, _ = train._read_compact(str(path))
     from jax.flatten_util import ravel_pytree
     np.testing.assert_array_equal(flat["theta/flat"], np.asarray(ravel_pytree(theta)[0]))
+
+
+def _mappings_and_rss():
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for _ in f)
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return maps, rss * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_a_run_through_more_task_shapes_than_its_caches_hold_stays_flat(monkeypatch):
+    """Issue 25's 12-hour run, in short: a run meeting more tasks than its compiled-step caches
+    hold (6 tasks, caches of 2, a new task drawn after every outer step) recompiles the ones it
+    evicted instead of accumulating executables, so the process's memory mappings (what crashed
+    long runs at vm.max_map_count) and its resident memory stop growing once the caches are
+    full; an unbounded cache would add every new task's mappings."""
+    import functools
+    from lopt_ext.metatrain import pes
+    names = tuple(f"logreg_d16_n512_b32_seed{i}" for i in range(3)) + tuple(
+        f"quadratic_d32_c2_n0.1_seed{i}" for i in range(3))
+    small = 2
+    for cache in ("_init_pairs_cached", "_slot_step_cached"):
+        monkeypatch.setattr(pes, cache, functools.lru_cache(maxsize=small)(getattr(pes, cache).__wrapped__))
+    trainer = MetaTrainer(_cfg(task_names=names, min_horizon=2, max_horizon=2, outer_steps=100))
+    ms = trainer.init(0)
+    met = []
+
+    def run(steps):
+        for _ in range(steps):
+            r = trainer.outer_step(ms).result()
+            assert np.isfinite(r["meta_loss"])
+            met.extend(r["tasks"])
+
+    start = _mappings_and_rss()
+    run(6)  # fills both caches and then evicts
+    warm = _mappings_and_rss()
+    run(18)
+    end = _mappings_and_rss()
+    assert len(set(met)) > small + 2, met  # the run did move through more tasks than fit
+    assert pes._slot_step_cached.cache_info().misses > small + 4  # and recompiled evicted ones
+    assert pes._slot_step_cached.cache_info().currsize <= small
+    per_task = (warm[0] - start[0]) / small  # an upper bound of what one task's executables map
+    assert per_task > 10, (start, warm)      # compiled code is mapped (else this proves nothing)
+    assert end[0] - warm[0] < per_task, (start, warm, end)
+    assert end[1] - warm[1] < 0.5 * max(warm[1] - start[1], 64 << 20), (start, warm, end)

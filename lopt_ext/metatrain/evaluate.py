@@ -502,10 +502,10 @@ def evaluate_views(runs: Dict[str, List[Dict[str, Any]]], horizons=HORIZONS, lrs
                    adam_cache: Optional[str] = None, primary: Optional[str] = None) -> Dict[str, Any]:
     """The field's views (views.py) of every run in ``runs`` (contender name -> evaluate()'s
     results, the same tasks and seeds) and of Adam itself, per horizon: against Adam tuned per
-    view over both schedules and the grid ("vs_tuned_adam"; contenders also Adam at UNTUNED_LR and
-    each schedule tuned on its own, and Adam's one run per task of ONE_RUN_ADAM) and against Adam at UNTUNED_LR ("vs_adam_1e-3"), per task-seed
-    and summarized over all tasks and per data regime; with the shipping bar for ``primary`` at
-    the longest horizon. Baselines come from (or are added to) ``adam_cache``."""
+    view over both schedules and the grid ("vs_tuned_adam"; contenders also Adam at UNTUNED_LR,
+    each schedule tuned on its own, and Adam's one run per task of ONE_RUN_ADAM) and against
+    Adam at UNTUNED_LR ("vs_adam_1e-3"), per task-seed and summarized over all tasks and per data
+    regime; with the shipping bar for ``primary`` (and for Adam's one runs) at the longest horizon. Baselines come from (or are added to) ``adam_cache``."""
     from lopt_ext.metatrain import views
     from lopt_ext.tasks import family
     first = next(iter(runs.values()))
@@ -529,7 +529,8 @@ def evaluate_views(runs: Dict[str, List[Dict[str, Any]]], horizons=HORIZONS, lrs
                 learned[c] = [(c, smooth(np.asarray(res[i]["lopt_curve"], np.float64), every),
                                np.asarray(res[i]["lopt_train_curve"], np.float64))]
             both = [c for b in BASELINES for c in sched[b]]
-            one_run = {label: [views.pick(both, v, T // every, T // TRAIN_EVERY)] for v, label in ONE_RUN_ADAM.items()}
+            one_run = {label: [views.pick(both, v, T // every, T // TRAIN_EVERY)]
+                       for v, label in ONE_RUN_ADAM.items()}
             contenders = dict(learned, **{"adam_1e-3": untuned}, **{f"{b} (tuned)": sched[b] for b in BASELINES},
                               **one_run)
             tuned.append({"task": name, **views.task_views(contenders, both, T, every, TRAIN_EVERY)})
@@ -544,8 +545,8 @@ def evaluate_views(runs: Dict[str, List[Dict[str, Any]]], horizons=HORIZONS, lrs
         out["ship_check"] = {"horizon": T, "optimizer": primary,
                              "checks": views.ship_check(e["per_task"], e["summary"]["all"], primary),
                              # the same bar for Adam's one run: what a single Adam run can meet
-                             "adam_one_run": {label: views.ship_check(e["per_task"], e["summary"]["all"], label, peer=None)
-                                              for label in ONE_RUN_ADAM.values()}}
+                             "adam_one_run": {label: views.ship_check(e["per_task"], e["summary"]["all"], label,
+                                                                      peer=None) for label in ONE_RUN_ADAM.values()}}
     return out
 
 
