@@ -81,3 +81,15 @@ def trajectory(cfg, theta, params, steps, impl, seed=0, fetch=lambda x: x):
         params, state, updates = step(params, state, jnp.int32(i))
         history.append(fetch((params, updates, state)))
     return history
+
+
+def memory_mappings() -> int:
+    """This process's memory mappings (Linux's /proc), what vm.max_map_count limits."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux's /proc)."""
+    with open("/proc/self/status") as f:
+        return 1024 * next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))

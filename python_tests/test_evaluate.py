@@ -11,6 +11,8 @@ import pytest
 
 from lopt_ext.metatrain import evaluate as ev
 
+from helpers import memory_mappings
+
 
 def test_smooth_is_a_trailing_mean_over_20_steps():
     curve = np.array([9.0, 1, 2, 3, 4, 5, 6])          # recorded every 5 steps: window of 4 points
@@ -294,11 +296,6 @@ def test_data_regimes_of_the_held_out_tasks():
     assert len(regimes) >= 16 and regimes.count("data-rich") >= 8
 
 
-def _memory_mappings():
-    with open("/proc/self/maps") as f:
-        return sum(1 for _ in f)
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
 def test_compiled_runs_are_bounded_so_memory_mappings_stay_flat(monkeypatch):
     """Each executable holds hundreds of memory mappings; an unbounded cache of them crashed a
@@ -317,11 +314,11 @@ def test_compiled_runs_are_bounded_so_memory_mappings_stay_flat(monkeypatch):
             ev.run_curves(task, make_tx, [0.01], [0], 100)
 
     ev._curve_fn.cache_clear()  # drops (and unmaps) what earlier tests compiled
-    start = _memory_mappings()
+    start = memory_mappings()
     compile_runs(n)  # fills the cache: this is what n executables cost
-    filled = _memory_mappings()
+    filled = memory_mappings()
     compile_runs(n)  # evicts the first n: as many mappings freed as made
-    after = _memory_mappings()
+    after = memory_mappings()
     assert filled - start > 10 * n, (start, filled)  # compilations do map code (else this proves nothing)
     assert after - filled < 0.5 * (filled - start), (start, filled, after)
     assert ev._curve_fn.cache_info().currsize <= n

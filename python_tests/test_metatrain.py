@@ -578,14 +578,6 @@ def test_loss_entry_needs_the_loss_and_num_steps_and_continues_as_scaled_horizon
     np.testing.assert_array_equal(flat["theta/flat"], np.asarray(ravel_pytree(theta)[0]))
 
 
-def _mappings_and_rss():
-    with open("/proc/self/maps") as f:
-        maps = sum(1 for _ in f)
-    with open("/proc/self/status") as f:
-        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return maps, rss * 1024
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
 def test_a_run_through_more_task_shapes_than_its_caches_hold_stays_flat(monkeypatch):
     """Issue 25's 12-hour run, in short: a run meeting more tasks than its compiled-step caches
@@ -594,6 +586,7 @@ def test_a_run_through_more_task_shapes_than_its_caches_hold_stays_flat(monkeypa
     long runs at vm.max_map_count) and its resident memory stop growing once the caches are
     full; an unbounded cache would add every new task's mappings."""
     import functools
+    from helpers import memory_mappings, resident_bytes
     from lopt_ext.metatrain import pes
     names = tuple(f"logreg_d16_n512_b32_seed{i}" for i in range(3)) + tuple(
         f"quadratic_d32_c2_n0.1_seed{i}" for i in range(3))
@@ -610,11 +603,11 @@ def test_a_run_through_more_task_shapes_than_its_caches_hold_stays_flat(monkeypa
             assert np.isfinite(r["meta_loss"])
             met.extend(r["tasks"])
 
-    start = _mappings_and_rss()
+    start = (memory_mappings(), resident_bytes())
     run(6)  # fills both caches and then evicts
-    warm = _mappings_and_rss()
+    warm = (memory_mappings(), resident_bytes())
     run(18)
-    end = _mappings_and_rss()
+    end = (memory_mappings(), resident_bytes())
     assert len(set(met)) > small + 2, met  # the run did move through more tasks than fit
     assert pes._slot_step_cached.cache_info().misses > small + 4  # and recompiled evicted ones
     assert pes._slot_step_cached.cache_info().currsize <= small

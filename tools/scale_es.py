@@ -395,7 +395,8 @@ def main(argv=None):
         info = {"command": command, "from_pretrained": args.from_pretrained, "tasks": [t.name for t in tasks],
                 "seeds": args.seeds, "steps": args.steps, "pairs": args.pairs, "coordinates": args.coordinates,
                 "progress_inputs": args.progress_inputs, "horizon_inputs": args.horizon_inputs,
-                "loss_inputs": args.loss_inputs, "augment_reparam": args.augment_reparam, "clip": list(args.clip), "objective_views": args.objective_views,
+                "loss_inputs": args.loss_inputs, "augment_reparam": args.augment_reparam, "clip": list(args.clip),
+                "objective_views": args.objective_views,
                 "objective": (f"mean over task-seeds of the mean over {args.objective_views} of log(ratio to Adam tuned "
                               "on that view)" if args.objective_views else "mean log(final validation loss / tuned "
                               "Adam's)") + f", clipped to {list(args.clip)}", "start_from": args.start_from, "earlier_runs": earlier,

@@ -505,7 +505,8 @@ def evaluate_views(runs: Dict[str, List[Dict[str, Any]]], horizons=HORIZONS, lrs
     view over both schedules and the grid ("vs_tuned_adam"; contenders also Adam at UNTUNED_LR,
     each schedule tuned on its own, and Adam's one run per task of ONE_RUN_ADAM) and against
     Adam at UNTUNED_LR ("vs_adam_1e-3"), per task-seed and summarized over all tasks and per data
-    regime; with the shipping bar for ``primary`` (and for Adam's one runs) at the longest horizon. Baselines come from (or are added to) ``adam_cache``."""
+    regime; with the shipping bar for ``primary`` (and for Adam's one runs) at the longest
+    horizon. Baselines come from (or are added to) ``adam_cache``."""
     from lopt_ext.metatrain import views
     from lopt_ext.tasks import family
     first = next(iter(runs.values()))

@@ -111,9 +111,9 @@ def format_ship_check(check) -> str:
              "| criterion | " + " | ".join(cols) + " |", "|---|" + "---:|---|" * (1 + len(others))]
     cell = lambda c: (f"{c['value'] if isinstance(c['value'], int) else _num(c['value'])} | "
                       f"{'yes' if c['pass'] else '**no**'}")
-    for i, c in enumerate(check["checks"]):
-        row = [cell(c)] + [cell(o[i]) if i < len(o) and o[i]["criterion"] == c["criterion"] else "- | -"
-                           for o in others.values()]
+    by_criterion = [{o["criterion"]: o for o in checks} for checks in others.values()]
+    for c in check["checks"]:
+        row = [cell(c)] + [cell(o[c["criterion"]]) if c["criterion"] in o else "- | -" for o in by_criterion]
         lines.append(f"| {c['criterion']} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
