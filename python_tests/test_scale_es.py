@@ -161,3 +161,27 @@ def test_augmented_search_runs_on_reparameterized_copies(tmp_path):
         scale_es.main(["--out", out, "--resume"] + common[:-2] + ["--generations", "2"])
     with pytest.raises(SystemExit):
         scale_es.main(["--out", str(tmp_path / "bad"), "--augment-reparam", "-1"] + common)
+
+
+def test_a_search_starts_from_a_theta_file_and_adds_its_runs_budget(tmp_path):
+    from lopt_ext import checkpoint, pretrained
+    lopt, theta = pretrained.load("scaled_small_fc_lopt_h4")
+    run = tmp_path / "metatrain_run"  # what meta-train leaves: OUT/theta.safetensors, OUT/provenance.json
+    run.mkdir()
+    moved = dict(theta, tensor_scale=dict(theta["tensor_scale"], b=theta["tensor_scale"]["b"] + 0.25))
+    checkpoint.save_theta(str(run / "theta.safetensors"), moved, lopt)
+    (run / "provenance.json").write_text(json.dumps(
+        {"budget": {"wall_s": 100.0, "cpu_hours": 0.5, "runs": [{"command": "meta-train ...", "wall_s": 100.0}]}}))
+    out = str(tmp_path / "es")
+    common = ["--task-indices", "0", "--pairs", "1", "--steps", "100", "--seeds", "0", "--generations", "1"]
+    scale_es.main(["--out", out, "--from-pretrained", str(run / "theta.safetensors")] + common)
+    info = json.load(open(os.path.join(out, "es.json")))
+    assert info["from_pretrained"] == str(run / "theta.safetensors")
+    assert info["budget"]["wall_s"] > 100.0 and info["budget"]["runs"][0]["command"] == "meta-train ..."
+    _, start = checkpoint.load_theta(os.path.join(out, "start.safetensors"))  # the file's theta, not the entry's
+    np.testing.assert_array_equal(np.asarray(start["tensor_scale"]["b"]), np.asarray(moved["tensor_scale"]["b"]))
+    plain, plain_theta = pretrained.load("small_fc_lopt_h4")
+    checkpoint.save_theta(str(tmp_path / "plain.safetensors"), plain_theta, plain)
+    for bad in (str(tmp_path / "missing.safetensors"), str(tmp_path / "plain.safetensors"), "no_such_entry"):
+        with pytest.raises(SystemExit):
+            scale_es.main(["--out", str(tmp_path / "bad"), "--from-pretrained", bad] + common)

@@ -58,7 +58,7 @@ from lopt_ext.metatrain import evaluate as ev  # noqa: E402
 from lopt_ext.__main__ import add_cpu_devices_option  # noqa: E402
 from lopt_ext.metatrain.population import use_cpu_cores  # noqa: E402
 from lopt_ext.scaled import (DECAY_OFF, LOSS_SOURCES, NUM_GAP_INPUTS, NUM_HORIZON_INPUTS, NUM_LOSS_INPUTS,  # noqa: E402
-                             NUM_PROGRESS_INPUTS, with_horizon_inputs, with_loss_inputs, with_progress_inputs)
+                             NUM_PROGRESS_INPUTS, ScaledSmallFcLOpt, with_horizon_inputs, with_loss_inputs, with_progress_inputs)
 from lopt_ext.tasks import augment, family  # noqa: E402
 from scale_search import pes_kind, validation_task, write_pes_resume  # noqa: E402
 
@@ -205,10 +205,36 @@ def score_task(held, base, clip=CLIP):
     return np.clip(value, *clip)
 
 
+def starting_rule(ap, source: str):
+    """(lopt, theta, budget) of --from-pretrained: a shipped entry, or a ScaledSmallFcLOpt theta
+    file, whose budget is that of the meta-train run that wrote it (provenance.json beside it;
+    none recorded: zero)."""
+    if source in pretrained.list_pretrained():
+        return (*pretrained.load(source), pretrained.info(source)["budget"])
+    if not source.endswith(".safetensors") or not os.path.isfile(source):
+        ap.error(f"argument --from-pretrained: {source!r} is neither a shipped entry "
+                 f"({', '.join(pretrained.list_pretrained())}) nor a theta .safetensors file")
+    try:
+        lopt, theta = checkpoint.load_theta(source)
+    except (OSError, ValueError) as e:
+        ap.error(f"argument --from-pretrained: cannot read {source}: {e}")
+    if not isinstance(lopt, ScaledSmallFcLOpt):
+        ap.error(f"argument --from-pretrained: {source} holds {type(lopt).__name__}, not ScaledSmallFcLOpt")
+    budget = {"wall_s": 0.0, "cpu_hours": 0.0, "runs": []}
+    prov_path = os.path.join(os.path.dirname(source), "provenance.json")
+    if os.path.isfile(prov_path):
+        with open(prov_path) as f:
+            budget = json.load(f).get("budget", budget)
+    return lopt, theta, budget
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--from-pretrained", default="scaled_small_fc_lopt_h4")
+    ap.add_argument("--from-pretrained", default="scaled_small_fc_lopt_h4", metavar="NAME_OR_THETA",
+                    help="the rule to start from: a shipped entry's name, or a theta .safetensors file (e.g. "
+                         "a meta-train run's OUT/theta.safetensors, whose provenance.json beside it gives the "
+                         "budget) (default: scaled_small_fc_lopt_h4)")
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.5)
@@ -267,7 +293,7 @@ def main(argv=None):
         ap.error("argument --clip: needs LOW < 0 < HIGH")
     if args.resume and args.start_from:
         ap.error("argument --start-from: not with --resume (a resumed search keeps its start)")
-    lopt, base_theta = pretrained.load(args.from_pretrained)
+    lopt, base_theta, start = starting_rule(ap, args.from_pretrained)
     # an entry that has the inputs already keeps them
     args.horizon_inputs = args.horizon_inputs or bool(getattr(lopt, "horizon_inputs", False))
     args.progress_inputs = args.progress_inputs or bool(getattr(lopt, "progress_inputs", False))
@@ -284,7 +310,6 @@ def main(argv=None):
         lopt, base_theta = with_horizon_inputs(lopt, base_theta)
     if args.loss_inputs:
         lopt, base_theta = with_loss_inputs(lopt, base_theta, args.loss_inputs)
-    start = pretrained.info(args.from_pretrained)["budget"]
     earlier = []  # runs of earlier searches this one starts from
     if args.start_from:
         try:
